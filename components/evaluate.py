@@ -1,0 +1,41 @@
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from components import CLIPFLOW_IMAGE
+
+
+@dsl.component(base_image=CLIPFLOW_IMAGE)
+def evaluate_component(
+    params: str,
+    overrides: list,
+    profile: str,
+    data: Input[Dataset],
+    model: Input[Model],
+    mlflow_run_id: str,
+    metrics: Output[Metrics],
+) -> NamedTuple("EvaluateOutputs", [("metrics_json", str), ("report", str)]):
+    """Zero-shot top-1 on held-out compositions and retrieval recall@k on the test split.
+
+    Args:
+        params: the content of params.yaml, as JSON.
+        overrides: `section.key=value` strings applied on top of it.
+        profile: a params profile name, or "" for none.
+        data: the data directory.
+        model: the trained checkpoint folder.
+        mlflow_run_id: the training run that receives the metrics.
+        metrics: the metrics, shown in the Kubeflow UI.
+    """
+    import json
+    from collections import namedtuple
+
+    from clipflow.evaluate.step import evaluate
+    from clipflow.params import parse_params
+
+    resolved = parse_params(params, overrides, profile or None)
+    result = evaluate(model.path, data.path, metrics.path + ".d", resolved, mlflow_run_id=mlflow_run_id)
+    for name, value in result["metrics"].items():
+        metrics.log_metric(name, value)
+    outputs = namedtuple("EvaluateOutputs", ["metrics_json", "report"])
+    return outputs(json.dumps(result["metrics"]), json.dumps({k: v for k, v in result.items() if k != "classes"}))

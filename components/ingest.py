@@ -1,0 +1,35 @@
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import Dataset, Output
+
+from components import CLIPFLOW_IMAGE
+
+
+@dsl.component(base_image=CLIPFLOW_IMAGE)
+def ingest_component(
+    params: str,
+    overrides: list,
+    profile: str,
+    source: str,
+    data: Output[Dataset],
+) -> NamedTuple("IngestOutputs", [("data_version", str), ("report", str)]):
+    """Write WebDataset shards, metadata and sizes.json from a source.
+
+    Args:
+        params: the content of params.yaml, as JSON.
+        overrides: `section.key=value` strings applied on top of it.
+        profile: a params profile name, or "" for none.
+        source: `builtin`, or a manifest or shard location.
+        data: the data directory this step fills.
+    """
+    import json
+    from collections import namedtuple
+
+    from clipflow.data.ingest import ingest
+    from clipflow.params import parse_params
+
+    resolved = parse_params(params, overrides, profile or None)
+    summary = ingest(source, data.path, resolved.data)
+    data.metadata.update({"data_version": summary["data_version"], "rows": summary["rows"]})
+    return namedtuple("IngestOutputs", ["data_version", "report"])(summary["data_version"], json.dumps(summary))

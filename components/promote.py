@@ -1,0 +1,36 @@
+from typing import NamedTuple
+
+from kfp import dsl
+
+from components import CLIPFLOW_IMAGE
+
+
+@dsl.component(base_image=CLIPFLOW_IMAGE)
+def promote_component(
+    params: str,
+    overrides: list,
+    profile: str,
+    model_uri: str,
+    metrics_json: str,
+    data_version: str,
+) -> NamedTuple("PromoteOutputs", [("model_name", str), ("model_version", str), ("report", str)]):
+    """Register the model version; move `champion` only when the gate in params passes.
+
+    Args:
+        params: the content of params.yaml, as JSON.
+        overrides: `section.key=value` strings applied on top of it.
+        profile: a params profile name, or "" for none.
+        model_uri: the logged MLflow model to register.
+        metrics_json: the evaluation metrics, a JSON object.
+        data_version: the version of the data the model was trained on.
+    """
+    import json
+    from collections import namedtuple
+
+    from clipflow.params import parse_params
+    from clipflow.registry.promote import promote
+
+    resolved = parse_params(params, overrides, profile or None)
+    result = promote(model_uri, json.loads(metrics_json), resolved, data_version=data_version)
+    outputs = namedtuple("PromoteOutputs", ["model_name", "model_version", "report"])
+    return outputs(result["model_name"], result["model_version"], json.dumps(result))

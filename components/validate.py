@@ -1,0 +1,41 @@
+from kfp import dsl
+from kfp.dsl import HTML, Artifact, Dataset, Input, Output
+
+from components import CLIPFLOW_IMAGE
+
+
+@dsl.component(base_image=CLIPFLOW_IMAGE)
+def validate_component(
+    params: str,
+    overrides: list,
+    profile: str,
+    data: Input[Dataset],
+    report: Output[HTML],
+    validation: Output[Artifact],
+) -> str:
+    """Run the Great Expectations suite over the metadata; fail when too many rows break it.
+
+    Args:
+        params: the content of params.yaml, as JSON.
+        overrides: `section.key=value` strings applied on top of it.
+        profile: a params profile name, or "" for none.
+        data: the ingested data directory.
+        report: the data docs page, shown in the Kubeflow UI.
+        validation: the full report folder (data docs, validation.json, quarantine.parquet).
+
+    Returns:
+        The step's JSON report.
+    """
+    import json
+    import shutil
+    from pathlib import Path
+
+    from clipflow.params import parse_params
+    from clipflow.validate import check_passed, validate
+
+    resolved = parse_params(params, overrides, profile or None)
+    result = validate(data.path, validation.path, resolved.validate)
+    shutil.copyfile(Path(result["report"]), report.path)
+    validation.metadata.update({k: result[k] for k in ("rows", "kept", "quarantined")})
+    check_passed(result, resolved.validate)
+    return json.dumps(result)

@@ -1,0 +1,84 @@
+"""The clipflow DAG: ingest -> validate -> train -> evaluate -> promote -> package.
+
+The same definition compiles to a Kubeflow Pipelines YAML (`clipflow compile`) and runs on
+one machine through `kfp.local` (`clipflow run`). Every step receives the text of params.yaml
+plus `overrides` (the `--set` strings), so the Kubeflow UI and the CLI speak the same keys.
+"""
+
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+import yaml
+from kfp import dsl
+
+from components.evaluate import evaluate_component
+from components.ingest import ingest_component
+from components.package import package_component
+from components.promote import promote_component
+from components.train import train_component
+from components.validate import validate_component
+
+PIPELINE_NAME = "clipflow"
+# JSON on one line: KFP copies defaults into comments of the compiled YAML, and a multi-line
+# default would break that file.
+DEFAULT_PARAMS = json.dumps(yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text()))
+STEPS = ("ingest", "validate", "train", "evaluate", "promote", "package")
+
+
+@dsl.pipeline(name=PIPELINE_NAME, description="Train, evaluate, promote and package a CLIP model.")
+def clipflow_pipeline(
+    source: str = "builtin",
+    overrides: list = [],  # noqa: B006 - KFP pipeline defaults are compiled into the spec, never mutated
+    profile: str = "",
+    params: str = DEFAULT_PARAMS,
+) -> NamedTuple(
+    "ClipflowOutputs",
+    [
+        ("ingest_report", str),
+        ("validate_report", str),
+        ("train_report", str),
+        ("evaluate_report", str),
+        ("promote_report", str),
+        ("package_report", str),
+    ],
+):
+    """The whole DAG.
+
+    Args:
+        source: what to ingest: `builtin` or a manifest/shard location.
+        overrides: params overrides, `section.key=value` strings, as `clipflow --set` takes them.
+        profile: a params profile (`test` for the small one), or empty.
+        params: the content of params.yaml as JSON; defaults to the repository's params.yaml.
+    """
+    common = {"params": params, "overrides": overrides, "profile": profile}
+    ingest = ingest_component(source=source, **common).set_display_name("Ingest")
+    validate = validate_component(data=ingest.outputs["data"], **common).set_display_name("Validate")
+    train = (
+        train_component(data=ingest.outputs["data"], **common).set_display_name("Train").after(validate)
+    )
+    evaluate = evaluate_component(
+        data=ingest.outputs["data"],
+        model=train.outputs["model"],
+        mlflow_run_id=train.outputs["mlflow_run_id"],
+        **common,
+    ).set_display_name("Evaluate")
+    promote = promote_component(
+        model_uri=train.outputs["model_uri"],
+        metrics_json=evaluate.outputs["metrics_json"],
+        data_version=ingest.outputs["data_version"],
+        **common,
+    ).set_display_name("Promote")
+    package = package_component(model_name=promote.outputs["model_name"], **common).set_display_name("Package")
+    outputs = NamedTuple(
+        "ClipflowOutputs",
+        [(f"{step}_report", str) for step in STEPS],
+    )
+    return outputs(
+        ingest.outputs["report"],
+        validate.outputs["Output"],
+        train.outputs["report"],
+        evaluate.outputs["report"],
+        promote.outputs["report"],
+        package.output,
+    )

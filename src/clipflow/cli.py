@@ -1,0 +1,242 @@
+"""`clipflow VERB`: one verb per pipeline step, plus run, serve, compile and submit.
+
+Every verb takes `--params FILE`, `--profile NAME` and repeatable `--set KEY=VALUE`, and
+reports bad input as one line on stderr with a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from clipflow.errors import ClipflowError
+from clipflow.params import DEFAULT_PARAMS, Params, load_params
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    help="Train, evaluate and serve CLIP models: the clipflow pipeline, step by step or whole.",
+)
+
+ParamsOption = Annotated[Path, typer.Option("--params", help="The params file.")]
+SetOption = Annotated[
+    Optional[list[str]], typer.Option("--set", help="Override a parameter: section.key=value (repeatable).")
+]
+ProfileOption = Annotated[
+    Optional[str], typer.Option("--profile", help="A params profile, such as 'test' (default: $CLIPFLOW_PROFILE).")
+]
+
+
+def _params(params_file: Path, overrides: list[str] | None, profile: str | None) -> Params:
+    return load_params(params_file, overrides or [], profile)
+
+
+def _print_json(result: dict) -> None:
+    typer.echo(json.dumps(result, indent=2, default=str))
+
+
+def _require_dir(path: Path, what: str) -> None:
+    if not path.is_dir():
+        raise ClipflowError(f"{what} not found: {path}")
+
+
+@app.command()
+def run(
+    summary: Annotated[Path, typer.Option(help="Where to write the run summary JSON.")] = Path(
+        "outputs/run-summary.json"
+    ),
+    source: Annotated[str, typer.Option(help="What to ingest: builtin, or a manifest/shard location.")] = "builtin",
+    params_file: ParamsOption = DEFAULT_PARAMS,
+    overrides: SetOption = None,
+    profile: ProfileOption = None,
+) -> None:
+    """Run the whole DAG (ingest to package) through kfp.local and write the run summary."""
+    from clipflow.local_run import describe, run_pipeline
+
+    params = _params(params_file, overrides, profile)
+    result = run_pipeline(params_file, params, overrides or [], source=source)
+    summary.parent.mkdir(parents=True, exist_ok=True)
+    summary.write_text(json.dumps(result, indent=2))
+    typer.echo(describe(result, summary))
+
+
+@app.command()
+def ingest(
+    output: Annotated[Path, typer.Option(help="The data directory to write.")] = Path("data/builtin"),
+    source: Annotated[str, typer.Option(help="What to ingest: builtin.")] = "builtin",
+    params_file: ParamsOption = DEFAULT_PARAMS,
+    overrides: SetOption = None,
+    profile: ProfileOption = None,
+) -> None:
+    """Write WebDataset shards, metadata.parquet and sizes.json from a source."""
+    from clipflow.data.ingest import ingest as run_ingest
+
+    _print_json(run_ingest(source, output, _params(params_file, overrides, profile).data))
+
+
+@app.command()
+def validate(
+    data: Annotated[Path, typer.Option(help="An ingested data directory.")] = Path("data/builtin"),
+    report: Annotated[Path, typer.Option(help="Where to write the validation report.")] = Path("outputs/validation"),
+    params_file: ParamsOption = DEFAULT_PARAMS,
+    overrides: SetOption = None,
+    profile: ProfileOption = None,
+) -> None:
+    """Check the metadata with the Great Expectations suite; fail when too many rows break it."""
+    from clipflow.validate import check_passed
+    from clipflow.validate import validate as run_validate
+
+    params = _params(params_file, overrides, profile)
+    _require_dir(data, "data directory")
+    result = run_validate(data, report, params.validate)
+    _print_json(result)
+    check_passed(result, params.validate)
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option(help="An ingested, validated data directory.")] = Path("data/builtin"),
+    output: Annotated[Path, typer.Option(help="Where to write the checkpoint.")] = Path("outputs/model"),
+    nproc: Annotated[Optional[int], typer.Option(min=1, help="torchrun processes (default: train.nproc).")] = None,
+    params_file: ParamsOption = DEFAULT_PARAMS,
+    overrides: SetOption = None,
+    profile: ProfileOption = None,
+) -> None:
+    """Train with torchrun on CPU processes (gloo DDP) and log the run to MLflow."""
+    from clipflow.train.launch import train as run_train
+
+    params = _params(params_file, overrides, profile)
+    _require_dir(data, "data directory")
+    _print_json(run_train(data, output, params, nproc=nproc))
+
+
+@app.command()
+def evaluate(
+    model: Annotated[str, typer.Option(help="A checkpoint path or an MLflow model URI (models:/NAME@ALIAS).")],
+    data: Annotated[Path, typer.Option(help="An ingested data directory.")] = Path("data/builtin"),
+    output: Annotated[Path, typer.Option(help="Where to write metrics.json.")] = Path("outputs/evaluation"),
+    run_id: Annotated[
+        Optional[str],
+        typer.Option(help="An MLflow run to log the metrics to (default: the run that trained a train output folder)."),
+    ] = None,
+    params_file: ParamsOption = DEFAULT_PARAMS,
+    overrides: SetOption = None,
+    profile: ProfileOption = None,
+) -> None:
+    """Zero-shot accuracy on held-out compositions and retrieval recall@k on the test split."""
+    from clipflow.evaluate.step import evaluate as run_evaluate
+
+    from clipflow.registry.models import is_model_uri
+    from clipflow.train.launch import RESULT_FILE, read_result
+
+    params = _params(params_file, overrides, profile)
+    _require_dir(data, "data directory")
+    if is_model_uri(model):
+        from clipflow import tracking
+
+        tracking.setup(params.tracking)
+    elif run_id is None and (Path(model) / RESULT_FILE).is_file():
+        run_id = read_result(model)["mlflow_run_id"]
+    _print_json(run_evaluate(model, data, output, params, mlflow_run_id=run_id))
+
+
+@app.command()
+def promote(
+    model_uri: Annotated[
+        str, typer.Option(help="The logged MLflow model to register (models:/m-...), or a `clipflow train` output folder.")
+    ],
+    metrics: Annotated[Path, typer.Option(help="metrics.json written by `clipflow evaluate`.")],
+    params_file: ParamsOption = DEFAULT_PARAMS,
+    overrides: SetOption = None,
+    profile: ProfileOption = None,
+) -> None:
+    """Register a model version and move `champion` to it only when the gate passes."""
+    from clipflow.registry.models import is_model_uri
+    from clipflow.registry.promote import promote as run_promote
+    from clipflow.train.launch import read_result
+
+    params = _params(params_file, overrides, profile)
+    data_version = None
+    if not is_model_uri(model_uri):
+        trained = read_result(model_uri)
+        model_uri, data_version = trained["model_uri"], trained["data_version"]
+    if not metrics.is_file():
+        raise ClipflowError(f"metrics file not found: {metrics}")
+    try:
+        values = json.loads(metrics.read_text())["metrics"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise ClipflowError(f"{metrics} is not a metrics.json from `clipflow evaluate`") from None
+    _print_json(run_promote(model_uri, values, params, data_version=data_version))
+
+
+@app.command()
+def package(
+    model: Annotated[Optional[str], typer.Option(help="The model to serve (default: models:/NAME@champion).")] = None,
+    params_file: ParamsOption = DEFAULT_PARAMS,
+    overrides: SetOption = None,
+    profile: ProfileOption = None,
+) -> None:
+    """Build a Bento from the registry's champion."""
+    from clipflow.package import package as run_package
+
+    params = _params(params_file, overrides, profile)
+    _print_json(run_package(model or f"models:/{params.promote.model_name}@champion", params))
+
+
+@app.command()
+def serve(
+    port: Annotated[Optional[int], typer.Option(help="The port (default: serve.port).")] = None,
+    bento: Annotated[Optional[str], typer.Option(help="The Bento tag (default: the latest built).")] = None,
+    params_file: ParamsOption = DEFAULT_PARAMS,
+    overrides: SetOption = None,
+    profile: ProfileOption = None,
+) -> None:
+    """Serve the packaged Bento with `bentoml serve` on serve.host:serve.port."""
+    from clipflow.package import bentoml_home
+
+    params = _params(params_file, overrides, profile)
+    tag = bento or f"{params.serve.bento_name}:latest"
+    env = {**os.environ, "BENTOML_HOME": str(bentoml_home()), "BENTOML_DO_NOT_TRACK": "true"}
+    command = ["bentoml", "serve", tag, "--host", params.serve.host, "--port", str(port or params.serve.port)]
+    bentoml = Path(sys.executable).with_name("bentoml")
+    os.execve(str(bentoml), [str(bentoml), *command[1:]], env)
+
+
+@app.command("compile")
+def compile_command(
+    output: Annotated[Path, typer.Option(help="Where to write the pipeline YAML.")] = Path("pipeline.yaml"),
+) -> None:
+    """Compile the Kubeflow pipeline to YAML, ready to upload."""
+    from clipflow.local_run import compile_pipeline
+
+    typer.echo(str(compile_pipeline(output)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run a verb and turn user errors into one line and a non-zero exit."""
+    try:
+        app(args=argv, prog_name="clipflow", standalone_mode=False)
+    except typer.Exit as exc:
+        return exc.exit_code
+    except typer.Abort:
+        typer.echo("clipflow: interrupted", err=True)
+        return 130
+    except typer.TyperException as exc:  # usage errors: a missing option, a bad value, an unknown verb
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        typer.echo(f"clipflow: error: {message}", err=True)
+        return 2
+    except ClipflowError as exc:
+        typer.echo(f"clipflow: error: {exc}", err=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

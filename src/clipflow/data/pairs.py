@@ -1,0 +1,37 @@
+"""Image-caption pairs of one split, read by position from its shards, ready for a model."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from clipflow.data.shards import ShardIndex, split_shards
+
+
+class ShardPairs(torch.utils.data.Dataset):
+    """(image tensor, token ids) pairs of one split, read by position from the shards."""
+
+    def __init__(self, data_dir: Path, split: str, preprocess: Callable, tokenizer: Callable):
+        self.index = ShardIndex(split_shards(data_dir, split))
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.preprocess(self.image(i)), self.tokenizer([self.caption(i)])[0]
+
+    def image(self, i: int) -> Image.Image:
+        return Image.open(io.BytesIO(self.index.read(i, self.index.image_ext(i)))).convert("RGB")
+
+    def caption(self, i: int) -> str:
+        return self.index.read(i, "txt").decode()
+
+    def meta(self, i: int) -> dict:
+        return json.loads(self.index.read(i, "json"))

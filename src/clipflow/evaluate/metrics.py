@@ -1,0 +1,50 @@
+"""Zero-shot classification and retrieval metrics over embeddings.
+
+All functions take L2-normalised embeddings, so a dot product is a cosine similarity.
+Retrieval works in chunks of rows: the N x N similarity matrix never exists in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+
+def class_embeddings(
+    encode_text: Callable[[list[str]], torch.Tensor], class_names: Sequence[str], templates: Sequence[str]
+) -> torch.Tensor:
+    """One embedding per class: the mean of its normalised template embeddings, renormalised (CLIP paper)."""
+    prompts = [template.format(name) for name in class_names for template in templates]
+    per_prompt = encode_text(prompts).reshape(len(class_names), len(templates), -1)
+    return torch.nn.functional.normalize(per_prompt.mean(dim=1), dim=-1)
+
+
+def zeroshot_topk(
+    image_embeddings: torch.Tensor, class_embeddings: torch.Tensor, targets: torch.Tensor, k: int = 1
+) -> float:
+    """Fraction of images whose true class is among the k most similar class embeddings."""
+    k = min(k, class_embeddings.shape[0])
+    top = (image_embeddings @ class_embeddings.T).topk(k, dim=1).indices  # (N, k)
+    return (top == targets[:, None]).any(dim=1).float().mean().item()
+
+
+def recall_at_k(
+    queries: torch.Tensor, candidates: torch.Tensor, ks: Sequence[int], chunk_size: int = 1024
+) -> dict[int, float]:
+    """Recall@k when query i's one correct candidate is candidate i.
+
+    The rank of the correct candidate is the number of candidates scoring strictly higher,
+    computed chunk by chunk so memory is O(chunk_size x N).
+    """
+    if queries.shape != candidates.shape:
+        raise ValueError(f"queries {tuple(queries.shape)} and candidates {tuple(candidates.shape)} must pair up")
+    ranks = torch.empty(queries.shape[0], dtype=torch.long)
+    for start in range(0, queries.shape[0], chunk_size):
+        block = queries[start : start + chunk_size]
+        scores = block @ candidates.T  # (chunk, N)
+        # Read the paired score out of the same product, so float rounding cannot rank a pair above itself.
+        rows = torch.arange(block.shape[0])
+        correct = scores[rows, start + rows][:, None]
+        ranks[start : start + chunk_size] = (scores > correct).sum(dim=1)
+    return {k: (ranks < k).float().mean().item() for k in ks}

@@ -1,0 +1,125 @@
+"""Run the Kubeflow pipeline on this machine with `kfp.local`, compile it, and summarise a run.
+
+The pipeline definition lives in the repository (`pipelines/`, `components/`), beside the
+package; `clipflow run` executes exactly that definition, not a second copy of the DAG.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from clipflow.errors import ClipflowError
+from clipflow.params import Params
+from clipflow.tracking import absolute_uri
+
+STEPS = ("ingest", "validate", "train", "evaluate", "promote", "package")
+DEFAULT_PIPELINE_ROOT = Path("outputs/kfp")
+
+
+def repo_root() -> Path:
+    """The clipflow checkout: the working directory if it holds the pipeline, else the package's own."""
+    for candidate in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        if (candidate / "pipelines" / "pipeline.py").is_file():
+            return candidate
+    raise ClipflowError("cannot find pipelines/pipeline.py: run clipflow from its source checkout")
+
+
+def load_pipeline():
+    """Import the pipeline function from the checkout's `pipelines/pipeline.py`."""
+    root = str(repo_root())
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    return importlib.import_module("pipelines.pipeline")
+
+
+def compile_pipeline(output: str | Path) -> Path:
+    """Write the pipeline as Kubeflow Pipelines IR YAML."""
+    from kfp import compiler
+
+    module = load_pipeline()
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(module.clipflow_pipeline, str(output))
+    return output
+
+
+def run_pipeline(
+    params_file: Path,
+    params: Params,
+    overrides: list[str],
+    source: str = "builtin",
+    pipeline_root: Path = DEFAULT_PIPELINE_ROOT,
+) -> dict[str, Any]:
+    """Execute the whole DAG with kfp.local's SubprocessRunner and return the run summary.
+
+    `params` must already be the result of loading `params_file` with `overrides`, so bad
+    input fails here in one line before any step starts.
+    """
+    from kfp import local
+
+    module = load_pipeline()
+    # Steps run as subprocesses: a relative sqlite path must mean the same file to all of them.
+    overrides = [*overrides, f"tracking.uri={absolute_uri(params.tracking.uri)}"]
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
+    started = time.perf_counter()
+    try:
+        outputs = module.clipflow_pipeline(
+            source=source,
+            overrides=overrides,
+            profile=params.profile or "",
+            params=json.dumps(yaml.safe_load(Path(params_file).read_text())),
+        ).outputs
+    except RuntimeError as exc:
+        failed = re.findall(r"'(\w+)'", str(exc).split("Inner task failed:")[-1])
+        step = failed[-1].removesuffix("-component").removesuffix("_component") if failed else "a step"
+        raise ClipflowError(f"pipeline failed at {step}; its error is in the log above") from None
+    reports = {step: json.loads(outputs[f"{step}_report"]) for step in STEPS}
+    return summarize(reports, total_seconds=time.perf_counter() - started)
+
+
+def summarize(reports: dict[str, dict[str, Any]], total_seconds: float) -> dict[str, Any]:
+    """The run summary: what was trained, how it scored, where it went, and how long each step took."""
+    metrics = reports["evaluate"]["metrics"]
+    return {
+        "mlflow_run_id": reports["train"]["mlflow_run_id"],
+        "model_name": reports["promote"]["model_name"],
+        "model_version": reports["promote"]["model_version"],
+        "aliases": reports["promote"]["aliases"],
+        "promoted": reports["promote"]["promoted"],
+        "promotion_reason": reports["promote"]["reason"],
+        "bento_tag": reports["package"]["bento_tag"],
+        "data_version": reports["ingest"]["data_version"],
+        "validation": {k: reports["validate"][k] for k in ("rows", "kept", "quarantined")},
+        "metrics": metrics,
+        "timings": {**{step: reports[step]["seconds"] for step in STEPS}, "total": round(total_seconds, 2)},
+    }
+
+
+def describe(summary: dict[str, Any], summary_path: Path) -> str:
+    """The run summary in words, ending with the command that serves the model."""
+    m = summary["metrics"]
+    timings = ", ".join(f"{step} {seconds:.0f}s" for step, seconds in summary["timings"].items())
+    verdict = "promoted to champion" if summary["promoted"] else "not promoted"
+    return "\n".join(
+        [
+            f"MLflow run:     {summary['mlflow_run_id']}",
+            f"data version:   {summary['data_version']}",
+            f"zero-shot top-1 on held-out compositions: {m['zeroshot_top1_heldout']:.3f}"
+            f" (chance {m['zeroshot_chance']:.3f})",
+            f"retrieval R@1:  image->text {m['retrieval_i2t_r1']:.3f}, text->image {m['retrieval_t2i_r1']:.3f}",
+            f"model:          {summary['model_name']} version {summary['model_version']}"
+            f" aliases {', '.join(summary['aliases']) or '-'} ({verdict}: {summary['promotion_reason']})",
+            f"bento:          {summary['bento_tag']}",
+            f"timings:        {timings}",
+            f"summary:        {summary_path}",
+            "serve it with:  make serve   (or: clipflow serve)",
+        ]
+    )

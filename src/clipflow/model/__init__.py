@@ -1,0 +1,120 @@
+"""The one place that builds models, tokenizers and transforms, and reads and writes checkpoints.
+
+Training, evaluation and serving all come through here, so their preprocessing cannot drift
+apart. Checkpoints are plain open_clip checkpoints (`{"state_dict": ...}`) that
+`open_clip.create_model_and_transforms(name, pretrained=path)` loads as they are; clipflow
+adds the model name and the resolved params beside the weights so any checkpoint can be
+rebuilt and traced.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import open_clip
+import torch
+
+from clipflow.errors import ClipflowError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+CHECKPOINT_FILE = "checkpoint.pt"
+_registered = False
+
+
+def register_configs() -> None:
+    """Make the configs shipped with clipflow (CLIP-Tiny) known to open_clip by name."""
+    global _registered
+    if not _registered:
+        open_clip.add_model_config(CONFIG_DIR)
+        _registered = True
+
+
+@dataclass
+class ClipModel:
+    """A model with the transforms and tokenizer that belong to it."""
+
+    name: str
+    model: torch.nn.Module
+    preprocess_train: Callable
+    preprocess: Callable
+    tokenizer: Callable
+
+    @torch.no_grad()
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        """L2-normalised text embeddings, (N, D) float32."""
+        tokens = self.tokenizer(texts)
+        return torch.nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image embeddings of preprocessed images (N, 3, H, W), (N, D) float32."""
+        return torch.nn.functional.normalize(self.model.encode_image(images).float(), dim=-1)
+
+
+def create(name: str, pretrained: str | None = None) -> ClipModel:
+    """Build an open_clip model, its train/eval transforms and tokenizer.
+
+    Args:
+        name: an open_clip config name, such as `CLIP-Tiny` or `ViT-B-32`.
+        pretrained: a checkpoint file to load, or None for random init.
+    """
+    register_configs()
+    if name not in open_clip.list_models():
+        raise ClipflowError(f"unknown model config {name!r}")
+    model, preprocess_train, preprocess = open_clip.create_model_and_transforms(
+        name, pretrained=pretrained, weights_only=True
+    )
+    return ClipModel(name, model, preprocess_train, preprocess, open_clip.get_tokenizer(name))
+
+
+def save_checkpoint(path: str | Path, model: torch.nn.Module, name: str, extra: dict[str, Any]) -> Path:
+    """Write an open_clip checkpoint atomically: a reader never sees a half-written file.
+
+    Args:
+        path: the checkpoint file, or a directory to hold `checkpoint.pt`.
+        model: the (unwrapped) model.
+        name: its open_clip config name, stored so the checkpoint can be rebuilt.
+        extra: plain-data values (params, step, data version) stored beside the weights.
+    """
+    path = Path(path)
+    if path.suffix != ".pt":
+        path = path / CHECKPOINT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save({"name": name, "state_dict": model.state_dict(), "clipflow": extra}, tmp)
+    tmp.replace(path)
+    return path
+
+
+def read_checkpoint_info(path: str | Path) -> dict[str, Any]:
+    """The non-weight fields of a clipflow checkpoint (`name`, `clipflow`)."""
+    state = torch.load(resolve_checkpoint(path), map_location="cpu", weights_only=True)
+    return {key: value for key, value in state.items() if key != "state_dict"}
+
+
+def load(path: str | Path, name: str | None = None) -> ClipModel:
+    """Rebuild a model from a checkpoint file or a directory holding `checkpoint.pt`.
+
+    The config name comes from the checkpoint itself unless given; weights load with
+    `weights_only=True`, so an untrusted file cannot run code.
+    """
+    checkpoint = resolve_checkpoint(path)
+    if name is None:
+        name = read_checkpoint_info(checkpoint).get("name")
+        if not name:
+            raise ClipflowError(f"{checkpoint} does not name its model config; pass it explicitly")
+    loaded = create(name, pretrained=str(checkpoint))
+    loaded.model.eval()
+    return loaded
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_FILE
+    if not path.is_file():
+        raise ClipflowError(f"checkpoint not found: {path}")
+    return path

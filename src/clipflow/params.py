@@ -1,0 +1,244 @@
+"""Typed parameters, built once from params.yaml and passed down.
+
+`params.yaml` is the single source of every knob (it documents each one). This module turns
+it into frozen dataclasses, applies a profile and `--set KEY=VALUE` overrides, and rejects
+unknown keys and wrong types with one clear message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from clipflow.errors import ClipflowError
+
+DEFAULT_PARAMS = Path("params.yaml")
+PROFILE_ENV = "CLIPFLOW_PROFILE"
+
+
+@dataclass(frozen=True)
+class DataParams:
+    seed: int
+    image_size: int
+    num_train: int
+    num_test: int
+    num_heldout: int
+    shard_size: int
+    colors: list[str]
+    shapes: list[str]
+    heldout: list[str]
+
+
+@dataclass(frozen=True)
+class ValidateParams:
+    caption_min_chars: int
+    caption_max_chars: int
+    min_side: int
+    max_side: int
+    splits: list[str]
+    max_bad_fraction: float
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    model: str
+    nproc: int
+    threads_per_proc: int
+    batch_size: int
+    steps: int
+    lr: float
+    warmup_steps: int
+    weight_decay: float
+    precision: str
+    seed: int
+    log_every: int
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    batch_size: int
+    recall_k: list[int]
+    templates: list[str]
+
+
+@dataclass(frozen=True)
+class PromoteParams:
+    model_name: str
+    floors: dict[str, float]
+    max_drop: float
+
+
+@dataclass(frozen=True)
+class ServeParams:
+    host: str
+    port: int
+    bento_name: str
+    max_labels: int
+    max_texts: int
+    max_text_chars: int
+    max_image_bytes: int
+    max_image_pixels: int
+
+
+@dataclass(frozen=True)
+class TrackingParams:
+    uri: str
+    experiment: str
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataParams
+    validate: ValidateParams
+    train: TrainParams
+    evaluate: EvaluateParams
+    promote: PromoteParams
+    serve: ServeParams
+    tracking: TrackingParams
+    profile: str | None = field(default=None, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved values, as the nested mapping params.yaml would hold them."""
+        resolved = dataclasses.asdict(self)
+        resolved.pop("profile")
+        return resolved
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys to values, as MLflow params and `--set` spell them."""
+        return {
+            f"{section}.{key}": value
+            for section, values in self.to_dict().items()
+            for key, value in values.items()
+        }
+
+    def check(self) -> None:
+        """Reject combinations that are well-typed but cannot work."""
+        if self.train.precision not in {"bf16", "fp32"}:
+            raise ClipflowError(f"train.precision must be bf16 or fp32, got {self.train.precision!r}")
+        if self.train.batch_size % self.train.nproc:
+            raise ClipflowError(
+                f"train.batch_size ({self.train.batch_size}) must be a multiple of "
+                f"train.nproc ({self.train.nproc})"
+            )
+        positive = {
+            "train.batch_size": self.train.batch_size,
+            "train.steps": self.train.steps,
+            "train.nproc": self.train.nproc,
+            "data.num_train": self.data.num_train,
+            "data.shard_size": self.data.shard_size,
+        }
+        for key, value in positive.items():
+            if value <= 0:
+                raise ClipflowError(f"{key} must be positive, got {value}")
+        known = {f"{c} {s}" for c in self.data.colors for s in self.data.shapes}
+        unknown = sorted(set(self.data.heldout) - known)
+        if unknown:
+            raise ClipflowError(f"data.heldout names compositions outside colors x shapes: {unknown}")
+
+
+_SECTIONS: dict[str, type] = {
+    name: hint for name, hint in typing.get_type_hints(Params).items() if name != "profile"
+}
+
+
+def load_params(
+    path: str | Path = DEFAULT_PARAMS,
+    overrides: list[str] | None = None,
+    profile: str | None = None,
+) -> Params:
+    """Read params.yaml, apply a profile and `KEY=VALUE` overrides, and type-check the result.
+
+    Args:
+        path: the params file.
+        overrides: `section.key=value` strings; values are parsed as YAML.
+        profile: a name under `profiles:`; defaults to $CLIPFLOW_PROFILE when set.
+
+    Raises:
+        ClipflowError: a missing file, an unknown profile or key, or a value of the wrong type.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ClipflowError(f"params file not found: {path}")
+    return parse_params(path.read_text(), overrides, profile, source=str(path))
+
+
+def parse_params(
+    text: str, overrides: list[str] | None = None, profile: str | None = None, source: str = "params"
+) -> Params:
+    """`load_params` for the text of a params file (how pipeline components receive it)."""
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ClipflowError(f"{source} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ClipflowError(f"{source} must hold a mapping of sections")
+
+    profiles = raw.pop("profiles", {}) or {}
+    profile = profile or os.environ.get(PROFILE_ENV) or None
+    settings: list[tuple[str, Any]] = []
+    if profile:
+        if profile not in profiles:
+            raise ClipflowError(f"unknown profile {profile!r}; {source} defines {sorted(profiles)}")
+        settings += list(profiles[profile].items())
+    for item in overrides or []:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ClipflowError(f"--set expects KEY=VALUE, got {item!r}")
+        settings.append((key.strip(), yaml.safe_load(text)))
+
+    for key, value in settings:
+        section, _, name = key.partition(".")
+        if section not in raw or not isinstance(raw[section], dict) or name not in raw[section]:
+            raise ClipflowError(f"unknown parameter {key!r}")
+        raw[section][name] = value
+
+    sections = {}
+    for section, cls in _SECTIONS.items():
+        if section not in raw:
+            raise ClipflowError(f"{source} has no {section!r} section")
+        sections[section] = _build(section, cls, raw[section])
+    params = Params(**sections, profile=profile)
+    params.check()
+    return params
+
+
+def _build(section: str, cls: type, values: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    unknown = set(values) - set(hints)
+    if unknown:
+        raise ClipflowError(f"unknown parameter {section}.{sorted(unknown)[0]}")
+    missing = set(hints) - set(values)
+    if missing:
+        raise ClipflowError(f"missing parameter {section}.{sorted(missing)[0]}")
+    return cls(**{name: _coerce(f"{section}.{name}", hints[name], values[name]) for name in hints})
+
+
+def _coerce(key: str, expected: Any, value: Any) -> Any:
+    """Check `value` against a type hint; ints are accepted where floats are expected."""
+    origin = typing.get_origin(expected)
+    if origin is list:
+        (item_type,) = typing.get_args(expected)
+        if not isinstance(value, list):
+            raise ClipflowError(f"{key} must be a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", item_type, v) for i, v in enumerate(value)]
+    if origin is dict:
+        key_type, value_type = typing.get_args(expected)
+        if not isinstance(value, dict):
+            raise ClipflowError(f"{key} must be a mapping, got {value!r}")
+        return {_coerce(key, key_type, k): _coerce(f"{key}.{k}", value_type, v) for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(expected):
+            return None
+        (expected,) = [t for t in typing.get_args(expected) if t is not type(None)]
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is int and isinstance(value, bool) or not isinstance(value, expected):
+        raise ClipflowError(f"{key} must be {expected.__name__}, got {value!r}")
+    return value

@@ -1,0 +1,59 @@
+"""CLIP checkpoints as MLflow models.
+
+A clipflow model in MLflow is a pyfunc "model from code": the code is `clipflow/model/pyfunc.py`
+(plain source, nothing pickled) and the weights are the open_clip checkpoint, an artifact.
+`mlflow.pyfunc.load_model(uri).predict(["a red circle"])` gives text embeddings, and clipflow
+itself downloads the checkpoint to rebuild the full two-tower model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from clipflow import model as clip_model
+from clipflow.errors import ClipflowError
+
+ARTIFACT_NAME = "model"
+CHECKPOINT_KEY = "checkpoint"
+PYFUNC_CODE = Path(clip_model.__file__).parent / "pyfunc.py"
+
+
+def log_clip_model(checkpoint: str | Path) -> str:
+    """Log a checkpoint as an MLflow model in the active run; returns its `models:/` URI."""
+    import mlflow
+
+    info = mlflow.pyfunc.log_model(
+        name=ARTIFACT_NAME,
+        python_model=str(PYFUNC_CODE),
+        artifacts={CHECKPOINT_KEY: str(clip_model.resolve_checkpoint(checkpoint))},
+        # clipflow brings open_clip and torch; naming it avoids MLflow's slow requirement inference.
+        pip_requirements=["clipflow"],
+    )
+    return info.model_uri
+
+
+def is_model_uri(reference: str) -> bool:
+    return reference.startswith(("models:/", "runs:/"))
+
+
+def download_checkpoint(model_uri: str, destination: str | Path | None = None) -> Path:
+    """Fetch the open_clip checkpoint of an MLflow model (`models:/NAME@ALIAS`, `models:/NAME/3`)."""
+    import mlflow
+
+    try:
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=model_uri, dst_path=None if destination is None else str(destination)
+        )
+    except mlflow.exceptions.MlflowException as exc:
+        raise ClipflowError(f"cannot fetch {model_uri}: {exc.message.splitlines()[0]}") from None
+    found = sorted(Path(local).rglob(clip_model.CHECKPOINT_FILE))
+    if not found:
+        raise ClipflowError(f"{model_uri} holds no {clip_model.CHECKPOINT_FILE}")
+    return found[0]
+
+
+def load_model(reference: str | Path) -> clip_model.ClipModel:
+    """Load a model from a checkpoint path or an MLflow model URI."""
+    if is_model_uri(str(reference)):
+        return clip_model.load(download_checkpoint(str(reference)))
+    return clip_model.load(reference)

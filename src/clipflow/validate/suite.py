@@ -1,0 +1,292 @@
+"""The validate step: a Great Expectations suite over an ingested metadata table.
+
+Output layout (a report directory):
+
+    index.html           a one-page summary linking into the data docs; open this one
+    data_docs/           the Great Expectations data docs site for this run
+    validation.json      the summary that `validate` returns, with per-expectation results
+    quarantine.parquet   one row per rejected metadata row: row, key, split, reason
+
+`validate` always writes the whole report and returns the summary; `check_passed` turns a
+summary over the `validate.max_bad_fraction` threshold into a one-line `ClipflowError`.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
+
+import pandas as pd
+
+from clipflow.errors import ClipflowError
+from clipflow.params import ValidateParams
+
+METADATA_FILE = "metadata.parquet"
+SUMMARY_FILE = "validation.json"
+QUARANTINE_FILE = "quarantine.parquet"
+INDEX_FILE = "index.html"
+DOCS_DIR = "data_docs"
+SUITE_NAME = "clipflow-metadata"
+REQUIRED_COLUMNS = ("key", "split", "caption", "sha256", "width", "height")
+# The metadata row's position, added to the frame GX sees: `key` alone cannot tell apart
+# the rows of a duplicated or null key, and those are exactly the rows being reported.
+ROW = "row"
+
+
+@dataclass(frozen=True)
+class Check:
+    """One expectation and the words that a row failing it gets in the quarantine table."""
+
+    expectation: str
+    column: str
+    kwargs: dict[str, Any]
+    reason: str
+
+
+def checks(params: ValidateParams) -> list[Check]:
+    """The expectations every metadata table must meet, built from the `validate` params."""
+    caption = [params.caption_min_chars, params.caption_max_chars]
+    side = [params.min_side, params.max_side]
+    between = {"min_value": params.min_side, "max_value": params.max_side}
+    # GX's value checks skip nulls (a null split is "in the set"), so each column needs its own.
+    not_null = [Check("ExpectColumnValuesToNotBeNull", column, {}, f"{column} is null") for column in REQUIRED_COLUMNS]
+    return [
+        *not_null,
+        Check("ExpectColumnValuesToBeUnique", "key", {}, "key not unique"),
+        Check("ExpectColumnValuesToBeInSet", "split", {"value_set": params.splits}, f"split not in {params.splits}"),
+        Check(
+            "ExpectColumnValueLengthsToBeBetween",
+            "caption",
+            {"min_value": params.caption_min_chars, "max_value": params.caption_max_chars},
+            f"caption length outside {caption}",
+        ),
+        Check("ExpectColumnValuesToBeUnique", "sha256", {}, "sha256 not unique"),
+        Check("ExpectColumnValuesToBeBetween", "width", between, f"width outside {side}"),
+        Check("ExpectColumnValuesToBeBetween", "height", between, f"height outside {side}"),
+    ]
+
+
+def validate(data_dir: str | Path, report_dir: str | Path, params: ValidateParams) -> dict[str, Any]:
+    """Validate an ingested data directory's metadata table and write the report.
+
+    Args:
+        data_dir: a directory written by the ingest step (it holds `metadata.parquet`).
+        report_dir: where the report goes; created if missing. Only `data_docs/` inside it
+            is replaced, so pointing it at a shared folder does not delete anything else.
+        params: the `validate` section of params.yaml.
+
+    Returns:
+        `success` (bad_fraction <= max_bad_fraction), `rows`, `kept`, `quarantined`,
+        `bad_fraction`, `expectations` (type, column, reason, success, unexpected_count),
+        `report` (path to index.html) and `seconds`. Also written to `validation.json`.
+
+    Raises:
+        ClipflowError: not an ingested data directory, a table without the needed columns
+            or rows, inconsistent params, or an expectation that could not be evaluated.
+    """
+    started = time.perf_counter()
+    _check_params(params)
+    metadata = _read_metadata(Path(data_dir))
+    report_dir = Path(report_dir)
+    suite = checks(params)
+    docs_dir = report_dir / DOCS_DIR
+    if docs_dir.exists():
+        # A fresh site per run: GX's index would otherwise list every earlier run as well.
+        shutil.rmtree(docs_dir)
+    docs_dir.mkdir(parents=True)
+
+    results, validation_page = _run_suite(metadata, suite, docs_dir)
+    reasons: dict[int, list[str]] = {}
+    expectations = []
+    for check, result in zip(suite, results, strict=True):
+        error = _exception_message(result.exception_info)
+        if error is not None:
+            raise ClipflowError(f"cannot check {check.reason!r} on {METADATA_FILE}: {error}")
+        failed = result.result.get("unexpected_index_list") or []
+        for row in failed:
+            reasons.setdefault(int(row[ROW]), []).append(check.reason)
+        expectations.append(
+            {
+                "expectation": result.expectation_config.type,
+                "column": check.column,
+                "reason": check.reason,
+                "success": bool(result.success),
+                "unexpected_count": int(result.result.get("unexpected_count", len(failed))),
+            }
+        )
+
+    bad_rows = sorted(reasons)
+    quarantine = pd.DataFrame(
+        {
+            ROW: pd.Series(bad_rows, dtype="int64"),
+            "key": metadata["key"].iloc[bad_rows].to_numpy(),
+            "split": metadata["split"].iloc[bad_rows].to_numpy(),
+            "reason": ["; ".join(reasons[row]) for row in bad_rows],
+        }
+    )
+    quarantine.to_parquet(report_dir / QUARANTINE_FILE, index=False)
+
+    bad_fraction = len(bad_rows) / len(metadata)
+    summary = {
+        "success": bad_fraction <= params.max_bad_fraction,
+        "rows": len(metadata),
+        "kept": len(metadata) - len(bad_rows),
+        "quarantined": len(bad_rows),
+        "bad_fraction": bad_fraction,
+        "max_bad_fraction": params.max_bad_fraction,
+        "expectations": expectations,
+        "report": str(report_dir / INDEX_FILE),
+    }
+    page = Path(DOCS_DIR) / validation_page.relative_to(docs_dir.resolve())
+    (report_dir / INDEX_FILE).write_text(_index_html(summary, page))
+    summary["seconds"] = round(time.perf_counter() - started, 2)
+    (report_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def check_passed(result: dict[str, Any], params: ValidateParams) -> None:
+    """Raise a one-line `ClipflowError` when a `validate` result breaks `max_bad_fraction`.
+
+    Raises:
+        ClipflowError: more rows were quarantined than `params.max_bad_fraction` allows.
+    """
+    if result["bad_fraction"] <= params.max_bad_fraction:
+        return
+    raise ClipflowError(
+        f"validation failed: {result['quarantined']} of {result['rows']} rows ({_percent(result['bad_fraction'])}) "
+        f"break expectations, above validate.max_bad_fraction={params.max_bad_fraction}; see {result['report']}"
+    )
+
+
+def _check_params(params: ValidateParams) -> None:
+    if not 0 <= params.caption_min_chars <= params.caption_max_chars:
+        raise ClipflowError(
+            f"validate.caption_min_chars ({params.caption_min_chars}) must be between 0 "
+            f"and validate.caption_max_chars ({params.caption_max_chars})"
+        )
+    if not 0 < params.min_side <= params.max_side:
+        raise ClipflowError(
+            f"validate.min_side ({params.min_side}) must be positive and at most validate.max_side ({params.max_side})"
+        )
+    if not params.splits:
+        raise ClipflowError("validate.splits must name at least one split")
+    if not 0.0 <= params.max_bad_fraction <= 1.0:
+        raise ClipflowError(f"validate.max_bad_fraction must be between 0 and 1, got {params.max_bad_fraction}")
+
+
+def _read_metadata(data_dir: Path) -> pd.DataFrame:
+    path = data_dir / METADATA_FILE
+    if not path.is_file():
+        raise ClipflowError(f"not an ingested data directory (no {METADATA_FILE}): {data_dir}")
+    try:
+        metadata = pd.read_parquet(path)
+    except Exception as exc:  # pyarrow raises several unrelated types for a damaged file
+        raise ClipflowError(f"cannot read {path}: {exc}") from None
+    missing = [column for column in REQUIRED_COLUMNS if column not in metadata.columns]
+    if missing:
+        raise ClipflowError(f"{path} lacks columns {missing}")
+    # GX misjudges columns of the wrong type instead of failing them: a range check on text
+    # compares "64" with 16 when every value parses, and lists all count as unique.
+    for column in ("key", "split", "caption", "sha256"):
+        if not pd.api.types.is_string_dtype(metadata[column]):
+            raise ClipflowError(f"{path}: column {column} must hold text, not {metadata[column].dtype}")
+    for column in ("width", "height"):
+        dtype = metadata[column].dtype
+        if not pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype):
+            raise ClipflowError(f"{path}: column {column} must hold numbers, not {dtype}")
+    if metadata.empty:
+        raise ClipflowError(f"{path} has no rows to validate")
+    return metadata.reset_index(drop=True)
+
+
+def _run_suite(metadata: pd.DataFrame, suite: list[Check], docs_dir: Path) -> tuple[list[Any], Path]:
+    """Run the suite through a checkpoint that builds the data docs; return results in suite order."""
+    import great_expectations as gx
+    import great_expectations.expectations as gxe
+    from great_expectations.checkpoint import UpdateDataDocsAction
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    site = "clipflow"
+    context.add_data_docs_site(
+        site,
+        {
+            "class_name": "SiteBuilder",
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir.resolve())},
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        },
+    )
+    asset = context.data_sources.add_pandas("clipflow").add_dataframe_asset("metadata")
+    batch = asset.add_batch_definition_whole_dataframe("metadata")
+    expectations = [getattr(gxe, c.expectation)(column=c.column, **c.kwargs) for c in suite]
+    gx_suite = context.suites.add(gx.ExpectationSuite(name=SUITE_NAME, expectations=expectations))
+    definition = context.validation_definitions.add(
+        gx.ValidationDefinition(name=SUITE_NAME, data=batch, suite=gx_suite)
+    )
+    checkpoint = context.checkpoints.add(
+        gx.Checkpoint(
+            name=SUITE_NAME,
+            validation_definitions=[definition],
+            # The ephemeral context also has a default site in a temporary directory; build only ours.
+            actions=[UpdateDataDocsAction(name="data_docs", site_names=[site])],
+            result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["key", ROW]},
+        )
+    )
+    frame = metadata.assign(**{ROW: range(len(metadata))})
+    outcome = checkpoint.run(batch_parameters={"dataframe": frame})
+    ((identifier, validation),) = outcome.run_results.items()
+
+    # GX hands results back in its own order; match them to the suite by the expectation's id.
+    by_id = {result.expectation_config.id: result for result in validation.results}
+    results = [by_id[expectation.id] for expectation in gx_suite.expectations]
+    (url,) = [u["site_url"] for u in context.get_docs_sites_urls(identifier, site_name=site)]
+    return results, Path(url2pathname(urlparse(url).path))
+
+
+def _exception_message(info: dict[str, Any] | None) -> str | None:
+    """The first line of an error GX caught while evaluating an expectation, if any."""
+    # GX reports an error either flat or nested under the id of each metric that failed.
+    for entry in [info or {}, *(info or {}).values()]:
+        if isinstance(entry, dict) and entry.get("raised_exception"):
+            lines = str(entry.get("exception_message") or "").splitlines()
+            return lines[0] if lines else "unknown error"
+    return None
+
+
+def _percent(fraction: float) -> str:
+    # Two decimals hide a handful of bad rows in a big table (0.00%); keep two significant digits then.
+    value = fraction * 100
+    return f"{value:.2f}%" if value == 0 or value >= 0.01 else f"{value:.2g}%"
+
+
+def _index_html(summary: dict[str, Any], validation_page: Path) -> str:
+    """A self-contained summary page, readable where the data docs' relative links are not."""
+    status = "passed" if summary["success"] else "failed"
+    cells = "".join(
+        f"<tr><td>{html.escape(e['expectation'])}</td><td>{html.escape(e['column'])}</td>"
+        f"<td>{'yes' if e['success'] else 'no'}</td><td>{e['unexpected_count']}</td></tr>"
+        for e in summary["expectations"]
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head><meta charset="utf-8"><title>clipflow validation: {status}</title>
+<style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:.2em .8em;text-align:left}}</style></head>
+<body>
+<h1>Validation {status}</h1>
+<p>{summary["quarantined"]} of {summary["rows"]} rows ({_percent(summary["bad_fraction"])}) break expectations;
+allowed: {_percent(summary["max_bad_fraction"])}. Kept {summary["kept"]} rows.
+Rejected rows and reasons: <code>{QUARANTINE_FILE}</code>.</p>
+<p><a href="{html.escape(validation_page.as_posix())}">Validation result</a> ·
+<a href="{DOCS_DIR}/index.html">Great Expectations data docs</a></p>
+<table><tr><th>expectation</th><th>column</th><th>passed</th><th>unexpected rows</th></tr>{cells}</table>
+</body>
+</html>
+"""

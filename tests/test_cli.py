@@ -1,0 +1,49 @@
+"""Bad input to every verb ends in one clear line on stderr and a non-zero exit, never a traceback."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CLIPFLOW = str(Path(sys.executable).with_name("clipflow"))
+
+
+def _clipflow(*args, cwd=REPO):
+    return subprocess.run([CLIPFLOW, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "--set", "train.nope=1"], "unknown parameter 'train.nope'"),
+        (["run", "--set", "train.steps=abc"], "train.steps must be int"),
+        (["ingest", "--source", "builtin", "--set", "data.num_train=many"], "data.num_train must be int"),
+        (["ingest", "--source", "/no/such/manifest.csv"], "unsupported source"),
+        (["validate", "--data", "/no/such/dir"], "data directory not found: /no/such/dir"),
+        (["train", "--data", "/no/such/dir"], "data directory not found"),
+        (["train", "--nproc", "0"], "Invalid value for '--nproc'"),
+        (["evaluate", "--model", "/no/such/model", "--data", "."], "checkpoint not found"),
+        (["evaluate", "--data", "."], "Missing option '--model'"),
+        (["promote", "--model-uri", "/no/such/run", "--metrics", "m.json"], "not a training output folder"),
+        (["package", "--params", "/no/such/params.yaml"], "params file not found"),
+        (["serve", "--profile", "huge"], "unknown profile 'huge'"),
+        (["frobnicate"], "No such command 'frobnicate'"),
+    ],
+)
+def test_bad_input_is_one_line_without_traceback(args, message):
+    result = _clipflow(*args)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("clipflow: error: ")
+    assert message in lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_help_lists_every_verb():
+    result = _clipflow("--help")
+    assert result.returncode == 0
+    for verb in ("run", "ingest", "validate", "train", "evaluate", "promote", "package", "serve", "compile"):
+        assert verb in result.stdout

@@ -1,0 +1,66 @@
+import json
+
+import pandas as pd
+import pytest
+import webdataset as wds
+
+from clipflow.data import builtin
+from clipflow.data.ingest import data_version, ingest
+from clipflow.data.shards import split_shards
+from clipflow.errors import ClipflowError
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, small_params):
+    out = tmp_path_factory.mktemp("data") / "builtin"
+    return out, ingest("builtin", out, small_params.data)
+
+
+def test_counts_reconcile_with_params_metadata_and_sizes(dataset, small_params):
+    out, summary = dataset
+    metadata = pd.read_parquet(out / "metadata.parquet")
+    expected = {"train": small_params.data.num_train, "test": small_params.data.num_test}
+    expected["heldout"] = small_params.data.num_heldout
+    assert summary["counts"] == expected
+    assert len(metadata) == summary["rows"] == sum(expected.values())
+    for split, count in expected.items():
+        sizes = json.loads((out / split / "sizes.json").read_text())
+        assert sum(sizes.values()) == count
+        assert all(name.startswith(f"{split}-") and name.endswith(".tar") for name in sizes)
+    assert metadata["key"].is_unique and metadata["sha256"].notna().all()
+
+
+def test_heldout_compositions_never_reach_train_or_test(dataset, small_params):
+    out, _ = dataset
+    metadata = pd.read_parquet(out / "metadata.parquet")
+    heldout = set(small_params.data.heldout)
+    assert not set(metadata[metadata.split != "heldout"].label) & heldout
+    assert set(metadata[metadata.split == "heldout"].label) <= heldout
+    # every colour and shape of a held-out composition is still seen in training, apart
+    train = metadata[metadata.split == "train"]
+    for label in heldout:
+        color, shape = label.split()
+        assert (train["color"] == color).any() and (train["shape"] == shape).any()
+
+
+def test_webdataset_reads_the_shards_as_they_are(dataset):
+    out, _ = dataset
+    shards = [str(p) for p in split_shards(out, "test")]
+    samples = list(wds.WebDataset(shards, shardshuffle=False).decode("pil").to_tuple("__key__", "png", "txt", "json"))
+    assert len(samples) == sum(json.loads((out / "test" / "sizes.json").read_text()).values())
+    key, image, caption, meta = samples[0]
+    assert image.size == (meta["width"], meta["height"])
+    assert meta["color"] in caption and meta["shape"] in caption
+
+
+def test_generation_is_deterministic_by_seed(small_params, tmp_path):
+    first = ingest("builtin", tmp_path / "a", small_params.data)
+    second = ingest("builtin", tmp_path / "b", small_params.data)
+    assert first["data_version"] == second["data_version"] == data_version(tmp_path / "a")
+    sample = next(builtin.generate(small_params.data, "train"))
+    assert sample.caption == pd.read_parquet(tmp_path / "a" / "metadata.parquet").caption[0]
+
+
+def test_unknown_source_is_a_clear_error(small_params, tmp_path):
+    with pytest.raises(ClipflowError, match="unsupported source"):
+        ingest("ftp://somewhere", tmp_path / "x", small_params.data)

@@ -1,0 +1,47 @@
+import pytest
+import torch
+
+from clipflow.evaluate.metrics import class_embeddings, recall_at_k, zeroshot_topk
+
+
+def _unit(rows):
+    return torch.nn.functional.normalize(torch.tensor(rows, dtype=torch.float32), dim=-1)
+
+
+def test_zeroshot_on_embeddings_with_known_answers():
+    classes = _unit([[1, 0, 0], [0, 1, 0], [0, 0, 1]])
+    # images 0 and 1 sit nearest their own class; image 2 is nearest class 0, second nearest class 2
+    images = _unit([[0.9, 0.1, 0], [0, 1, 0.2], [0.8, 0, 0.6]])
+    targets = torch.tensor([0, 1, 2])
+    assert zeroshot_topk(images, classes, targets, k=1) == pytest.approx(2 / 3)
+    assert zeroshot_topk(images, classes, targets, k=2) == 1.0
+
+
+def test_class_embedding_is_renormalised_mean_of_template_embeddings():
+    vectors = {"a x": [1.0, 0.0], "the x": [0.0, 1.0], "a y": [-1.0, 0.0], "the y": [-1.0, 0.0]}
+
+    def encode(prompts):
+        return _unit([vectors[p] for p in prompts])
+
+    result = class_embeddings(encode, ["x", "y"], ["a {}", "the {}"])
+    expected = _unit([[0.5, 0.5], [-1.0, 0.0]])
+    assert torch.allclose(result, expected)
+
+
+def test_recall_counts_rank_of_the_paired_candidate():
+    queries = _unit([[1, 0], [0, 1], [1, 1]])
+    # queries 0 and 1 score their own pair highest; query 2 scores its pair last of three
+    candidates = _unit([[1, 0.1], [1, 0.5], [-1, -1]])
+    recall = recall_at_k(queries, candidates, ks=[1, 2, 3])
+    assert recall == pytest.approx({1: 2 / 3, 2: 2 / 3, 3: 1.0})
+
+
+def test_chunked_recall_equals_dense_computation():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.nn.functional.normalize(torch.randn(500, 16, generator=generator), dim=-1)
+    texts = torch.nn.functional.normalize(images + 0.8 * torch.randn(500, 16, generator=generator), dim=-1)
+    dense_scores = images @ texts.T
+    dense_ranks = (dense_scores > dense_scores.diag()[:, None]).sum(dim=1)
+    dense = {k: (dense_ranks < k).float().mean().item() for k in (1, 5, 10)}
+    assert recall_at_k(images, texts, [1, 5, 10], chunk_size=64) == dense
+    assert 0 < dense[1] < dense[10] <= 1

@@ -1,0 +1,55 @@
+from pathlib import Path
+
+import pytest
+
+from clipflow.errors import ClipflowError
+from clipflow.params import load_params
+
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+def test_defaults_load_and_profile_overrides_only_its_keys():
+    default = load_params(PARAMS)
+    small = load_params(PARAMS, profile="test")
+    assert small.data.num_train < default.data.num_train
+    assert small.train.steps < default.train.steps
+    assert small.train.model == default.train.model
+    assert small.profile == "test"
+
+
+def test_set_overrides_parse_values_as_yaml_and_accept_ints_for_floats():
+    params = load_params(PARAMS, ["train.lr=1", "data.colors=[red, blue]", "data.heldout=[red star]"])
+    assert params.train.lr == 1.0 and isinstance(params.train.lr, float)
+    assert params.data.colors == ["red", "blue"]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.nope=1", "unknown parameter 'train.nope'"),
+        ("nope.steps=1", "unknown parameter 'nope.steps'"),
+        ("train.steps=many", "train.steps must be int, got 'many'"),
+        ("train.steps=true", "train.steps must be int"),
+        ("data.colors=red", "data.colors must be a list"),
+        ("train.precision=fp8", "train.precision must be bf16 or fp32"),
+        ("train.batch_size=255", "must be a multiple of train.nproc"),
+        ("data.heldout=[teal star]", "outside colors x shapes"),
+        ("train.steps", "--set expects KEY=VALUE"),
+    ],
+)
+def test_bad_overrides_are_one_clear_error(override, message):
+    with pytest.raises(ClipflowError, match=message.replace("[", r"\[")):
+        load_params(PARAMS, [override])
+
+
+def test_missing_file_and_unknown_profile():
+    with pytest.raises(ClipflowError, match="params file not found"):
+        load_params("does-not-exist.yaml")
+    with pytest.raises(ClipflowError, match="unknown profile 'huge'"):
+        load_params(PARAMS, profile="huge")
+
+
+def test_flat_keys_round_trip_through_set():
+    params = load_params(PARAMS, profile="test")
+    again = load_params(PARAMS, [f"{key}={value}" for key, value in params.flat().items() if key.startswith("train.")])
+    assert again.train == params.train

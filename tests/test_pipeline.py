@@ -1,0 +1,102 @@
+"""The pipeline as users run it: compiled for Kubeflow, run whole through kfp.local, and as DVC stages."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from clipflow.local_run import STEPS, compile_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "CLIPFLOW_PROFILE": "test"}
+
+
+def test_compiled_pipeline_has_six_tasks_in_dag_order(tmp_path):
+    spec = yaml.safe_load(compile_pipeline(tmp_path / "pipeline.yaml").read_text())  # also proves it parses
+    tasks = spec["root"]["dag"]["tasks"]
+    names = {name.removesuffix("-component"): task for name, task in tasks.items()}
+    assert sorted(names) == sorted(STEPS)
+    upstream = {step: {d.removesuffix("-component") for d in names[step].get("dependentTasks", [])} for step in STEPS}
+    assert upstream["ingest"] == set()
+    for before, after in zip(STEPS, STEPS[1:]):
+        assert before in upstream[after], f"{after} must wait for {before}"
+    assert {task["taskInfo"]["name"] for task in tasks.values()} == {step.capitalize() for step in STEPS}
+    inputs = spec["root"]["inputDefinitions"]["parameters"]
+    assert inputs["source"]["defaultValue"] == "builtin"
+    assert json.loads(inputs["params"]["defaultValue"])["train"]["model"] == "CLIP-Tiny"
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory):
+    """`clipflow run` on the test profile, in a fresh working directory, as a user starts it."""
+    workdir = tmp_path_factory.mktemp("run")
+    shutil.copy(REPO / "params.yaml", workdir / "params.yaml")
+    env = {**ENV, "BENTOML_HOME": str(workdir / "bentoml_home")}
+    result = subprocess.run(
+        [str(BIN / "clipflow"), "run", "--summary", "summary.json"],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return workdir, json.loads((workdir / "summary.json").read_text()), result.stdout
+
+
+def test_whole_pipeline_runs_through_kfp_local(pipeline_run):
+    workdir, summary, stdout = pipeline_run
+    assert set(summary["timings"]) == {*STEPS, "total"}
+    assert all(seconds > 0 for seconds in summary["timings"].values())
+    for name in ("zeroshot_top1_heldout", "retrieval_i2t_r1", "retrieval_t2i_r1"):
+        assert 0.0 <= summary["metrics"][name] <= 1.0
+    assert summary["validation"]["rows"] == summary["validation"]["kept"] + summary["validation"]["quarantined"]
+    # the test profile's gate has zero floors, so the first model becomes champion
+    assert summary["promoted"] and "champion" in summary["aliases"]
+    assert summary["bento_tag"].startswith("clipflow")
+    for fact in (summary["mlflow_run_id"], summary["bento_tag"], "make serve", "chance"):
+        assert fact in stdout
+
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
+    try:
+        run = mlflow.get_run(summary["mlflow_run_id"])
+        assert run.data.tags["data_version"] == summary["data_version"]
+        assert run.data.metrics["zeroshot_top1_heldout"] == pytest.approx(summary["metrics"]["zeroshot_top1_heldout"])
+        assert "train_loss" in run.data.metrics
+        version = mlflow.MlflowClient().get_model_version_by_alias(summary["model_name"], "champion")
+        assert str(version.version) == summary["model_version"]
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def test_dvc_stages_reproduce_the_same_dag(tmp_path):
+    """`dvc repro` runs the stages of dvc.yaml; afterwards `dvc repro --dry` has nothing left to do."""
+    for item in ("dvc.yaml", "params.yaml"):
+        shutil.copy(REPO / item, tmp_path / item)
+    for folder in ("src", "serving"):
+        shutil.copytree(REPO / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    env = {**ENV, "BENTOML_HOME": str(tmp_path / "bentoml_home")}
+
+    def dvc(*args):
+        return subprocess.run([str(BIN / "dvc"), *args], cwd=tmp_path, env=env, capture_output=True, text=True)
+
+    assert dvc("init", "--no-scm", "-q").returncode == 0
+    dry = dvc("repro", "--dry", "--single-item", "ingest")
+    assert dry.returncode == 0, dry.stderr
+    assert "clipflow ingest" in dry.stdout
+    full = dvc("repro")
+    assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
+    for step in STEPS:
+        assert f"Running stage '{step}'" in full.stdout
+    again = dvc("repro", "--dry")
+    assert again.returncode == 0, again.stderr
+    assert "Running stage" not in again.stdout
+    metrics = json.loads((tmp_path / "outputs/evaluation/metrics.json").read_text())["metrics"]
+    assert "zeroshot_top1_heldout" in metrics

@@ -1,0 +1,129 @@
+"""The validate step on a real ingested dataset, clean and deliberately corrupted."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from clipflow.data.ingest import ingest
+from clipflow.errors import ClipflowError
+from clipflow.params import Params
+from clipflow.validate.suite import check_passed, validate
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory, small_params: Params) -> Path:
+    path = tmp_path_factory.mktemp("ingested") / "data"
+    ingest("builtin", path, small_params.data)
+    return path
+
+
+def _metadata_copy(data_dir: Path, target: Path) -> pd.DataFrame:
+    """The ingested metadata table, to corrupt and write to `target` (validate reads nothing else)."""
+    target.mkdir()
+    return pd.read_parquet(data_dir / "metadata.parquet")
+
+
+def test_clean_dataset_passes(data_dir: Path, tmp_path: Path, small_params: Params) -> None:
+    report = tmp_path / "report"
+    validate(data_dir, report, small_params.validate)
+    # A second run into the same folder must replace the data docs, not add to them.
+    result = validate(data_dir, report, small_params.validate)
+
+    assert result["success"] is True
+    assert result["rows"] == result["kept"] == 1600
+    assert result["quarantined"] == 0 and result["bad_fraction"] == 0.0
+    assert all(e["success"] and e["unexpected_count"] == 0 for e in result["expectations"])
+    assert result["report"] == str(report / "index.html")
+    assert "<html" in (report / "index.html").read_text()
+    assert "<html" in (report / "data_docs" / "index.html").read_text()
+    assert len(list((report / "data_docs" / "validations").rglob("*.html"))) == 1
+    assert json.loads((report / "validation.json").read_text()) == result
+    quarantine = pd.read_parquet(report / "quarantine.parquet")
+    assert len(quarantine) == 0 and {"key", "split", "reason"} <= set(quarantine.columns)
+    check_passed(result, small_params.validate)
+
+
+def test_corrupt_rows_are_quarantined(data_dir: Path, tmp_path: Path, small_params: Params) -> None:
+    bad_dir = tmp_path / "bad"
+    metadata = _metadata_copy(data_dir, bad_dir)
+    keys = metadata["key"].tolist()
+    metadata.loc[3, "caption"] = None
+    metadata.loc[4, "caption"] = "x" * 1000
+    metadata.loc[4, "height"] = 10_000
+    metadata.loc[6, "sha256"] = metadata.loc[5, "sha256"]
+    metadata.loc[7, "width"] = 5
+    metadata.loc[8, "split"] = "bogus"
+    metadata.loc[10, "key"] = metadata.loc[9, "key"]
+    metadata.to_parquet(bad_dir / "metadata.parquet", index=False)
+    expected = {
+        3: ["caption is null"],
+        4: ["caption length outside [3, 300]", "height outside [16, 4096]"],
+        5: ["sha256 not unique"],
+        6: ["sha256 not unique"],
+        7: ["width outside [16, 4096]"],
+        8: ["split not in ['train', 'test', 'heldout']"],
+        9: ["key not unique"],
+        10: ["key not unique"],
+    }
+
+    report = tmp_path / "report"
+    result = validate(bad_dir, report, small_params.validate)
+
+    quarantine = pd.read_parquet(report / "quarantine.parquet").set_index("row")
+    assert sorted(quarantine.index) == sorted(expected)
+    for row, reasons in expected.items():
+        assert sorted(quarantine.loc[row, "reason"].split("; ")) == sorted(reasons), row
+        assert quarantine.loc[row, "split"] == metadata.loc[row, "split"]
+    assert quarantine.loc[3, "key"] == keys[3]
+    assert quarantine.loc[10, "key"] == keys[9]
+    assert result["success"] is False
+    assert result["quarantined"] == len(expected)
+    assert result["rows"] == result["kept"] + result["quarantined"] == len(metadata)
+    assert result["bad_fraction"] == pytest.approx(len(expected) / len(metadata))
+    width = [e for e in result["expectations"] if e["column"] == "width" and "between" in e["expectation"]]
+    assert width == [
+        {
+            "expectation": "expect_column_values_to_be_between",
+            "column": "width",
+            "reason": "width outside [16, 4096]",
+            "success": False,
+            "unexpected_count": 1,
+        }
+    ]
+    assert (report / "index.html").is_file() and (report / "data_docs" / "index.html").is_file()
+    assert json.loads((report / "validation.json").read_text()) == result
+
+    with pytest.raises(ClipflowError) as failure:
+        check_passed(result, small_params.validate)
+    message = str(failure.value)
+    assert "\n" not in message
+    assert message.startswith("validation failed: 8 of 1600 rows (0.50%) break expectations")
+    assert "validate.max_bad_fraction=0.0" in message and message.endswith(result["report"])
+    check_passed(result, dataclasses.replace(small_params.validate, max_bad_fraction=0.01))
+
+
+def test_missing_data_dir_is_a_user_error(tmp_path: Path, small_params: Params) -> None:
+    with pytest.raises(ClipflowError, match="not an ingested data directory"):
+        validate(tmp_path / "absent", tmp_path / "report", small_params.validate)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda m: m.drop(columns=["caption"]), r"lacks columns \['caption'\]"),
+        (lambda m: m.assign(width=m["width"].astype(str)), "column width must hold numbers"),
+        (lambda m: m.iloc[:0], "has no rows"),
+    ],
+)
+def test_malformed_metadata_is_a_user_error(
+    data_dir: Path, tmp_path: Path, small_params: Params, change, message
+) -> None:
+    bad_dir = tmp_path / "bad"
+    change(_metadata_copy(data_dir, bad_dir)).to_parquet(bad_dir / "metadata.parquet", index=False)
+    with pytest.raises(ClipflowError, match=message):
+        validate(bad_dir, tmp_path / "report", small_params.validate)
