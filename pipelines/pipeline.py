@@ -54,9 +54,7 @@ def clipflow_pipeline(
     common = {"params": params, "overrides": overrides, "profile": profile}
     ingest = ingest_component(source=source, **common).set_display_name("Ingest")
     validate = validate_component(data=ingest.outputs["data"], **common).set_display_name("Validate")
-    train = (
-        train_component(data=ingest.outputs["data"], **common).set_display_name("Train").after(validate)
-    )
+    train = train_component(data=ingest.outputs["data"], **common).set_display_name("Train").after(validate)
     evaluate = evaluate_component(
         data=ingest.outputs["data"],
         model=train.outputs["model"],

@@ -1,6 +1,6 @@
 """The clipflow BentoML service: text and image embeddings and zero-shot classification.
 
-`clipflow package` builds this file into a Bento together with `clipflow.model` and passes the
+`clipflow package` builds this file into a Bento together with the clipflow package and passes the
 exact model tag, host and port as Bento arguments, so `bentoml serve <bento_tag>` needs nothing
 else. Request limits are read from the model's metadata, written by `clipflow package` from
 `serve:` in params.yaml, so a Bento keeps the limits it was built with.
@@ -10,8 +10,9 @@ else. Request limits are read from the model's metadata, written by `clipflow pa
     curl -s -X POST http://127.0.0.1:3000/classify -F image=@shape.png \\
          -F 'labels=["red circle", "blue square"]'
 
-Labels are embedded as given, without prompt templates: pass "a photo of a red circle" to get
-a prompt.
+Labels are words ("red circle"); `classify` turns each into the prompt ensemble evaluation
+uses (`evaluate.templates`, stored with the model), so served probabilities behave like the
+evaluated zero-shot accuracy.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class Clipflow:
         self.clip = clip_model.load(self.bento_model.path_of(clip_model.CHECKPOINT_FILE))
         self.logit_scale = self.clip.model.logit_scale.exp().item()
         self.limits = Limits(**self.bento_model.info.metadata["limits"])
+        self.templates = self.bento_model.info.metadata["templates"]
         # PIL's own bomb guard (an error at twice this) would otherwise stay at its default,
         # refusing images below a larger configured limit.
         PIL.Image.MAX_IMAGE_PIXELS = self.limits.max_image_pixels
@@ -85,11 +87,12 @@ class Clipflow:
     def classify(self, image: Path, labels: list[str]) -> list[LabelProbability]:
         """Zero-shot classify an image: every label with its probability, most likely first.
 
-        Probabilities are the softmax over labels of the model's scaled cosine similarity.
+        Probabilities are the softmax over labels of the model's scaled cosine similarity
+        between the image and each label's prompt ensemble.
         """
         self._check_texts("labels", labels, self.limits.max_labels)
         image_features = self._embed_image(image)  # (1, D)
-        text_features = self.clip.encode_text(labels)  # (L, D)
+        text_features = self.clip.encode_labels(labels, self.templates)  # (L, D)
         probabilities = (self.logit_scale * image_features @ text_features.T).softmax(dim=-1)[0].tolist()
         ranked = sorted(zip(labels, probabilities, strict=True), key=lambda pair: pair[1], reverse=True)
         return [LabelProbability(label=label, probability=p) for label, p in ranked]

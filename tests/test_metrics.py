@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from clipflow.evaluate.metrics import class_embeddings, recall_at_k, zeroshot_topk
+from clipflow.evaluate.metrics import recall_at_k, zeroshot_topk
+from clipflow.model import prompt_ensemble
 
 
 def _unit(rows):
@@ -23,7 +24,7 @@ def test_class_embedding_is_renormalised_mean_of_template_embeddings():
     def encode(prompts):
         return _unit([vectors[p] for p in prompts])
 
-    result = class_embeddings(encode, ["x", "y"], ["a {}", "the {}"])
+    result = prompt_ensemble(encode, ["x", "y"], ["a {}", "the {}"])
     expected = _unit([[0.5, 0.5], [-1.0, 0.0]])
     assert torch.allclose(result, expected)
 

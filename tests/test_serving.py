@@ -8,52 +8,31 @@ are known to come from the packaged model, not from the service's code.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import io
 import json
 import math
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 from PIL import Image
 
+from tests.conftest import bentoml_server, free_port
+
 ROOT = Path(__file__).resolve().parents[1]
-READY_TIMEOUT_S = 180  # imports torch twice (CLI and worker); slow on a busy two-core machine
 MAX_LABELS = 8
 MAX_IMAGE_PIXELS = 128 * 128
 MAX_IMAGE_BYTES = 60_000
 MAX_TEXT_CHARS = 200
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _png(size: tuple[int, int], color: str) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", size, color).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """SIGTERM the server, then SIGKILL its process group (circus workers included) if it lingers."""
-    if process.poll() is None:
-        process.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=15)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -104,37 +83,11 @@ def server(packaged):
     """`bentoml serve <bento_tag>` on a free port; always stopped, logs shown when it fails."""
     from clipflow.package import bentoml_env
 
-    port = _free_port()
-    log_path = packaged["tmp"] / "serve.log"
-    with log_path.open("wb") as log:
-        command = [sys.executable, "-m", "bentoml", "serve", packaged["result"]["bento_tag"]]
-        process = subprocess.Popen(
-            [*command, "--host", "127.0.0.1", "--port", str(port)],
-            env=bentoml_env(),
-            cwd=packaged["tmp"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        start = time.monotonic()
-        while not _ready(url):
-            if process.poll() is not None or time.monotonic() - start > READY_TIMEOUT_S:
-                _stop(process)
-                pytest.fail(f"bentoml serve not ready (exit {process.returncode}):\n{log_path.read_text()[-4000:]}")
-            time.sleep(0.2)
-        print(f"bentoml serve ready in {time.monotonic() - start:.1f} s")
+    port = free_port()
+    command = [sys.executable, "-m", "bentoml", "serve", packaged["result"]["bento_tag"]]
+    command += ["--host", "127.0.0.1", "--port", str(port)]
+    with bentoml_server(command, port, bentoml_env(), packaged["tmp"]) as url:
         yield url
-    finally:
-        _stop(process)
-
-
-def _ready(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 @pytest.fixture(scope="module")

@@ -132,7 +132,6 @@ def evaluate(
 ) -> None:
     """Zero-shot accuracy on held-out compositions and retrieval recall@k on the test split."""
     from clipflow.evaluate.step import evaluate as run_evaluate
-
     from clipflow.registry.models import is_model_uri
     from clipflow.train.launch import RESULT_FILE, read_result
 
@@ -150,7 +149,8 @@ def evaluate(
 @app.command()
 def promote(
     model_uri: Annotated[
-        str, typer.Option(help="The logged MLflow model to register (models:/m-...), or a `clipflow train` output folder.")
+        str,
+        typer.Option(help="The logged MLflow model to register (models:/m-...), or a `clipflow train` output folder."),
     ],
     metrics: Annotated[Path, typer.Option(help="metrics.json written by `clipflow evaluate`.")],
     params_file: ParamsOption = DEFAULT_PARAMS,
@@ -199,14 +199,17 @@ def serve(
     profile: ProfileOption = None,
 ) -> None:
     """Serve the packaged Bento with `bentoml serve` on serve.host:serve.port."""
-    from clipflow.package import bentoml_home
+    from clipflow.package import bentoml_env
 
     params = _params(params_file, overrides, profile)
     tag = bento or f"{params.serve.bento_name}:latest"
-    env = {**os.environ, "BENTOML_HOME": str(bentoml_home()), "BENTOML_DO_NOT_TRACK": "true"}
-    command = ["bentoml", "serve", tag, "--host", params.serve.host, "--port", str(port or params.serve.port)]
-    bentoml = Path(sys.executable).with_name("bentoml")
-    os.execve(str(bentoml), [str(bentoml), *command[1:]], env)
+    bentoml = str(Path(sys.executable).with_name("bentoml"))
+    # exec, not a child process: Ctrl-C and a supervisor's SIGTERM reach bentoml directly.
+    os.execve(
+        bentoml,
+        [bentoml, "serve", tag, "--host", params.serve.host, "--port", str(port or params.serve.port)],
+        bentoml_env(),
+    )
 
 
 @app.command("compile")

@@ -97,6 +97,7 @@ def summarize(reports: dict[str, dict[str, Any]], total_seconds: float) -> dict[
         "promotion_reason": reports["promote"]["reason"],
         "bento_tag": reports["package"]["bento_tag"],
         "data_version": reports["ingest"]["data_version"],
+        "data_dir": reports["ingest"]["output"],
         "validation": {k: reports["validate"][k] for k in ("rows", "kept", "quarantined")},
         "metrics": metrics,
         "timings": {**{step: reports[step]["seconds"] for step in STEPS}, "total": round(total_seconds, 2)},
@@ -111,7 +112,7 @@ def describe(summary: dict[str, Any], summary_path: Path) -> str:
     return "\n".join(
         [
             f"MLflow run:     {summary['mlflow_run_id']}",
-            f"data version:   {summary['data_version']}",
+            f"data:           {summary['data_dir']} (version {summary['data_version']})",
             f"zero-shot top-1 on held-out compositions: {m['zeroshot_top1_heldout']:.3f}"
             f" (chance {m['zeroshot_chance']:.3f})",
             f"retrieval R@1:  image->text {m['retrieval_i2t_r1']:.3f}, text->image {m['retrieval_t2i_r1']:.3f}",

@@ -79,13 +79,15 @@ def package(model_uri: str, params: Params, serving_dir: Path = SERVING_DIR) -> 
 
     _check_serve_params(params.serve)
     _check_store_home(bentoml_home())
+    if not (serving_dir / SERVICE_FILE).is_file():
+        raise ClipflowError(f"BentoML service not found: {serving_dir / SERVICE_FILE}")
     tracking.setup(params.tracking)
     fetch_uri, registry = _resolve_registry_version(model_uri)
     labels = {"model_uri": model_uri, **registry}
     try:
         with tempfile.TemporaryDirectory(prefix="clipflow-package-") as tmp:
             checkpoint = download_checkpoint(fetch_uri, Path(tmp) / "mlflow")
-            model_tag = _import_model(checkpoint, params.serve, labels)
+            model_tag = _import_model(checkpoint, params.serve, params.evaluate.templates, labels)
             try:
                 bento = _build_bento(Path(tmp) / "build", serving_dir, model_tag, params.serve, labels)
             except BaseException:
@@ -147,14 +149,19 @@ def _resolve_registry_version(model_uri: str) -> tuple[str, dict[str, str]]:
     return f"models:/{found.name}/{found.version}", labels
 
 
-def _import_model(checkpoint: Path, serve: ServeParams, labels: dict[str, str]) -> str:
-    """Store the checkpoint as a BentoML model with the serving limits; returns its tag."""
+def _import_model(checkpoint: Path, serve: ServeParams, templates: list[str], labels: dict[str, str]) -> str:
+    """Store the checkpoint as a BentoML model with the serving limits and prompts; returns its tag."""
     import bentoml
 
     config_name = clip_model.read_checkpoint_info(checkpoint).get("name")
     if not config_name:
         raise ClipflowError(f"{labels['model_uri']} holds a checkpoint that does not name its model config")
-    metadata = {"limits": {key: getattr(serve, key) for key in LIMITS}, "model_config": config_name, **labels}
+    metadata = {
+        "limits": {key: getattr(serve, key) for key in LIMITS},
+        "templates": list(templates),
+        "model_config": config_name,
+        **labels,
+    }
     with bentoml.models.create(serve.bento_name, labels=labels, metadata=metadata) as stored:
         shutil.copyfile(checkpoint, stored.path_of(clip_model.CHECKPOINT_FILE))
     return str(stored.tag)
@@ -168,11 +175,8 @@ def _build_bento(stage: Path, serving_dir: Path, model_tag: str, serve: ServePar
     """
     import bentoml
 
-    service_file = serving_dir / SERVICE_FILE
-    if not service_file.is_file():
-        raise ClipflowError(f"BentoML service not found: {service_file}")
     stage.mkdir(parents=True)
-    shutil.copyfile(service_file, stage / SERVICE_FILE)
+    shutil.copyfile(serving_dir / SERVICE_FILE, stage / SERVICE_FILE)
     clipflow_dir = Path(clip_model.__file__).resolve().parents[1]
     shutil.copytree(clipflow_dir, stage / "clipflow", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     bentofile = stage / "bentofile.yaml"

@@ -113,9 +113,7 @@ class Params:
     def flat(self) -> dict[str, Any]:
         """Dotted keys to values, as MLflow params and `--set` spell them."""
         return {
-            f"{section}.{key}": value
-            for section, values in self.to_dict().items()
-            for key, value in values.items()
+            f"{section}.{key}": value for section, values in self.to_dict().items() for key, value in values.items()
         }
 
     def check(self) -> None:
@@ -124,8 +122,7 @@ class Params:
             raise ClipflowError(f"train.precision must be bf16 or fp32, got {self.train.precision!r}")
         if self.train.batch_size % self.train.nproc:
             raise ClipflowError(
-                f"train.batch_size ({self.train.batch_size}) must be a multiple of "
-                f"train.nproc ({self.train.nproc})"
+                f"train.batch_size ({self.train.batch_size}) must be a multiple of train.nproc ({self.train.nproc})"
             )
         positive = {
             "train.batch_size": self.train.batch_size,
@@ -143,9 +140,7 @@ class Params:
             raise ClipflowError(f"data.heldout names compositions outside colors x shapes: {unknown}")
 
 
-_SECTIONS: dict[str, type] = {
-    name: hint for name, hint in typing.get_type_hints(Params).items() if name != "profile"
-}
+_SECTIONS: dict[str, type] = {name: hint for name, hint in typing.get_type_hints(Params).items() if name != "profile"}
 
 
 def load_params(

@@ -61,6 +61,7 @@ def ingest(source: str, output: str | Path, params: DataParams) -> dict[str, Any
     metadata.to_parquet(output / METADATA_FILE, index=False)
     summary = {
         "source": source,
+        "output": str(output.resolve()),
         "counts": metadata["split"].value_counts().sort_index().to_dict(),
         "rows": len(metadata),
         "data_version": data_version(output),

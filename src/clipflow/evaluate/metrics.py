@@ -6,18 +6,9 @@ Retrieval works in chunks of rows: the N x N similarity matrix never exists in m
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
-
-
-def class_embeddings(
-    encode_text: Callable[[list[str]], torch.Tensor], class_names: Sequence[str], templates: Sequence[str]
-) -> torch.Tensor:
-    """One embedding per class: the mean of its normalised template embeddings, renormalised (CLIP paper)."""
-    prompts = [template.format(name) for name in class_names for template in templates]
-    per_prompt = encode_text(prompts).reshape(len(class_names), len(templates), -1)
-    return torch.nn.functional.normalize(per_prompt.mean(dim=1), dim=-1)
 
 
 def zeroshot_topk(

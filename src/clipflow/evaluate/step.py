@@ -12,7 +12,7 @@ import torch
 from clipflow import tracking
 from clipflow.data.pairs import ShardPairs
 from clipflow.errors import ClipflowError
-from clipflow.evaluate.metrics import class_embeddings, recall_at_k, zeroshot_topk
+from clipflow.evaluate.metrics import recall_at_k, zeroshot_topk
 from clipflow.model import ClipModel
 from clipflow.params import Params
 from clipflow.progress import progress
@@ -22,7 +22,11 @@ METRICS_FILE = "metrics.json"
 
 
 def evaluate(
-    model_ref: str | Path, data_dir: str | Path, output_dir: str | Path, params: Params, mlflow_run_id: str | None = None
+    model_ref: str | Path,
+    data_dir: str | Path,
+    output_dir: str | Path,
+    params: Params,
+    mlflow_run_id: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint path or MLflow model URI on an ingested data directory.
 
@@ -41,7 +45,7 @@ def evaluate(
     batch_size = params.evaluate.batch_size
     classes = [f"{color} {shape}" for color in params.data.colors for shape in params.data.shapes]
     class_index = {name: i for i, name in enumerate(classes)}
-    classifier = class_embeddings(clip.encode_text, classes, params.evaluate.templates)
+    classifier = clip.encode_labels(classes, params.evaluate.templates)
 
     metrics: dict[str, float] = {"zeroshot_chance": 1.0 / len(classes)}
     for split, name in (("heldout", "zeroshot_top1_heldout"), ("test", "zeroshot_top1_seen")):
@@ -58,7 +62,12 @@ def evaluate(
                 metrics[f"retrieval_t2i_r{k}"] = value
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    result = {"metrics": metrics, "classes": classes, "model": str(model_ref), "seconds": round(time.perf_counter() - started, 2)}
+    result = {
+        "metrics": metrics,
+        "classes": classes,
+        "model": str(model_ref),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
     (output_dir / METRICS_FILE).write_text(json.dumps(result, indent=2))
     if mlflow_run_id:
         import mlflow
@@ -73,10 +82,14 @@ def _embed_images(clip: ClipModel, pairs: ShardPairs, batch_size: int, desc: str
     chunks = []
     starts = range(0, len(pairs), batch_size)
     for start in progress(starts, total=len(starts), desc=desc):
-        batch = torch.stack([clip.preprocess(pairs.image(i)) for i in range(start, min(start + batch_size, len(pairs)))])
+        batch = torch.stack(
+            [clip.preprocess(pairs.image(i)) for i in range(start, min(start + batch_size, len(pairs)))]
+        )
         chunks.append(clip.encode_images(batch))
     return torch.cat(chunks)
 
 
 def _embed_texts(clip: ClipModel, texts: list[str], batch_size: int) -> torch.Tensor:
-    return torch.cat([clip.encode_text(texts[start : start + batch_size]) for start in range(0, len(texts), batch_size)])
+    return torch.cat(
+        [clip.encode_text(texts[start : start + batch_size]) for start in range(0, len(texts), batch_size)]
+    )

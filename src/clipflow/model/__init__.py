@@ -10,9 +10,10 @@ rebuilt and traced.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import open_clip
 import torch
@@ -52,6 +53,23 @@ class ClipModel:
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised image embeddings of preprocessed images (N, 3, H, W), (N, D) float32."""
         return torch.nn.functional.normalize(self.model.encode_image(images).float(), dim=-1)
+
+    def encode_labels(self, labels: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+        """Zero-shot classifier weights for `labels`, (L, D): see `prompt_ensemble`."""
+        return prompt_ensemble(self.encode_text, labels, templates)
+
+
+def prompt_ensemble(
+    encode_text: Callable[[list[str]], torch.Tensor], labels: Sequence[str], templates: Sequence[str]
+) -> torch.Tensor:
+    """One embedding per label: the mean of its normalised template embeddings, renormalised.
+
+    This is the CLIP paper's prompt ensembling ("a photo of a {}."); evaluation and serving
+    both classify through it, so served probabilities match the evaluated accuracy.
+    """
+    prompts = [template.format(label) for label in labels for template in templates]
+    per_prompt = encode_text(prompts).reshape(len(labels), len(templates), -1)
+    return torch.nn.functional.normalize(per_prompt.mean(dim=1), dim=-1)
 
 
 def create(name: str, pretrained: str | None = None) -> ClipModel:

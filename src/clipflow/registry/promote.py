@@ -48,7 +48,9 @@ def gate(
     return GateDecision(True, "passes every floor; no champion yet")
 
 
-def promote(model_uri: str, metrics: dict[str, float], params: Params, data_version: str | None = None) -> dict[str, Any]:
+def promote(
+    model_uri: str, metrics: dict[str, float], params: Params, data_version: str | None = None
+) -> dict[str, Any]:
     """Register `model_uri`, alias it `challenger`, and make it `champion` if the gate passes.
 
     Returns:

@@ -68,7 +68,11 @@ def train(data_dir: str | Path, output_dir: str | Path, params: Params, nproc: i
         "--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc),
         "-m", "clipflow.train.worker", str(job_file),
     ]  # fmt: skip
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), "OMP_NUM_THREADS": str(params.train.threads_per_proc)}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(),
+        "OMP_NUM_THREADS": str(params.train.threads_per_proc),
+    }
     result = subprocess.run(command, env=env)
     if result.returncode != 0:
         mlflow.MlflowClient().set_terminated(run_id, status="FAILED")

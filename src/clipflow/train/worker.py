@@ -20,6 +20,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,8 @@ MAX_LOGIT_SCALE = math.log(100.0)
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    # open_clip's gather calls an API torch has deprecated; one warning per step buries the log.
+    warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather", category=FutureWarning)
     job = json.loads(Path(argv[0]).read_text())
     train(
         TrainParams(**job["params"]),
