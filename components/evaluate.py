@@ -1,7 +1,7 @@
 from typing import NamedTuple
 
 from kfp import dsl
-from kfp.dsl import Dataset, Input, Metrics, Model, Output
+from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
 
 from components import CLIPFLOW_IMAGE
 
@@ -15,6 +15,7 @@ def evaluate_component(
     model: Input[Model],
     mlflow_run_id: str,
     metrics: Output[Metrics],
+    evaluation: Output[Artifact],
 ) -> NamedTuple("EvaluateOutputs", [("metrics_json", str), ("report", str)]):
     """Zero-shot top-1 on held-out compositions and retrieval recall@k on the test split.
 
@@ -26,6 +27,7 @@ def evaluate_component(
         model: the trained checkpoint folder.
         mlflow_run_id: the training run that receives the metrics.
         metrics: the metrics, shown in the Kubeflow UI.
+        evaluation: a folder with metrics.json, the full result.
     """
     import json
     from collections import namedtuple
@@ -34,7 +36,7 @@ def evaluate_component(
     from clipflow.params import parse_params
 
     resolved = parse_params(params, overrides, profile or None)
-    result = evaluate(model.path, data.path, metrics.path + ".d", resolved, mlflow_run_id=mlflow_run_id)
+    result = evaluate(model.path, data.path, evaluation.path, resolved, mlflow_run_id=mlflow_run_id)
     for name, value in result["metrics"].items():
         metrics.log_metric(name, value)
     outputs = namedtuple("EvaluateOutputs", ["metrics_json", "report"])

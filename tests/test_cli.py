@@ -30,6 +30,7 @@ def _clipflow(*args, cwd=REPO):
         (["package", "--params", "/no/such/params.yaml"], "params file not found"),
         (["serve", "--profile", "huge"], "unknown profile 'huge'"),
         (["frobnicate"], "No such command 'frobnicate'"),
+        (["compile", "--output", "/proc/clipflow/pipeline.yaml"], "/proc/clipflow"),
     ],
 )
 def test_bad_input_is_one_line_without_traceback(args, message):

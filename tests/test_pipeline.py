@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from clipflow.local_run import STEPS, compile_pipeline
+from clipflow.model import register_configs
 from tests.conftest import bentoml_server, free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,6 +66,11 @@ def test_whole_pipeline_runs_through_kfp_local(pipeline_run):
     for fact in (summary["mlflow_run_id"], summary["bento_tag"], "make serve", "chance"):
         assert fact in stdout
 
+    # the checkpoint is open_clip's own format: open_clip loads it by name, as it is
+    open_clip = pytest.importorskip("open_clip")
+    register_configs()
+    open_clip.create_model_and_transforms("CLIP-Tiny", pretrained=summary["checkpoint"], weights_only=True)
+
     mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
     try:
         run = mlflow.get_run(summary["mlflow_run_id"])
@@ -100,6 +106,26 @@ def test_clipflow_serve_classifies_test_images_with_the_run_s_bento(pipeline_run
     # the default run's accuracy is measured with the same script (README)
     mistakes = [line for line in client.stderr.splitlines() if ", truly " in line]
     assert result["top1"] == pytest.approx(1 - len(mistakes) / 20)
+
+
+def test_a_failing_step_stops_the_run_with_one_clear_last_line(tmp_path):
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    # every rendered image is 64 px wide, so all rows break the width expectation
+    result = subprocess.run(
+        [str(BIN / "clipflow"), "run", "--set", "validate.max_side=32"],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode != 0
+    assert (
+        result.stderr.strip().splitlines()[-1]
+        == "clipflow: error: pipeline failed at validate; its error is in the log above"
+    )
+    assert "validation failed:" in result.stderr
+    assert not (tmp_path / "outputs/run-summary.json").exists()
 
 
 def test_dvc_stages_reproduce_the_same_dag(tmp_path):

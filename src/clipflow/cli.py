@@ -238,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     except ClipflowError as exc:
         typer.echo(f"clipflow: error: {exc}", err=True)
         return 1
+    except OSError as exc:  # a path the user named cannot be read or written
+        typer.echo(f"clipflow: error: {exc}", err=True)
+        return 1
     return 0
 
 

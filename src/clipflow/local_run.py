@@ -90,6 +90,7 @@ def summarize(reports: dict[str, dict[str, Any]], total_seconds: float) -> dict[
     metrics = reports["evaluate"]["metrics"]
     return {
         "mlflow_run_id": reports["train"]["mlflow_run_id"],
+        "checkpoint": reports["train"]["checkpoint"],
         "model_name": reports["promote"]["model_name"],
         "model_version": reports["promote"]["model_version"],
         "aliases": reports["promote"]["aliases"],

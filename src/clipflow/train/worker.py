@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel
 
 from clipflow import model as clip_model
@@ -85,7 +86,7 @@ def train(
     for step, (images, tokens) in enumerate(
         progress(batches, total=params.steps, desc="train", enabled=rank == 0), start=1
     ):
-        with autocast:
+        with autocast, _attention_kernels():
             image_features, text_features, logit_scale = model(images, tokens)
             loss = loss_fn(image_features, text_features, logit_scale)
         optimizer.zero_grad(set_to_none=True)
@@ -121,6 +122,15 @@ def train(
     if distributed:
         dist.barrier()
         dist.destroy_process_group()
+
+
+def _attention_kernels():
+    """A fresh context choosing the attention kernel for one forward pass.
+
+    On CPU the fused (flash) attention kernel's backward is slow for short sequences: the plain
+    math kernel trained CLIP-Tiny twice as fast here (17 image tokens, 20 text tokens).
+    """
+    return nullcontext() if torch.cuda.is_available() else sdpa_kernel([SDPBackend.MATH])
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
