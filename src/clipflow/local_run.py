@@ -78,11 +78,16 @@ def run_pipeline(
             params=json.dumps(yaml.safe_load(Path(params_file).read_text())),
         ).outputs
     except RuntimeError as exc:
-        failed = re.findall(r"'(\w+)'", str(exc).split("Inner task failed:")[-1])
-        step = failed[-1].removesuffix("-component").removesuffix("_component") if failed else "a step"
-        raise ClipflowError(f"pipeline failed at {step}; its error is in the log above") from None
+        raise ClipflowError(f"pipeline failed at {_failed_step(str(exc))}; its error is in the log above") from None
     reports = {step: json.loads(outputs[f"{step}_report"]) for step in STEPS}
     return summarize(reports, total_seconds=time.perf_counter() - started)
+
+
+def _failed_step(message: str) -> str:
+    """The step kfp.local names in its failure message ("Inner task failed: 'train-component'")."""
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", message)  # kfp.local colours task names
+    tasks = re.findall(r"'([\w-]+)'", plain.partition("Inner task failed:")[2])
+    return tasks[-1].removesuffix("-component") if tasks else "a step"
 
 
 def summarize(reports: dict[str, dict[str, Any]], total_seconds: float) -> dict[str, Any]:
