@@ -1,0 +1,1 @@
+"""Data: the built-in dataset, WebDataset shards, and the ingest step."""

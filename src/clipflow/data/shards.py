@@ -123,7 +123,6 @@ class ShardIndex:
     def __init__(self, shards: Iterable[Path]):
         self.shards = [Path(s) for s in shards]
         self.keys: list[str] = []
-        self._members: list[dict[str, _Member]] = []
         by_key: dict[str, dict[str, _Member]] = {}
         for shard_number, shard in enumerate(self.shards):
             with tarfile.open(shard, "r") as tar:
@@ -135,7 +134,7 @@ class ShardIndex:
                         by_key[key] = {}
                         self.keys.append(key)
                     by_key[key][ext] = _Member(shard_number, info.offset_data, info.size)
-        self._members = [by_key[k] for k in self.keys]
+        self._members: list[dict[str, _Member]] = [by_key[k] for k in self.keys]
         self._handles: dict[int, object] = {}
         self._pid = os.getpid()
 

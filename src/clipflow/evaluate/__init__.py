@@ -1,0 +1,1 @@
+"""Evaluation: zero-shot and retrieval metrics, and the evaluate step."""

@@ -1,0 +1,1 @@
+"""The MLflow side of models: logging, downloading, registering and the promotion gate."""

@@ -1,0 +1,1 @@
+"""Training: the torchrun launcher, the DDP worker, batches and losses."""
