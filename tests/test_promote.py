@@ -1,11 +1,23 @@
+"""Registration, the promotion gate, rollback and racing promotions against a real `mlflow server`
+whose artifacts live in a SeaweedFS S3 bucket."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import mlflow
 import pytest
 
 from clipflow import model as clip_model
-from clipflow import tracking
-from clipflow.params import TrackingParams
+from clipflow.errors import ClipflowError
 from clipflow.registry.models import download_checkpoint, log_clip_model
-from clipflow.registry.promote import gate, promote
+from clipflow.registry.promote import CHAMPION, gate, promote, promotion_lock, rollback
+from tests.servers import mlflow_server, seaweedfs
+
+CLIPFLOW = str(Path(sys.executable).with_name("clipflow"))
 
 
 def test_gate_floors_and_allowed_drop():
@@ -19,42 +31,129 @@ def test_gate_floors_and_allowed_drop():
     assert not gate({}, floors, 0.02, None).passed
 
 
-@pytest.fixture()
-def registry(tmp_path, small_params, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    params = small_params.__class__(
-        **{**small_params.__dict__, "tracking": TrackingParams(uri="sqlite:///mlflow.db", experiment="promote-test")}
-    )
-    tracking.setup(params.tracking)
-    checkpoint = clip_model.save_checkpoint(tmp_path / "model", clip_model.create("CLIP-Tiny").model, "CLIP-Tiny", {})
-    yield params, checkpoint
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory, small_params):
+    """A tracking server on S3-backed artifacts, a checkpoint, and params pointing at them."""
+    tmp = tmp_path_factory.mktemp("registry")
+    with seaweedfs(tmp / "s3") as s3, mlflow_server(tmp / "mlflow", s3) as url:
+        checkpoint = clip_model.save_checkpoint(tmp / "model", clip_model.create("CLIP-Tiny").model, "CLIP-Tiny", {})
+        yield {"url": url, "s3": s3, "checkpoint": checkpoint, "tmp": tmp}
     mlflow.set_tracking_uri(None)
 
 
-def _log(checkpoint):
-    with mlflow.start_run():
-        return log_clip_model(checkpoint)
-
-
-def test_register_promote_and_refuse_a_worse_model(registry):
-    params, checkpoint = registry
-    params = params.__class__(
-        **{**params.__dict__, "promote": params.promote.__class__("clip-test", {"zeroshot_top1_heldout": 0.3}, 0.05)}
+def _params(small_params, registry, model_name):
+    return dataclasses.replace(
+        small_params,
+        tracking=dataclasses.replace(small_params.tracking, uri=registry["url"], experiment="promote-test"),
+        promote=dataclasses.replace(
+            small_params.promote, model_name=model_name, floors={"zeroshot_top1_heldout": 0.3}, max_drop=0.05
+        ),
     )
-    first = promote(_log(checkpoint), {"zeroshot_top1_heldout": 0.5}, params, data_version="v1")
+
+
+def _logged_model(registry) -> str:
+    with mlflow.start_run():
+        return log_clip_model(registry["checkpoint"])
+
+
+def _cli_args(params) -> list[str]:
+    return [
+        "--set", f"tracking.uri={params.tracking.uri}",
+        "--set", f"tracking.experiment={params.tracking.experiment}",
+        "--set", f"promote.model_name={params.promote.model_name}",
+        "--set", "promote.floors={zeroshot_top1_heldout: 0.3}",
+        "--set", "promote.max_drop=0.05",
+    ]  # fmt: skip
+
+
+def test_register_gate_refuse_and_roll_back(registry, small_params):
+    params = _params(small_params, registry, "clip-gate")
+    mlflow.set_tracking_uri(registry["url"])
+    first = promote(_logged_model(registry), {"zeroshot_top1_heldout": 0.5}, params, data_version="v1")
     assert first["promoted"] and first["aliases"] == ["challenger", "champion"]
 
-    worse = promote(_log(checkpoint), {"zeroshot_top1_heldout": 0.4}, params)
+    worse = promote(_logged_model(registry), {"zeroshot_top1_heldout": 0.4}, params, data_version="v1")
     assert not worse["promoted"] and worse["aliases"] == ["challenger"]
-    assert "drops more than" in worse["reason"]
+    assert "drops more than 0.05" in worse["reason"]
+    below_floor = promote(_logged_model(registry), {"zeroshot_top1_heldout": 0.2}, params)
+    assert not below_floor["promoted"] and "below its floor" in below_floor["reason"]
+
+    better = promote(_logged_model(registry), {"zeroshot_top1_heldout": 0.6}, params, data_version="v2")
+    assert better["promoted"] and better["previous_champion"] == first["model_version"]
 
     client = mlflow.MlflowClient()
-    champion = client.get_model_version_by_alias("clip-test", "champion")
-    assert str(champion.version) == first["model_version"]
-    assert champion.tags["data_version"] == "v1"
-    assert client.get_model_version("clip-test", worse["model_version"]).tags["promotion"] == "rejected"
+    champion = client.get_model_version_by_alias("clip-gate", CHAMPION)
+    assert str(champion.version) == better["model_version"]
+    assert champion.tags["data_version"] == "v2" and champion.tags["metric.zeroshot_top1_heldout"] == "0.6"
+    rejected = client.get_model_version("clip-gate", worse["model_version"]).tags
+    assert rejected["promotion"] == "rejected" and "drops more than" in rejected["promotion_reason"]
 
-    better = promote(_log(checkpoint), {"zeroshot_top1_heldout": 0.46}, params)
-    assert better["promoted"]
-    restored = clip_model.load(download_checkpoint("models:/clip-test@champion"))
+    # the champion's weights come back from the S3 bucket, through the tracking server
+    restored = clip_model.load(download_checkpoint("models:/clip-gate@champion"))
     assert restored.name == "CLIP-Tiny"
+    keys = [o["Key"] for o in registry["s3"].client().list_objects_v2(Bucket="mlflow")["Contents"]]
+    assert any(key.endswith("checkpoint.pt") for key in keys)
+
+    rolled = subprocess.run(
+        [CLIPFLOW, "promote", "--rollback", *_cli_args(params)], capture_output=True, text=True, timeout=300
+    )
+    assert rolled.returncode == 0, rolled.stderr
+    assert json.loads(rolled.stdout)["champion"] == first["model_version"]
+    assert str(client.get_model_version_by_alias("clip-gate", CHAMPION).version) == first["model_version"]
+    assert client.get_model_version("clip-gate", better["model_version"]).tags["promotion"] == "rolled_back"
+    with pytest.raises(ClipflowError, match="nothing to roll back to"):
+        rollback(params)
+
+
+def test_two_racing_promotions_leave_the_better_champion(registry, small_params, tmp_path):
+    params = _params(small_params, registry, "clip-race")
+    mlflow.set_tracking_uri(registry["url"])
+    promote(_logged_model(registry), {"zeroshot_top1_heldout": 0.60}, params)
+    # each passes against the old champion; only the better one may win against the other
+    better, worse = _logged_model(registry), _logged_model(registry)
+    processes = []
+    for name, uri, value in (("better", better, 0.90), ("worse", worse, 0.58)):
+        metrics = tmp_path / f"{name}.json"
+        metrics.write_text(json.dumps({"metrics": {"zeroshot_top1_heldout": value}}))
+        command = [CLIPFLOW, "promote", "--model-uri", uri, "--metrics", str(metrics), *_cli_args(params)]
+        processes.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = []
+    for process in processes:
+        stdout, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr
+        results.append(json.loads(stdout))
+
+    client = mlflow.MlflowClient()
+    champion = client.get_model_version_by_alias("clip-race", CHAMPION)
+    assert champion.tags["metric.zeroshot_top1_heldout"] == "0.9"
+    assert champion.tags["promotion"] == "champion"
+    assert results[0]["promoted"]
+    assert not client.search_registered_models(filter_string="name = 'clip-race.promotion-lock'")
+
+
+def test_a_promotion_waits_while_another_holds_the_lock(registry, small_params, tmp_path):
+    params = _params(small_params, registry, "clip-lock")
+    mlflow.set_tracking_uri(registry["url"])
+    uri = _logged_model(registry)
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({"metrics": {"zeroshot_top1_heldout": 0.7}}))
+    client = mlflow.MlflowClient()
+    with promotion_lock(client, "clip-lock"):
+        process = subprocess.Popen(
+            [CLIPFLOW, "promote", "--model-uri", uri, "--metrics", str(metrics), *_cli_args(params)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        # it registers its version and aliases it challenger, then waits for the lock
+        deadline = time.monotonic() + 120
+        while not client.search_model_versions("name = 'clip-lock'") and time.monotonic() < deadline:
+            time.sleep(0.5)
+        time.sleep(3)
+        assert process.poll() is None
+        with pytest.raises(mlflow.exceptions.MlflowException):
+            client.get_model_version_by_alias("clip-lock", CHAMPION)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    assert json.loads(stdout)["promoted"]
+    assert str(client.get_model_version_by_alias("clip-lock", CHAMPION).version) == "1"

@@ -149,20 +149,28 @@ def evaluate(
 @app.command()
 def promote(
     model_uri: Annotated[
-        str,
+        Optional[str],
         typer.Option(help="The logged MLflow model to register (models:/m-...), or a `clipflow train` output folder."),
-    ],
-    metrics: Annotated[Path, typer.Option(help="metrics.json written by `clipflow evaluate`.")],
+    ] = None,
+    metrics: Annotated[Optional[Path], typer.Option(help="metrics.json written by `clipflow evaluate`.")] = None,
+    rollback: Annotated[bool, typer.Option("--rollback", help="Move champion back to the previous champion.")] = False,
     params_file: ParamsOption = DEFAULT_PARAMS,
     overrides: SetOption = None,
     profile: ProfileOption = None,
 ) -> None:
-    """Register a model version and move `champion` to it only when the gate passes."""
+    """Register a model version and move `champion` to it only when the gate passes (or --rollback)."""
+    from clipflow.registry import promote as promotion
     from clipflow.registry.models import is_model_uri
-    from clipflow.registry.promote import promote as run_promote
     from clipflow.train.launch import read_result
 
     params = _params(params_file, overrides, profile)
+    if rollback:
+        if model_uri or metrics:
+            raise ClipflowError("--rollback takes neither --model-uri nor --metrics")
+        _print_json(promotion.rollback(params))
+        return
+    if not model_uri or not metrics:
+        raise ClipflowError("promote needs --model-uri and --metrics (or --rollback)")
     data_version = None
     if not is_model_uri(model_uri):
         trained = read_result(model_uri)
@@ -173,7 +181,7 @@ def promote(
         values = json.loads(metrics.read_text())["metrics"]
     except (json.JSONDecodeError, KeyError, TypeError):
         raise ClipflowError(f"{metrics} is not a metrics.json from `clipflow evaluate`") from None
-    _print_json(run_promote(model_uri, values, params, data_version=data_version))
+    _print_json(promotion.promote(model_uri, values, params, data_version=data_version))
 
 
 @app.command()

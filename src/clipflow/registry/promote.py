@@ -3,12 +3,22 @@
 Every promoted model becomes a registered version aliased `challenger`, with its metrics and
 data version as tags. `champion` moves to it only when every floor in `promote.floors` holds
 and no gated metric falls more than `promote.max_drop` below the current champion's. The
-decision and its reason are tagged on the version (MLflow 3 aliases; stages are not used).
+decision and its reason are tagged on the version (MLflow 3 aliases; stages are not used),
+and each new champion remembers the one it replaced, so `rollback` can move back.
+
+Reading the champion, deciding and moving the alias happen under a registry-wide lock, so
+two promotions racing cannot both pass against the same old champion and leave the worse
+one in place.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import random
+import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +29,11 @@ from clipflow.params import Params
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 METRIC_TAG_PREFIX = "metric."
+PREVIOUS_CHAMPION_TAG = "previous_champion"
+LOCK_SUFFIX = ".promotion-lock"
+LOCK_TIMEOUT_S = 120.0
+# A lock older than this is taken to belong to a promotion that died without releasing it.
+LOCK_STALE_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -54,7 +69,8 @@ def promote(
     """Register `model_uri`, alias it `challenger`, and make it `champion` if the gate passes.
 
     Returns:
-        `model_name`, `model_version`, `aliases` (of this version), `promoted`, `reason`, `seconds`.
+        `model_name`, `model_version`, `aliases` (of this version), `promoted`, `reason`,
+        `previous_champion` (the version it replaced, or None), `seconds`.
     """
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -63,43 +79,122 @@ def promote(
     tracking.setup(params.tracking)
     client = mlflow.MlflowClient()
     name = params.promote.model_name
+    tags = {f"{METRIC_TAG_PREFIX}{metric}": str(value) for metric, value in metrics.items()}
+    if data_version:
+        tags["data_version"] = data_version
     try:
-        version = mlflow.register_model(model_uri, name).version
+        version = str(mlflow.register_model(model_uri, name, tags=tags).version)
     except MlflowException as exc:
         raise ClipflowError(f"cannot register {model_uri}: {exc.message.splitlines()[0]}") from None
-
-    for metric, value in metrics.items():
-        client.set_model_version_tag(name, version, f"{METRIC_TAG_PREFIX}{metric}", str(value))
-    if data_version:
-        client.set_model_version_tag(name, version, "data_version", data_version)
     client.set_registered_model_alias(name, CHALLENGER, version)
 
-    champion = _champion_metrics(client, name)
-    decision = gate(metrics, params.promote.floors, params.promote.max_drop, champion)
-    if decision.passed:
-        client.set_registered_model_alias(name, CHAMPION, version)
+    with promotion_lock(client, name):
+        champion = _champion(client, name)
+        decision = gate(metrics, params.promote.floors, params.promote.max_drop, champion and _metrics(champion))
+        previous = champion.version if champion and decision.passed else None
+        if decision.passed:
+            if previous is not None:
+                client.set_model_version_tag(name, version, PREVIOUS_CHAMPION_TAG, str(previous))
+            client.set_registered_model_alias(name, CHAMPION, version)
     client.set_model_version_tag(name, version, "promotion", "champion" if decision.passed else "rejected")
     client.set_model_version_tag(name, version, "promotion_reason", decision.reason)
-    aliases = client.get_model_version(name, version).aliases
     return {
         "model_name": name,
-        "model_version": str(version),
-        "aliases": sorted(aliases),
+        "model_version": version,
+        "aliases": sorted(client.get_model_version(name, version).aliases),
         "promoted": decision.passed,
         "reason": decision.reason,
+        "previous_champion": None if previous is None else str(previous),
         "seconds": round(time.perf_counter() - started, 2),
     }
 
 
-def _champion_metrics(client, name: str) -> dict[str, float] | None:
+def rollback(params: Params) -> dict[str, Any]:
+    """Move `champion` back to the version the current champion replaced.
+
+    Repeated rollbacks walk further back through the champions' history.
+
+    Raises:
+        ClipflowError: there is no champion, or it replaced none.
+    """
+    import mlflow
+
+    tracking.setup(params.tracking)
+    client = mlflow.MlflowClient()
+    name = params.promote.model_name
+    with promotion_lock(client, name):
+        current = _champion(client, name)
+        if current is None:
+            raise ClipflowError(f"{name} has no champion to roll back")
+        previous = current.tags.get(PREVIOUS_CHAMPION_TAG)
+        if not previous:
+            raise ClipflowError(
+                f"{name} version {current.version} replaced no earlier champion; nothing to roll back to"
+            )
+        client.set_registered_model_alias(name, CHAMPION, previous)
+    client.set_model_version_tag(name, current.version, "promotion", "rolled_back")
+    client.set_model_version_tag(name, current.version, "promotion_reason", f"rolled back to version {previous}")
+    return {"model_name": name, "champion": str(previous), "rolled_back": str(current.version)}
+
+
+@contextlib.contextmanager
+def promotion_lock(client, name: str, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Hold the promotion lock of a registered model for the duration of the block.
+
+    The lock is a registered model named `<name>.promotion-lock`: creating a registered
+    model is atomic in every MLflow backend (the name is unique), so exactly one caller
+    succeeds, through a tracking server or straight against a database.
+
+    Raises:
+        ClipflowError: another promotion held the lock for longer than `timeout_s`.
+    """
+    from mlflow.exceptions import MlflowException
+
+    lock = f"{name}{LOCK_SUFFIX}"
+    holder = f"{socket.gethostname()}:{os.getpid()}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.create_registered_model(
+                lock,
+                tags={"holder": holder, "acquired_at": str(time.time())},
+                description=f"Held while a promotion of {name} moves its aliases; deleted afterwards.",
+            )
+            break
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        _remove_if_stale(client, lock)
+        if time.monotonic() > deadline:
+            raise ClipflowError(f"another promotion of {name} has held {lock!r} for over {timeout_s:.0f}s")
+        time.sleep(random.uniform(0.1, 0.4))
+    try:
+        yield
+    finally:
+        client.delete_registered_model(lock)
+
+
+def _remove_if_stale(client, lock: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    with contextlib.suppress(MlflowException):  # released meanwhile: nothing to do
+        acquired_at = float(client.get_registered_model(lock).tags.get("acquired_at", "0"))
+        if time.time() - acquired_at > LOCK_STALE_S:
+            client.delete_registered_model(lock)
+
+
+def _champion(client, name: str):
     from mlflow.exceptions import MlflowException
 
     try:
-        champion = client.get_model_version_by_alias(name, CHAMPION)
+        return client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         return None
+
+
+def _metrics(version) -> dict[str, float]:
     return {
         key[len(METRIC_TAG_PREFIX) :]: float(value)
-        for key, value in champion.tags.items()
+        for key, value in version.tags.items()
         if key.startswith(METRIC_TAG_PREFIX)
     }

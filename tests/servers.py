@@ -1,0 +1,135 @@
+"""Real servers for tests, bound to 127.0.0.1 and always stopped: SeaweedFS (S3) and MLflow."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import free_port
+
+BIN = Path(sys.executable).parent
+S3_ACCESS_KEY = "clipflow-test"
+S3_SECRET_KEY = "clipflow-test-secret"  # a throwaway credential of a server that lives for one test session
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint: str
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What boto3, MLflow and DVC need to reach this server."""
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "MLFLOW_S3_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+    def client(self):
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=S3_ACCESS_KEY,
+            aws_secret_access_key=S3_SECRET_KEY,
+            region_name="us-east-1",
+        )
+
+
+@contextlib.contextmanager
+def seaweedfs(workdir: Path) -> Iterator[S3Server]:
+    """`weed server` with its S3 gateway; every port pinned to 127.0.0.1, telemetry off."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "data").mkdir(exist_ok=True)
+    config = workdir / "s3.json"
+    identity = {"name": "clipflow", "credentials": [{"accessKey": S3_ACCESS_KEY, "secretKey": S3_SECRET_KEY}]}
+    identity["actions"] = ["Admin", "Read", "Write", "List", "Tagging"]
+    config.write_text(json.dumps({"identities": [identity]}))
+    ports = {name: free_port() for name in ("master", "volume", "filer", "s3")}
+    command = [str(BIN / "weed"), "server", f"-dir={workdir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
+    for name, port in ports.items():
+        command += [f"-{name}.port={port}", f"-{name}.port.grpc={free_port()}"]
+    command += ["-s3", f"-s3.config={config}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false"]
+    command += ["-master.volumeSizeLimitMB=64", "-volume.max=16"]
+    endpoint = f"http://127.0.0.1:{ports['s3']}"
+    with _running(command, workdir / "weed.log", os.environ.copy(), stop_grace_s=5) as process:
+        server = S3Server(endpoint)
+        _wait(lambda: _s3_ready(server), process, workdir / "weed.log", "SeaweedFS S3")
+        yield server
+
+
+@contextlib.contextmanager
+def mlflow_server(workdir: Path, s3: S3Server, bucket: str = "mlflow") -> Iterator[str]:
+    """`mlflow server` on a sqlite store whose artifacts live in an S3 bucket; yields its URL."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    s3.client().create_bucket(Bucket=bucket)
+    port = free_port()
+    env = {
+        **os.environ,
+        **s3.env,
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DO_NOT_TRACK": "true",
+    }
+    command = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    command += ["--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}"]
+    command += ["--artifacts-destination", f"s3://{bucket}/artifacts"]
+    url = f"http://127.0.0.1:{port}"
+    with _running(command, workdir / "mlflow.log", env, stop_grace_s=10) as process:
+        _wait(lambda: _http_ok(f"{url}/health"), process, workdir / "mlflow.log", "mlflow server")
+        yield url
+
+
+@contextlib.contextmanager
+def _running(command: list[str], log_path: Path, env: dict[str, str], stop_grace_s: float):
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        yield process
+    finally:
+        # SeaweedFS ignores SIGTERM for seconds and mlflow forks workers: stop the whole group.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=stop_grace_s)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
+def _wait(ready, process: subprocess.Popen, log_path: Path, what: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not start (exit {process.poll()}):\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.3)
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _s3_ready(server: S3Server) -> bool:
+    import botocore.exceptions
+
+    try:
+        server.client().list_buckets()
+        return True
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError):
+        return False
