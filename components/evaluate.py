@@ -1,7 +1,7 @@
 from typing import NamedTuple
 
 from kfp import dsl
-from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
+from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
 
 from components import CLIPFLOW_IMAGE
 
@@ -15,6 +15,8 @@ def evaluate_component(
     model: Input[Model],
     mlflow_run_id: str,
     metrics: Output[Metrics],
+    confusion: Output[ClassificationMetrics],
+    summary: Output[Markdown],
     evaluation: Output[Artifact],
 ) -> NamedTuple("EvaluateOutputs", [("metrics_json", str), ("report", str)]):
     """Zero-shot top-1 on held-out compositions and retrieval recall@k on the test split.
@@ -27,9 +29,12 @@ def evaluate_component(
         model: the trained checkpoint folder.
         mlflow_run_id: the training run that receives the metrics.
         metrics: the metrics, shown in the Kubeflow UI.
-        evaluation: a folder with metrics.json, the full result.
+        confusion: the confusion matrix of the held-out zero-shot set.
+        summary: the evaluation as Markdown tables.
+        evaluation: the report folder: metrics.json, CLIP_benchmark results, plots.
     """
     import json
+    import shutil
     from collections import namedtuple
 
     from clipflow.evaluate.step import evaluate
@@ -39,5 +44,9 @@ def evaluate_component(
     result = evaluate(model.path, data.path, evaluation.path, resolved, mlflow_run_id=mlflow_run_id)
     for name, value in result["metrics"].items():
         metrics.log_metric(name, value)
+    heldout = result["zeroshot"]["heldout"]
+    confusion.log_confusion_matrix(heldout["classes"], heldout["confusion"])
+    shutil.copyfile(f"{evaluation.path}/summary.md", summary.path)
+    report = {key: result[key] for key in ("metrics", "probes", "model", "seconds")}
     outputs = namedtuple("EvaluateOutputs", ["metrics_json", "report"])
-    return outputs(json.dumps(result["metrics"]), json.dumps({k: v for k, v in result.items() if k != "classes"}))
+    return outputs(json.dumps(result["metrics"]), json.dumps(report))

@@ -20,7 +20,7 @@ def test_counts_reconcile_with_params_metadata_and_sizes(dataset, small_params):
     out, summary = dataset
     metadata = pd.read_parquet(out / "metadata.parquet")
     expected = {"train": small_params.data.num_train, "test": small_params.data.num_test}
-    expected["heldout"] = small_params.data.num_heldout
+    expected |= {"heldout": small_params.data.num_heldout, "probe": small_params.data.num_probe}
     assert summary["counts"] == expected
     assert len(metadata) == summary["rows"] == sum(expected.values())
     for split, count in expected.items():
@@ -41,6 +41,22 @@ def test_heldout_compositions_never_reach_train_or_test(dataset, small_params):
     for label in heldout:
         color, shape = label.split()
         assert (train["color"] == color).any() and (train["shape"] == shape).any()
+
+
+def test_probe_scenes_have_one_true_caption_and_no_answer_bias(dataset):
+    out, _ = dataset
+    probes = pd.read_parquet(out / "metadata.parquet").query("split == 'probe'")
+    assert set(probes["probe"]) == set(builtin.PROBES)
+    for row in probes.itertuples():
+        candidates = json.loads(row.candidates)
+        assert candidates[int(row.answer)] == row.caption and len(set(candidates)) == len(candidates)
+    # neither the answer position nor the relation word gives the answer away
+    two_way = probes[probes["probe"] != "counting"]
+    assert set(two_way["answer"]) == {0, 1}
+    spatial = probes[probes["probe"] == "spatial"].caption
+    assert spatial.str.contains("left of").any() and spatial.str.contains("right of").any()
+    counts = probes[probes["probe"] == "counting"].caption.str.split().str[0]
+    assert len(set(counts)) > 1
 
 
 def test_webdataset_reads_the_shards_as_they_are(dataset):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from clipflow.evaluate.metrics import recall_at_k, zeroshot_topk
+from clipflow.evaluate.metrics import classification_report, recall_at_k, zeroshot_topk
 from clipflow.model import prompt_ensemble
 
 
@@ -46,3 +46,14 @@ def test_chunked_recall_equals_dense_computation():
     dense = {k: (dense_ranks < k).float().mean().item() for k in (1, 5, 10)}
     assert recall_at_k(images, texts, [1, 5, 10], chunk_size=64) == dense
     assert 0 < dense[1] < dense[10] <= 1
+
+
+def test_classification_report_on_known_scores():
+    scores = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1], [0.0, 0.1, 0.9]])
+    targets = torch.tensor([0, 1, 1, 2])
+    report = classification_report(scores, targets, top_k=2)
+    assert report["acc1"] == pytest.approx(0.75)
+    assert report["acc2"] == pytest.approx(1.0)
+    # class 1 is right once in two, classes 0 and 2 always
+    assert report["mean_per_class_recall"] == pytest.approx((1 + 0.5 + 1) / 3)
+    assert report["confusion"].tolist() == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]

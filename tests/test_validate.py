@@ -35,7 +35,7 @@ def test_clean_dataset_passes(data_dir: Path, tmp_path: Path, small_params: Para
     result = validate(data_dir, report, small_params.validate)
 
     assert result["success"] is True
-    assert result["rows"] == result["kept"] == 1600
+    assert result["rows"] == result["kept"] == len(pd.read_parquet(data_dir / "metadata.parquet"))
     assert result["quarantined"] == 0 and result["bad_fraction"] == 0.0
     assert all(e["success"] and e["unexpected_count"] == 0 for e in result["expectations"])
     assert result["report"] == str(report / "index.html")
@@ -66,7 +66,7 @@ def test_corrupt_rows_are_quarantined(data_dir: Path, tmp_path: Path, small_para
         5: ["sha256 not unique"],
         6: ["sha256 not unique"],
         7: ["width outside [16, 4096]"],
-        8: ["split not in ['train', 'test', 'heldout']"],
+        8: [f"split not in {small_params.validate.splits}"],
         9: ["key not unique"],
         10: ["key not unique"],
     }
@@ -102,7 +102,8 @@ def test_corrupt_rows_are_quarantined(data_dir: Path, tmp_path: Path, small_para
         check_passed(result, small_params.validate)
     message = str(failure.value)
     assert "\n" not in message
-    assert message.startswith("validation failed: 8 of 1600 rows (0.50%) break expectations")
+    rows = len(pd.read_parquet(data_dir / "metadata.parquet"))
+    assert message.startswith(f"validation failed: 8 of {rows} rows ({8 / rows:.2%}) break expectations")
     assert "validate.max_bad_fraction=0.0" in message and message.endswith(result["report"])
     check_passed(result, dataclasses.replace(small_params.validate, max_bad_fraction=0.01))
 

@@ -126,6 +126,9 @@ def evaluate(
         Optional[str],
         typer.Option(help="An MLflow run to log the metrics to (default: the run that trained a train output folder)."),
     ] = None,
+    model_config: Annotated[
+        Optional[str], typer.Option(help="The open_clip config of a checkpoint that does not record it (ViT-B-32).")
+    ] = None,
     params_file: ParamsOption = DEFAULT_PARAMS,
     overrides: SetOption = None,
     profile: ProfileOption = None,
@@ -143,7 +146,8 @@ def evaluate(
         tracking.setup(params.tracking)
     elif run_id is None and (Path(model) / RESULT_FILE).is_file():
         run_id = read_result(model)["mlflow_run_id"]
-    _print_json(run_evaluate(model, data, output, params, mlflow_run_id=run_id))
+    result = run_evaluate(model, data, output, params, mlflow_run_id=run_id, model_config=model_config)
+    _print_json({key: result[key] for key in ("metrics", "probes", "files", "seconds")})
 
 
 @app.command()

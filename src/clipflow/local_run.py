@@ -120,8 +120,10 @@ def describe(summary: dict[str, Any], summary_path: Path) -> str:
             f"MLflow run:     {summary['mlflow_run_id']}",
             f"data:           {summary['data_dir']} (version {summary['data_version']})",
             f"zero-shot top-1 on held-out compositions: {m['zeroshot_top1_heldout']:.3f}"
-            f" (chance {m['zeroshot_chance']:.3f})",
+            f" (chance {m['zeroshot_chance_heldout']:.3f})",
             f"retrieval R@1:  image->text {m['retrieval_i2t_r1']:.3f}, text->image {m['retrieval_t2i_r1']:.3f}",
+            "probes:         "
+            + (", ".join(f"{k.removeprefix('probe_')} {v:.3f}" for k, v in m.items() if k.startswith("probe_")) or "-"),
             f"model:          {summary['model_name']} version {summary['model_version']}"
             f" aliases {', '.join(summary['aliases']) or '-'} ({verdict}: {summary['promotion_reason']})",
             f"bento:          {summary['bento_tag']}",

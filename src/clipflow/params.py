@@ -30,6 +30,7 @@ class DataParams:
     num_train: int
     num_test: int
     num_heldout: int
+    num_probe: int
     shard_size: int
     colors: list[str]
     shapes: list[str]
@@ -62,10 +63,21 @@ class TrainParams:
 
 
 @dataclass(frozen=True)
+class ZeroshotSet:
+    split: str
+    label_field: str
+    classes: list[str]
+    templates: list[str]
+
+
+@dataclass(frozen=True)
 class EvaluateParams:
     batch_size: int
     recall_k: list[int]
+    retrieval_split: str
+    chunk_size: int
     templates: list[str]
+    zeroshot: dict[str, ZeroshotSet]
 
 
 @dataclass(frozen=True)
@@ -131,6 +143,8 @@ class Params:
             "data.num_train": self.data.num_train,
             "data.shard_size": self.data.shard_size,
         }
+        if "heldout" not in self.evaluate.zeroshot:
+            raise ClipflowError("evaluate.zeroshot must define the 'heldout' set that the gate and summary report")
         for key, value in positive.items():
             if value <= 0:
                 raise ClipflowError(f"{key} must be positive, got {value}")
@@ -217,6 +231,10 @@ def _build(section: str, cls: type, values: dict[str, Any]) -> Any:
 
 def _coerce(key: str, expected: Any, value: Any) -> Any:
     """Check `value` against a type hint; ints are accepted where floats are expected."""
+    if dataclasses.is_dataclass(expected):
+        if not isinstance(value, dict):
+            raise ClipflowError(f"{key} must be a mapping, got {value!r}")
+        return _build(key, expected, value)
     origin = typing.get_origin(expected)
     if origin is list:
         (item_type,) = typing.get_args(expected)

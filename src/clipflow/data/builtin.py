@@ -4,6 +4,11 @@ Every sample is a pure function of (seed, split, index), so the dataset is repro
 any sample can be rendered alone. Compositions listed in `data.heldout` ("red star") are
 never rendered into `train` or `test`; the `heldout` split holds only them, so zero-shot
 accuracy there measures whether the model composes a colour and a shape it saw apart.
+
+The `probe` split tests CLIP's known weak spots. Each probe scene comes with candidate
+captions, exactly one of them true: counting ("three red circles" among one to four),
+spatial relations ("left of" against "right of") and attribute binding ("a red circle and a
+blue square" against the colours swapped).
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ from PIL import Image, ImageDraw
 
 from clipflow.params import DataParams
 
-SPLITS = ("train", "test", "heldout")
+SPLITS = ("train", "test", "heldout", "probe")
+PROBES = ("counting", "spatial", "binding")
+NUMBER_WORDS = ("one", "two", "three", "four")
 
 RGB = {
     "red": (220, 30, 30),
@@ -73,11 +80,23 @@ class Scene:
 
 @dataclass(frozen=True)
 class Sample:
+    """A rendered image, its caption, and the facts about it that go into the metadata table."""
+
     key: str
     split: str
     image: Image.Image
     caption: str
-    scene: Scene
+    facts: dict
+
+
+def _scene_facts(scene: Scene) -> dict:
+    return {
+        "label": scene.label,
+        "color": scene.color,
+        "shape": scene.shape,
+        "size": scene.size,
+        "position": scene.position,
+    }
 
 
 def compositions(params: DataParams, split: str) -> list[tuple[str, str]]:
@@ -90,14 +109,16 @@ def compositions(params: DataParams, split: str) -> list[tuple[str, str]]:
 
 
 def split_size(params: DataParams, split: str) -> int:
-    return {"train": params.num_train, "test": params.num_test, "heldout": params.num_heldout}[split]
+    sizes = {"train": params.num_train, "test": params.num_test, "heldout": params.num_heldout}
+    return sizes[split] if split in sizes else params.num_probe
 
 
 def generate(params: DataParams, split: str) -> Iterator[Sample]:
     """Yield the samples of one split in key order."""
-    pairs = compositions(params, split)
+    pairs = compositions(params, "test" if split == "probe" else split)
+    render_one = render_probe if split == "probe" else render_sample
     for index in range(split_size(params, split)):
-        yield render_sample(params, split, index, pairs)
+        yield render_one(params, split, index, pairs)
 
 
 def render_sample(params: DataParams, split: str, index: int, pairs: list[tuple[str, str]]) -> Sample:
@@ -114,7 +135,53 @@ def render_sample(params: DataParams, split: str, index: int, pairs: list[tuple[
     caption = rng.choice(TEMPLATES).format(
         size=rng.choice(SIZE_WORDS[scene.size]), color=color, shape=shape, position=scene.position
     )
-    return Sample(f"{split}-{index:07d}", split, render(scene, params.image_size, rng), caption, scene)
+    image = render(scene, params.image_size, rng)
+    return Sample(f"{split}-{index:07d}", split, image, caption, _scene_facts(scene))
+
+
+def render_probe(params: DataParams, split: str, index: int, pairs: list[tuple[str, str]]) -> Sample:
+    """A probe scene of seen compositions; its facts hold the candidate captions and the answer."""
+    rng = random.Random(f"{params.seed}/{split}/{index}")
+    kind = PROBES[index % len(PROBES)]
+    side = params.image_size
+    image = Image.new("RGB", (side, side), (rng.randrange(90, 170),) * 3)
+    draw = ImageDraw.Draw(image)
+    if kind == "counting":
+        color, shape = rng.choice(pairs)
+        count = rng.randint(1, len(NUMBER_WORDS))
+        cells = rng.sample([(row, col) for row in range(3) for col in range(3)], count)
+        for row, col in cells:
+            _draw_shape(draw, shape, (col + 0.5) * side / 3, (row + 0.5) * side / 3, side * 0.1, RGB[color])
+        candidates = [f"{NUMBER_WORDS[n - 1]} {color} {shape}{'s' if n > 1 else ''}" for n in range(1, 5)]
+        answer = count - 1
+    else:
+        first, second = _distinct_pair(pairs, rng)
+        first_x, second_x = rng.choice([(0.25, 0.75), (0.75, 0.25)])
+        for (color, shape), x in zip((first, second), (first_x, second_x), strict=True):
+            _draw_shape(draw, shape, x * side, side * rng.uniform(0.4, 0.6), side * 0.17, RGB[color])
+        if kind == "spatial":
+            relations = ("left", "right") if first_x < second_x else ("right", "left")
+            true, false = (f"a {first[0]} {first[1]} to the {r} of a {second[0]} {second[1]}" for r in relations)
+        else:
+            true = f"a {first[0]} {first[1]} and a {second[0]} {second[1]}"
+            false = f"a {second[0]} {first[1]} and a {first[0]} {second[1]}"
+        answer = rng.randrange(2)
+        candidates = [false, true] if answer else [true, false]
+    facts = {"probe": kind, "candidates": candidates, "answer": answer}
+    return Sample(f"{split}-{index:07d}", split, image, candidates[answer], facts)
+
+
+def _distinct_pair(pairs: list[tuple[str, str]], rng: random.Random) -> tuple[tuple[str, str], tuple[str, str]]:
+    """Two compositions differing in both colour and shape, with the colour-swapped pair also seen.
+
+    Binding is only a fair test when every composition its candidates name was seen in training.
+    """
+    seen = set(pairs)
+    while True:
+        first, second = rng.sample(pairs, 2)
+        if first[0] != second[0] and first[1] != second[1]:
+            if (second[0], first[1]) in seen and (first[0], second[1]) in seen:
+                return first, second
 
 
 def render(scene: Scene, side: int, rng: random.Random) -> Image.Image:

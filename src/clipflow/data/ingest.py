@@ -80,14 +80,12 @@ def _write_sample(writer: ShardWriter, sample: builtin.Sample) -> dict[str, Any]
         "width": sample.image.width,
         "height": sample.image.height,
         "source": f"builtin:{sample.key}",
-        "label": sample.scene.label,
-        "color": sample.scene.color,
-        "shape": sample.scene.shape,
-        "size": sample.scene.size,
-        "position": sample.scene.position,
+        **sample.facts,
     }
     shard = writer.write(ShardRecord(sample.key, image, "png", sample.caption, meta))
-    return {"key": sample.key, "split": sample.split, "shard": f"{sample.split}/{shard}", "caption": sample.caption, **meta}
+    row = {"key": sample.key, "split": sample.split, "shard": f"{sample.split}/{shard}", "caption": sample.caption}
+    # Parquet needs one type per column: candidate lists travel as JSON text.
+    return {**row, **{k: json.dumps(v) if isinstance(v, list) else v for k, v in meta.items()}}
 
 
 def _check_builtin_params(params: DataParams) -> None:

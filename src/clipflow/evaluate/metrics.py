@@ -15,9 +15,7 @@ def zeroshot_topk(
     image_embeddings: torch.Tensor, class_embeddings: torch.Tensor, targets: torch.Tensor, k: int = 1
 ) -> float:
     """Fraction of images whose true class is among the k most similar class embeddings."""
-    k = min(k, class_embeddings.shape[0])
-    top = (image_embeddings @ class_embeddings.T).topk(k, dim=1).indices  # (N, k)
-    return (top == targets[:, None]).any(dim=1).float().mean().item()
+    return zeroshot_topk_from_scores(image_embeddings @ class_embeddings.T, targets, k)
 
 
 def recall_at_k(
@@ -39,3 +37,28 @@ def recall_at_k(
         correct = scores[rows, start + rows][:, None]
         ranks[start : start + chunk_size] = (scores > correct).sum(dim=1)
     return {k: (ranks < k).float().mean().item() for k in ks}
+
+
+def classification_report(scores: torch.Tensor, targets: torch.Tensor, top_k: int = 5) -> dict:
+    """Top-1, top-k and mean per-class recall of class scores (N, C), and the confusion matrix.
+
+    `mean_per_class_recall` averages the recall of the classes that occur in `targets`, as
+    CLIP_benchmark does; the confusion matrix counts (true class, predicted class), (C, C).
+    """
+    num_classes = scores.shape[1]
+    predictions = scores.argmax(dim=1)
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    confusion.index_put_((targets, predictions), torch.ones_like(targets), accumulate=True)
+    present = confusion.sum(dim=1) > 0
+    per_class = confusion.diag()[present].float() / confusion.sum(dim=1)[present].float()
+    return {
+        "acc1": zeroshot_topk_from_scores(scores, targets, 1),
+        f"acc{top_k}": zeroshot_topk_from_scores(scores, targets, top_k),
+        "mean_per_class_recall": per_class.mean().item(),
+        "confusion": confusion,
+    }
+
+
+def zeroshot_topk_from_scores(scores: torch.Tensor, targets: torch.Tensor, k: int) -> float:
+    top = scores.topk(min(k, scores.shape[1]), dim=1).indices
+    return (top == targets[:, None]).any(dim=1).float().mean().item()

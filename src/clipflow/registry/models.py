@@ -52,8 +52,11 @@ def download_checkpoint(model_uri: str, destination: str | Path | None = None) -
     return found[0]
 
 
-def load_model(reference: str | Path) -> clip_model.ClipModel:
-    """Load a model from a checkpoint path or an MLflow model URI."""
+def load_model(reference: str | Path, config_name: str | None = None) -> clip_model.ClipModel:
+    """Load a model from a checkpoint path or an MLflow model URI.
+
+    `config_name` names the open_clip config of a checkpoint that does not record it.
+    """
     if is_model_uri(str(reference)):
-        return clip_model.load(download_checkpoint(str(reference)))
-    return clip_model.load(reference)
+        return clip_model.load(download_checkpoint(str(reference)), config_name)
+    return clip_model.load(reference, config_name)

@@ -1,0 +1,105 @@
+"""Peak memory and time of retrieval recall@k: clipflow's chunked computation against the dense one.
+
+    python benchmarks/bench_retrieval.py
+
+The peer is the dense computation that evaluation code usually does: the full N x N
+similarity matrix, then the rank of each pair. Each case runs in a fresh subprocess, and its
+peak extra memory is the process's peak resident size minus its size just before the call,
+so cases cannot inherit each other's allocations. The dense N x N float32 matrix alone needs
+4 N^2 bytes (40 GB at N = 100,000, beyond this 24 GiB machine), so the peer skips that case.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import psutil
+import torch
+
+DIM = 512
+KS = (1, 5, 10)
+SIZES = (10_000, 20_000, 40_000, 100_000)
+DENSE_MAX = 40_000
+RESULTS = Path(__file__).parent / "results" / "bench_retrieval.json"
+
+
+def dense_recall(queries: torch.Tensor, candidates: torch.Tensor, ks) -> dict[int, float]:
+    scores = queries @ candidates.T
+    ranks = (scores > scores.diag()[:, None]).sum(dim=1)
+    return {k: (ranks < k).float().mean().item() for k in ks}
+
+
+def measure(kind: str, n: int) -> dict:
+    """Run one case in this process: returns peak extra MB, seconds and the recall values."""
+    from clipflow.evaluate.metrics import recall_at_k
+
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    # Built in place, so that making the inputs does not set the process's peak.
+    images = torch.randn(n, DIM)
+    images.div_(images.norm(dim=1, keepdim=True))
+    texts = torch.randn(n, DIM).mul_(0.05).add_(images)
+    texts.div_(texts.norm(dim=1, keepdim=True))
+    before = psutil.Process().memory_info().rss
+    started = time.perf_counter()
+    recall = recall_at_k(images, texts, KS) if kind == "chunked" else dense_recall(images, texts, KS)
+    seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"peak_extra_mb": max(0, peak - before) / 2**20, "seconds": seconds, "recall": recall}
+
+
+def run_case(kind: str, n: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--case", kind, str(n)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def main() -> None:
+    cases = []
+    for n in SIZES:
+        chunked = run_case("chunked", n)
+        dense = run_case("dense", n) if n <= DENSE_MAX else None
+        if dense:
+            assert chunked["recall"] == dense["recall"], (chunked["recall"], dense["recall"])
+        for metric, unit in (("peak_extra_mb", "MB"), ("seconds", "s")):
+            case = {
+                "case": f"N={n}",
+                "metric": metric,
+                "unit": unit,
+                "clipflow": round(chunked[metric], 2),
+                "peer": "dense N x N similarity",
+                "peer_value": round(dense[metric], 2) if dense else None,
+                "ratio": round(chunked[metric] / dense[metric], 4) if dense and dense[metric] else None,
+            }
+            if not dense:
+                case["note"] = f"dense needs {4 * n * n / 1e9:.0f} GB for the similarity matrix alone"
+            cases.append(case)
+            print(json.dumps(case))
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "benchmark": "bench_retrieval",
+                "date": date.today().isoformat(),
+                "machine": f"{psutil.cpu_count()} cores, {platform.processor() or platform.machine()}, "
+                f"{psutil.virtual_memory().total / 2**30:.0f} GiB, no GPU",
+                "command": "python benchmarks/bench_retrieval.py",
+                "dim": DIM,
+                "cases": cases,
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--case":
+        print(json.dumps(measure(sys.argv[2], int(sys.argv[3]))))
+    else:
+        main()
