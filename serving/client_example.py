@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     metadata = pd.read_parquet(args.data / "metadata.parquet")
-    labels = sorted(metadata["label"].unique())
+    labels = sorted(metadata["label"].dropna().unique())
     truth = dict(zip(metadata["key"], metadata["label"], strict=True))
     right = total = 0
     with bentoml.SyncHTTPClient(args.url, timeout=60) as client, tempfile.TemporaryDirectory() as tmp:

@@ -24,7 +24,7 @@ def _clipflow(*args, cwd=REPO):
         (["validate", "--data", "/no/such/dir"], "data directory not found: /no/such/dir"),
         (["train", "--data", "/no/such/dir"], "data directory not found"),
         (["train", "--nproc", "0"], "Invalid value for '--nproc'"),
-        (["evaluate", "--model", "/no/such/model", "--data", "."], "checkpoint not found"),
+        (["evaluate", "--model", "/no/such/model", "--data", "."], "not an ingested data directory"),
         (["evaluate", "--data", "."], "Missing option '--model'"),
         (["promote", "--model-uri", "/no/such/run", "--metrics", "m.json"], "not a training output folder"),
         (["package", "--params", "/no/such/params.yaml"], "params file not found"),

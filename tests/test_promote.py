@@ -12,6 +12,7 @@ import mlflow
 import pytest
 
 from clipflow import model as clip_model
+from clipflow import tracking
 from clipflow.errors import ClipflowError
 from clipflow.registry.models import download_checkpoint, log_clip_model
 from clipflow.registry.promote import CHAMPION, gate, promote, promotion_lock, rollback
@@ -68,7 +69,7 @@ def _cli_args(params) -> list[str]:
 
 def test_register_gate_refuse_and_roll_back(registry, small_params):
     params = _params(small_params, registry, "clip-gate")
-    mlflow.set_tracking_uri(registry["url"])
+    tracking.setup(params.tracking)
     first = promote(_logged_model(registry), {"zeroshot_top1_heldout": 0.5}, params, data_version="v1")
     assert first["promoted"] and first["aliases"] == ["challenger", "champion"]
 
@@ -107,7 +108,7 @@ def test_register_gate_refuse_and_roll_back(registry, small_params):
 
 def test_two_racing_promotions_leave_the_better_champion(registry, small_params, tmp_path):
     params = _params(small_params, registry, "clip-race")
-    mlflow.set_tracking_uri(registry["url"])
+    tracking.setup(params.tracking)
     promote(_logged_model(registry), {"zeroshot_top1_heldout": 0.60}, params)
     # each passes against the old champion; only the better one may win against the other
     better, worse = _logged_model(registry), _logged_model(registry)
@@ -133,7 +134,7 @@ def test_two_racing_promotions_leave_the_better_champion(registry, small_params,
 
 def test_a_promotion_waits_while_another_holds_the_lock(registry, small_params, tmp_path):
     params = _params(small_params, registry, "clip-lock")
-    mlflow.set_tracking_uri(registry["url"])
+    tracking.setup(params.tracking)
     uri = _logged_model(registry)
     metrics = tmp_path / "metrics.json"
     metrics.write_text(json.dumps({"metrics": {"zeroshot_top1_heldout": 0.7}}))
