@@ -4,6 +4,7 @@ import json
 
 import mlflow
 import pytest
+import torch
 from PIL import Image
 
 from clipflow import model as clip_model
@@ -11,6 +12,7 @@ from clipflow import tracking
 from clipflow.data.ingest import ingest
 from clipflow.errors import ClipflowError
 from clipflow.evaluate.step import evaluate
+from clipflow.registry.models import log_clip_model
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +83,21 @@ def test_unknown_run_and_missing_split_are_clear_errors(evaluated):
     )
     with pytest.raises(ClipflowError, match="no split 'val'"):
         evaluate(tmp / "model", tmp / "data", tmp / "out3", odd)
+
+
+def test_any_open_clip_checkpoint_and_registry_uri_can_be_evaluated(evaluated):
+    tmp, first, _, params = evaluated
+    # a bare open_clip checkpoint: weights only, the config named by the caller
+    state = torch.load(tmp / "model/checkpoint.pt", weights_only=True)["state_dict"]
+    torch.save({"state_dict": state}, tmp / "bare.pt")
+    with pytest.raises(ClipflowError, match="does not name its model config"):
+        evaluate(tmp / "bare.pt", tmp / "data", tmp / "bare", params)
+    bare = evaluate(tmp / "bare.pt", tmp / "data", tmp / "bare", params, model_config="CLIP-Tiny")
+    assert bare["metrics"] == pytest.approx(first["metrics"])
+
+    with mlflow.start_run():
+        logged = log_clip_model(tmp / "model")
+    version = mlflow.register_model(logged, "clip-eval").version
+    mlflow.MlflowClient().set_registered_model_alias("clip-eval", "champion", version)
+    registry = evaluate("models:/clip-eval@champion", tmp / "data", tmp / "registry", params)
+    assert registry["metrics"] == pytest.approx(first["metrics"])

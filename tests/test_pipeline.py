@@ -66,6 +66,12 @@ def test_whole_pipeline_runs_through_kfp_local(pipeline_run):
     for fact in (summary["mlflow_run_id"], summary["bento_tag"], "make serve", "chance"):
         assert fact in stdout
 
+    # the evaluation's plots and reports are KFP outputs of the run
+    evaluation = next((workdir / "outputs/kfp").glob("*/evaluate-component/evaluation"))
+    for name in ("confusion_heldout.png", "retrieval_grid.png", "probes.png", "summary.md"):
+        assert (evaluation / name).stat().st_size > 0
+    assert "| heldout |" in next((workdir / "outputs/kfp").glob("*/evaluate-component/summary")).read_text()
+
     # the checkpoint is open_clip's own format: open_clip loads it by name, as it is
     open_clip = pytest.importorskip("open_clip")
     register_configs()
