@@ -19,7 +19,8 @@ def confusion_matrix(confusion: torch.Tensor, classes: list[str], title: str, pa
     rows = (confusion.sum(dim=1) > 0).nonzero().flatten().tolist()
     cols = (confusion.sum(dim=0) > 0).nonzero().flatten().tolist()
     matrix = confusion[rows][:, cols].numpy()
-    fig, ax = plt.subplots(figsize=(max(4, 0.35 * len(cols) + 2), max(3, 0.35 * len(rows) + 1.5)))
+    # Room below for the rotated class names and the axis label.
+    fig, ax = plt.subplots(figsize=(max(4, 0.35 * len(cols) + 2), 0.35 * len(rows) + 3))
     ax.imshow(matrix, cmap="Blues")
     ax.set_xticks(range(len(cols)), [classes[c] for c in cols], rotation=90, fontsize=7)
     ax.set_yticks(range(len(rows)), [classes[r] for r in rows], fontsize=7)
