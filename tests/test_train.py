@@ -1,8 +1,18 @@
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
 import torch
 
 from clipflow import model as clip_model
+from clipflow.data.ingest import ingest
 from clipflow.train.data import global_batch_indices
 from clipflow.train.worker import _cosine_with_warmup, _param_groups
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_an_epoch_visits_each_sample_at_most_once_and_steps_are_reproducible():
@@ -32,3 +42,28 @@ def test_learning_rate_warms_up_then_decays_to_zero():
     assert warmup == sorted(warmup) and warmup[-1] == 1.0
     assert factor(55) < factor(20) < 1.0
     assert factor(100) == 0.0
+
+
+def test_clipflow_train_with_the_tiled_loss_on_two_processes(tmp_path, small_params):
+    """`clipflow train` as a user runs it: torchrun, 2 gloo processes, a checkpoint and an MLflow run."""
+    ingest("builtin", tmp_path / "data", small_params.data)
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("clipflow")), "train", "--data", "data", "--output", "model"]
+        + ["--profile", "test", "--set", "train.loss=tiled", "--nproc", "2"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    trained = json.loads((tmp_path / "model/train.json").read_text())
+    assert clip_model.read_checkpoint_info(trained["checkpoint"])["clipflow"]["step"] == small_params.train.steps
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        run = mlflow.get_run(trained["mlflow_run_id"])
+        assert run.data.params["train.loss"] == "tiled" and run.data.params["train.nproc"] == "2"
+        history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "train_loss")
+        assert [m.step for m in history] == list(range(4, small_params.train.steps + 1, 4))
+    finally:
+        mlflow.set_tracking_uri(None)

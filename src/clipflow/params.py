@@ -53,6 +53,7 @@ class TrainParams:
     nproc: int
     threads_per_proc: int
     batch_size: int
+    loss: str
     steps: int
     lr: float
     warmup_steps: int
@@ -130,6 +131,8 @@ class Params:
 
     def check(self) -> None:
         """Reject combinations that are well-typed but cannot work."""
+        if self.train.loss not in {"clip", "tiled"}:
+            raise ClipflowError(f"train.loss must be clip or tiled, got {self.train.loss!r}")
         if self.train.precision not in {"bf16", "fp32"}:
             raise ClipflowError(f"train.precision must be bf16 or fp32, got {self.train.precision!r}")
         if self.train.batch_size % self.train.nproc:

@@ -83,7 +83,7 @@ def train(data_dir: str | Path, output_dir: str | Path, params: Params, nproc: i
     result = {
         "mlflow_run_id": run_id,
         "model_uri": model_uri,
-        "checkpoint": str(clip_model.resolve_checkpoint(output_dir)),
+        "checkpoint": str(clip_model.resolve_checkpoint(output_dir).resolve()),
         "data_version": data_version,
         "seconds": round(time.perf_counter() - started, 2),
     }

@@ -34,7 +34,7 @@ from clipflow import model as clip_model
 from clipflow.params import TrainParams
 from clipflow.progress import progress
 from clipflow.train.data import ShardPairs, rank_batches
-from clipflow.train.loss import clip_loss
+from clipflow.train.loss import build_loss
 
 MAX_LOGIT_SCALE = math.log(100.0)
 
@@ -73,7 +73,7 @@ def train(
     clip = clip_model.create(params.model)
     module = clip.model
     model = DistributedDataParallel(module) if distributed else module
-    loss_fn = clip_loss(rank, world_size)
+    loss_fn = build_loss(params.loss, rank, world_size)
     optimizer = torch.optim.AdamW(_param_groups(module, params.weight_decay), lr=params.lr, betas=(0.9, 0.98), eps=1e-6)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine_with_warmup(params.warmup_steps, params.steps))
     dataset = ShardPairs(data_dir, "train", clip.preprocess_train, clip.tokenizer)
