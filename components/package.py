@@ -1,25 +1,28 @@
 from kfp import dsl
+from kfp.dsl import Dataset, Input
 
 from components import CLIPFLOW_IMAGE
 
 
 @dsl.component(base_image=CLIPFLOW_IMAGE)
-def package_component(params: str, overrides: list, profile: str, model_name: str) -> str:
-    """Build a Bento that serves the registry's `champion` of `model_name`.
+def package_component(params: str, overrides: list, profile: str, model_name: str, data: Input[Dataset]) -> str:
+    """Build a Bento that serves the registry's `champion` of `model_name`, with a search gallery.
 
     Args:
         params: the content of params.yaml, as JSON.
         overrides: `section.key=value` strings applied on top of it.
         profile: a params profile name, or "" for none.
         model_name: the registered model whose champion is served.
+        data: the ingested data directory; its `serve.gallery_split` images become the gallery.
 
     Returns:
         The step's JSON report, with the Bento tag.
     """
     import json
+    from pathlib import Path
 
     from clipflow.package import package
     from clipflow.params import parse_params
 
     resolved = parse_params(params, overrides, profile or None)
-    return json.dumps(package(f"models:/{model_name}@champion", resolved))
+    return json.dumps(package(f"models:/{model_name}@champion", resolved, gallery=Path(data.path)))

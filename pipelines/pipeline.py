@@ -67,7 +67,9 @@ def clipflow_pipeline(
         data_version=ingest.outputs["data_version"],
         **common,
     ).set_display_name("Promote")
-    package = package_component(model_name=promote.outputs["model_name"], **common).set_display_name("Package")
+    package = package_component(
+        model_name=promote.outputs["model_name"], data=ingest.outputs["data"], **common
+    ).set_display_name("Package")
     outputs = NamedTuple(
         "ClipflowOutputs",
         [(f"{step}_report", str) for step in STEPS],

@@ -3,13 +3,15 @@
     python serving/client_example.py --data outputs/kfp/.../ingest-component/data --split test --limit 200
 
 It prints one line per mistake and, at the end, the fraction of images whose top label is
-right; `make run` prints the data folder to pass as `--data`.
+right; `make run` prints the data folder to pass as `--data`. Sends `$CLIPFLOW_API_KEY` as a
+Bearer token when it is set. `serving/client.py` shows every endpoint.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tarfile
 import tempfile
@@ -45,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     labels = sorted(metadata["label"].dropna().unique())
     truth = dict(zip(metadata["key"], metadata["label"], strict=True))
     right = total = 0
-    with bentoml.SyncHTTPClient(args.url, timeout=60) as client, tempfile.TemporaryDirectory() as tmp:
+    token = os.environ.get("CLIPFLOW_API_KEY") or None
+    with bentoml.SyncHTTPClient(args.url, token=token, timeout=60) as client, tempfile.TemporaryDirectory() as tmp:
         for key, png in images_of_split(args.data, args.split, args.limit):
             path = Path(tmp) / f"{key}.png"
             path.write_bytes(png)

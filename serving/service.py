@@ -1,55 +1,90 @@
-"""The clipflow BentoML service: text and image embeddings and zero-shot classification.
+"""The clipflow BentoML service: embeddings, zero-shot classification, ranking and gallery search.
 
 `clipflow package` builds this file into a Bento together with the clipflow package and passes the
-exact model tag, host and port as Bento arguments, so `bentoml serve <bento_tag>` needs nothing
-else. Request limits are read from the model's metadata, written by `clipflow package` from
-`serve:` in params.yaml, so a Bento keeps the limits it was built with.
+exact model tag, host, port and request body limit as Bento arguments, so `bentoml serve
+<bento_tag>` needs nothing else. The other request limits, the evaluation templates and the
+gallery index live in the BentoML model, written by `clipflow package` from params.yaml, so a
+Bento keeps what it was built with.
 
     curl -s -X POST http://127.0.0.1:3000/encode_text -H 'content-type: application/json' \\
          -d '{"texts": ["a red circle"]}'
+    curl -s -X POST http://127.0.0.1:3000/encode_image -F images=@a.png -F images=@b.png
     curl -s -X POST http://127.0.0.1:3000/classify -F image=@shape.png \\
-         -F 'labels=["red circle", "blue square"]'
+         -F 'labels=["red circle", "blue square"]' -F 'templates=["a drawing of a {}."]'
+    curl -s -X POST http://127.0.0.1:3000/rank -F 'queries=["a red circle"]' \\
+         -F candidates=@a.png -F candidates=@b.png
+    curl -s -X POST http://127.0.0.1:3000/search -H 'content-type: application/json' \\
+         -d '{"text": "a red circle", "k": 5}'
+    curl -s -X POST http://127.0.0.1:3000/search_image -F image=@shape.png -F k=5
 
-Labels are words ("red circle"); `classify` turns each into the prompt ensemble evaluation
-uses (`evaluate.templates`, stored with the model), so served probabilities behave like the
-evaluated zero-shot accuracy.
+Every embedding is L2-normalised, so a dot product is a cosine. Labels are words ("red circle");
+`classify` turns each into a prompt ensemble (by default `evaluate.templates`), so served
+probabilities behave like the evaluated zero-shot accuracy. When the server's environment sets
+`CLIPFLOW_API_KEY`, every endpoint but the probes, `/metrics` and the docs needs that key
+(`Authorization: Bearer <key>` or `X-API-Key: <key>`).
+
+Errors: 400 input outside a limit or undecodable (the message names the field and the limit),
+401 a missing or wrong API key, 404 `search` on a Bento packaged without a gallery, 413 a body
+over `serve.max_request_bytes`, 415 a content type other than JSON or multipart, 422 a request
+that does not fit the endpoint's signature (see `clipflow.serving_http`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import bentoml
 import PIL.Image
-from bentoml.exceptions import InvalidArgument
+from bentoml.exceptions import InvalidArgument, NotFound
 from pydantic import BaseModel
+
+from clipflow.serving_http import ApiKeyMiddleware, RequestGateMiddleware, strict_request_parsing
+from clipflow.serving_io import (
+    Limits,
+    check_count,
+    check_templates,
+    check_texts,
+    decode_base64_image,
+    open_image,
+)
 
 if TYPE_CHECKING:
     import torch
 
+    from clipflow.gallery import Gallery
+
 
 class BuildArgs(BaseModel):
-    """Set by `clipflow package` (`bentoml build --arg`) and stored in the Bento."""
+    """Set by `clipflow package` (`bentoml build --arg`) and stored in the Bento.
+
+    The body limit is here rather than with the other limits because the HTTP layer applies it
+    before the service (and its model) is loaded.
+    """
 
     model_tag: str
     host: str
     port: int
-
-
-class Limits(BaseModel):
-    """Request limits, stored in the BentoML model's metadata under `limits`."""
-
-    max_labels: int
-    max_texts: int
-    max_text_chars: int
-    max_image_bytes: int
-    max_image_pixels: int
+    max_request_bytes: int
 
 
 class LabelProbability(BaseModel):
     label: str
     probability: float
+
+
+class Match(BaseModel):
+    """A ranked candidate: its position in the request's candidate list and its scores."""
+
+    index: int
+    cosine: float
+    probability: float
+
+
+class GalleryItem(BaseModel):
+    id: str
+    caption: str
+    score: float
 
 
 ARGS = bentoml.use_arguments(BuildArgs)
@@ -62,12 +97,14 @@ class Clipflow:
     def __init__(self) -> None:
         # Imported here: `bentoml serve` and `bentoml build` import this module only to read the
         # service's config, and torch would add seconds to both.
+        from clipflow import gallery
         from clipflow import model as clip_model
 
         self.clip = clip_model.load(self.bento_model.path_of(clip_model.CHECKPOINT_FILE))
         self.logit_scale = self.clip.model.logit_scale.exp().item()
         self.limits = Limits(**self.bento_model.info.metadata["limits"])
         self.templates = self.bento_model.info.metadata["templates"]
+        self.gallery = gallery.load(Path(self.bento_model.path))
         # PIL's own bomb guard (an error at twice this) would otherwise stay at its default,
         # refusing images below a larger configured limit.
         PIL.Image.MAX_IMAGE_PIXELS = self.limits.max_image_pixels
@@ -75,53 +112,103 @@ class Clipflow:
     @bentoml.api
     def encode_text(self, texts: list[str]) -> list[list[float]]:
         """L2-normalised embeddings of `texts`, one row per text."""
-        self._check_texts("texts", texts, self.limits.max_texts)
+        check_texts("texts", texts, self.limits.max_texts, self.limits.max_text_chars)
         return self.clip.encode_text(texts).tolist()
 
     @bentoml.api
-    def encode_image(self, image: Path) -> list[float]:
-        """The L2-normalised embedding of an uploaded image (PNG, JPEG, WebP, ...)."""
-        return self._embed_image(image)[0].tolist()
+    def encode_image(self, images: list[Path]) -> list[list[float]]:
+        """L2-normalised embeddings of uploaded images (multipart files), one row per image."""
+        check_count("images", images, self.limits.max_batch)
+        return self._embed([open_image(path, self.limits, f"images[{i}]") for i, path in enumerate(images)]).tolist()
 
     @bentoml.api
-    def classify(self, image: Path, labels: list[str]) -> list[LabelProbability]:
+    def encode_image_base64(self, images: list[str]) -> list[list[float]]:
+        """`encode_image` for JSON clients: images as base64 strings (or `data:` URLs)."""
+        check_count("images", images, self.limits.max_batch)
+        decoded = [decode_base64_image(text, self.limits, f"images[{i}]") for i, text in enumerate(images)]
+        return self._embed(decoded).tolist()
+
+    @bentoml.api
+    def classify(self, image: Path, labels: list[str], templates: Optional[list[str]] = None) -> list[LabelProbability]:
         """Zero-shot classify an image: every label with its probability, most likely first.
 
         Probabilities are the softmax over labels of the model's scaled cosine similarity
-        between the image and each label's prompt ensemble.
+        between the image and each label's prompt ensemble, built from `templates` (each holds
+        `{}` where the label goes; default: the evaluation's templates).
         """
-        self._check_texts("labels", labels, self.limits.max_labels)
-        image_features = self._embed_image(image)  # (1, D)
-        text_features = self.clip.encode_labels(labels, self.templates)  # (L, D)
+        check_texts("labels", labels, self.limits.max_labels, self.limits.max_text_chars)
+        if templates is not None:
+            check_templates(templates, len(labels), self.limits)
+        image_features = self._embed([open_image(image, self.limits)])  # (1, D)
+        text_features = self.clip.encode_labels(labels, templates or self.templates)  # (L, D)
         probabilities = (self.logit_scale * image_features @ text_features.T).softmax(dim=-1)[0].tolist()
         ranked = sorted(zip(labels, probabilities, strict=True), key=lambda pair: pair[1], reverse=True)
         return [LabelProbability(label=label, probability=p) for label, p in ranked]
 
-    def _check_texts(self, field: str, texts: list[str], max_items: int) -> None:
-        if not texts:
-            raise InvalidArgument(f"{field} must not be empty")
-        if len(texts) > max_items:
-            raise InvalidArgument(f"{field}: {len(texts)} given, at most {max_items} allowed")
-        longest = max(len(text) for text in texts)
-        if longest > self.limits.max_text_chars:
-            raise InvalidArgument(f"{field}: a text has {longest} characters, at most {self.limits.max_text_chars}")
+    @bentoml.api
+    def rank(self, queries: list[str], candidates: list[Path]) -> list[list[Match]]:
+        """Rank candidate images for each text query.
 
-    def _embed_image(self, path: Path) -> torch.Tensor:
-        """Decode an upload ourselves: BentoML's PIL input answers 500 to undecodable bytes."""
-        size = path.stat().st_size
-        if size > self.limits.max_image_bytes:
-            raise InvalidArgument(f"image has {size} bytes, at most {self.limits.max_image_bytes} allowed")
-        try:
-            with PIL.Image.open(path) as image:
-                # Image.open reads only the header: refuse decompression bombs before decoding.
-                pixels = image.width * image.height
-                if pixels > self.limits.max_image_pixels:
-                    raise InvalidArgument(f"image has {pixels} pixels, at most {self.limits.max_image_pixels} allowed")
-                rgb = image.convert("RGB")
-        except PIL.Image.DecompressionBombError:
-            raise InvalidArgument(f"image has more than {self.limits.max_image_pixels} pixels") from None
-        except (OSError, SyntaxError, ValueError):
-            # What PIL raises for unknown formats (UnidentifiedImageError is an OSError),
-            # truncated data and corrupt headers.
-            raise InvalidArgument("image could not be decoded") from None
-        return self.clip.encode_images(self.clip.preprocess(rgb).unsqueeze(0))
+        Returns one list per query, in query order; each holds every candidate (by its index in
+        `candidates`) with its cosine and its probability, the softmax over candidates of the
+        model's logit scale times the cosine, most probable first.
+        """
+        check_texts("queries", queries, self.limits.max_texts, self.limits.max_text_chars)
+        check_count("candidates", candidates, self.limits.max_batch)
+        decoded = [open_image(path, self.limits, f"candidates[{i}]") for i, path in enumerate(candidates)]
+        return self._rank(self.clip.encode_text(queries), self._embed(decoded))
+
+    @bentoml.api
+    def rank_texts(self, queries: list[Path], candidates: list[str]) -> list[list[Match]]:
+        """Rank candidate texts for each query image: `rank` the other way round."""
+        check_count("queries", queries, self.limits.max_batch)
+        check_texts("candidates", candidates, self.limits.max_texts, self.limits.max_text_chars)
+        decoded = [open_image(path, self.limits, f"queries[{i}]") for i, path in enumerate(queries)]
+        return self._rank(self._embed(decoded), self.clip.encode_text(candidates))
+
+    @bentoml.api
+    def search(self, text: str, k: int = 5) -> list[GalleryItem]:
+        """The `k` gallery items whose images best match `text`, best first.
+
+        `score` is the cosine similarity between the query and the item's image embedding.
+        """
+        gallery = self._gallery(k)
+        check_texts("text", [text], 1, self.limits.max_text_chars)
+        return [GalleryItem(**item) for item in gallery.search(self.clip.encode_text([text])[0], k)]
+
+    # Its own endpoint rather than an optional `image` of `search`: BentoML 1.4 cannot take an
+    # optional file (Optional[Path] fails at import, `Path | None` refuses every upload).
+    @bentoml.api
+    def search_image(self, image: Path, k: int = 5) -> list[GalleryItem]:
+        """`search` with an uploaded image as the query."""
+        gallery = self._gallery(k)
+        query = self._embed([open_image(image, self.limits)])[0]
+        return [GalleryItem(**item) for item in gallery.search(query, k)]
+
+    def _gallery(self, k: int) -> Gallery:
+        if self.gallery is None:
+            raise NotFound("this Bento has no gallery: package it with `clipflow package --gallery DIR`")
+        if not 1 <= k <= self.limits.max_k:
+            raise InvalidArgument(f"k must be between 1 and {self.limits.max_k}, got {k}")
+        return self.gallery
+
+    def _embed(self, images: list[PIL.Image.Image]) -> torch.Tensor:
+        """L2-normalised embeddings (N, D) of decoded images, through the model's eval preprocess."""
+        import torch
+
+        return self.clip.encode_images(torch.stack([self.clip.preprocess(image) for image in images]))
+
+    def _rank(self, queries: torch.Tensor, candidates: torch.Tensor) -> list[list[Match]]:
+        cosines = queries @ candidates.T  # (Q, C)
+        probabilities = (self.logit_scale * cosines).softmax(dim=-1)
+        order = probabilities.argsort(dim=-1, descending=True)
+        return [
+            [Match(index=c, cosine=cosines[q, c].item(), probability=probabilities[q, c].item()) for c in row]
+            for q, row in enumerate(order.tolist())
+        ]
+
+
+# The first added runs first: a request without the key is refused before anything else.
+Clipflow.add_asgi_middleware(ApiKeyMiddleware)
+Clipflow.add_asgi_middleware(RequestGateMiddleware, max_bytes=ARGS.max_request_bytes)
+strict_request_parsing()

@@ -1,19 +1,26 @@
 """The package step and the served Bento, end to end, with no mocks.
 
-A random-init CLIP-Tiny goes through a real MLflow registry (sqlite) into a real BentoML store;
-`bentoml serve` runs the Bento in a subprocess, called through `bentoml.SyncHTTPClient` and
-plain HTTP. Serving limits are lowered through params so the 400 paths are cheap to reach and
-are known to come from the packaged model, not from the service's code.
+A random-init CLIP-Tiny goes through a real MLflow registry (sqlite) into a real BentoML store,
+with a gallery built from an ingested test-profile dataset; `bentoml serve` runs the Bento in a
+subprocess, called through `bentoml.SyncHTTPClient` and plain HTTP. A second Bento, packaged
+without a gallery, is served with `CLIPFLOW_API_KEY` set. Serving limits are lowered through
+params so the 4xx paths are cheap to reach and are known to come from the packaged model, not
+from the service's code.
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import io
 import json
 import math
 import os
+import struct
+import subprocess
 import sys
+import time
+import zlib
 from pathlib import Path
 
 import httpx
@@ -27,6 +34,12 @@ MAX_LABELS = 8
 MAX_IMAGE_PIXELS = 128 * 128
 MAX_IMAGE_BYTES = 60_000
 MAX_TEXT_CHARS = 200
+MAX_BATCH = 4
+MAX_K = 20
+MAX_PROMPTS = 12
+MAX_REQUEST_BYTES = 1_000_000
+API_KEY = "test-key-0123456789"
+METRICS = {"zeroshot_top1_heldout": 0.25, "retrieval_i2t_r1": 0.125}
 
 
 def _png(size: tuple[int, int], color: str) -> bytes:
@@ -35,14 +48,33 @@ def _png(size: tuple[int, int], color: str) -> bytes:
     return buffer.getvalue()
 
 
+def _png_claiming(width: int, height: int) -> bytes:
+    """A 1x1 PNG whose header claims `width` x `height`: a decompression bomb's signature, cheaply."""
+    png = bytearray(_png((1, 1), "red"))
+    # After the 8-byte signature: IHDR length (4), type (4), data (13: width, height, ...), CRC (4).
+    struct.pack_into(">II", png, 16, width, height)
+    struct.pack_into(">I", png, 29, zlib.crc32(png[12:29]))
+    return bytes(png)
+
+
+def _flat(rows: list[list[float]]) -> list[float]:
+    """Rows of numbers as one list, for pytest.approx (which does not compare nested lists)."""
+    return [value for row in rows for value in row]
+
+
+def _unit(row: list[float]) -> bool:
+    return math.isclose(math.fsum(x * x for x in row), 1.0, rel_tol=1e-4)
+
+
 @pytest.fixture(scope="module")
-def packaged(tmp_path_factory):
-    """A champion registered in a fresh MLflow store, packaged into a fresh BentoML store."""
+def packaged(tmp_path_factory, small_params):
+    """A champion registered in a fresh MLflow store, packaged twice into a fresh BentoML store:
+    with a gallery of the ingested test split, and without one."""
     import mlflow
-    from mlflow import MlflowClient
 
     from clipflow import model as clip_model
     from clipflow import tracking
+    from clipflow.data.ingest import ingest
     from clipflow.package import package
     from clipflow.params import load_params
     from clipflow.registry.models import log_clip_model
@@ -57,9 +89,14 @@ def packaged(tmp_path_factory):
             f"serve.max_image_pixels={MAX_IMAGE_PIXELS}",
             f"serve.max_image_bytes={MAX_IMAGE_BYTES}",
             f"serve.max_text_chars={MAX_TEXT_CHARS}",
+            f"serve.max_batch={MAX_BATCH}",
+            f"serve.max_k={MAX_K}",
+            f"serve.max_prompts={MAX_PROMPTS}",
+            f"serve.max_request_bytes={MAX_REQUEST_BYTES}",
         ],
         profile="test",
     )
+    data = ingest("builtin", tmp / "data", small_params.data)
     previous_uri = mlflow.get_tracking_uri()
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("BENTOML_HOME", str(tmp / "bentoml"))
@@ -69,24 +106,47 @@ def packaged(tmp_path_factory):
         with mlflow.start_run():
             logged_uri = log_clip_model(checkpoint)
         name = params.promote.model_name
-        registered = mlflow.register_model(logged_uri, name)
-        MlflowClient().set_registered_model_alias(name, "champion", registered.version)
+        # The tags `clipflow promote` writes on a version.
+        tags = {**{f"metric.{k}": str(v) for k, v in METRICS.items()}, "data_version": data["data_version"]}
+        registered = mlflow.register_model(logged_uri, name, tags=tags)
+        mlflow.MlflowClient().set_registered_model_alias(name, "champion", registered.version)
 
-        result = package(f"models:/{name}@champion", params)
-        print(f"package() took {result['seconds']:.2f} s")
-        yield {"result": result, "params": params, "version": str(registered.version), "tmp": tmp}
+        result = package(f"models:/{name}@champion", params, gallery=tmp / "data")
+        print(f"package() with a {result['gallery']['size']}-image gallery took {result['seconds']:.2f} s")
+        bare = package(f"models:/{name}@champion", params)
+        print(f"package() without a gallery took {bare['seconds']:.2f} s")
+        yield {
+            "result": result,
+            "bare": bare,
+            "params": params,
+            "version": str(registered.version),
+            "data": data,
+            "tmp": tmp,
+        }
     mlflow.set_tracking_uri(previous_uri)
 
 
-@pytest.fixture(scope="module")
-def server(packaged):
+def _serve(bento_tag: str, tmp: Path, **env: str):
     """`bentoml serve <bento_tag>` on a free port; always stopped, logs shown when it fails."""
     from clipflow.package import bentoml_env
 
     port = free_port()
-    command = [sys.executable, "-m", "bentoml", "serve", packaged["result"]["bento_tag"]]
-    command += ["--host", "127.0.0.1", "--port", str(port)]
-    with bentoml_server(command, port, bentoml_env(), packaged["tmp"]) as url:
+    command = [sys.executable, "-m", "bentoml", "serve", bento_tag, "--host", "127.0.0.1", "--port", str(port)]
+    return bentoml_server(command, port, {**bentoml_env(), **env}, tmp)
+
+
+@pytest.fixture(scope="module")
+def server(packaged):
+    started = time.monotonic()
+    with _serve(packaged["result"]["bento_tag"], packaged["tmp"]) as url:
+        print(f"bentoml serve ready in {time.monotonic() - started:.1f} s")
+        yield url
+
+
+@pytest.fixture(scope="module")
+def keyed_server(packaged):
+    """The Bento without a gallery, served with an API key."""
+    with _serve(packaged["bare"]["bento_tag"], packaged["tmp"], CLIPFLOW_API_KEY=API_KEY) as url:
         yield url
 
 
@@ -98,21 +158,62 @@ def client(server):
         yield client
 
 
-def test_package_stores_the_model_and_a_bento_that_names_it(packaged):
+@pytest.fixture(scope="module")
+def gallery_images(packaged):
+    """The first three test-split images as files, with their sample keys."""
+    from clipflow.data.shards import ShardIndex, split_shards
+
+    index = ShardIndex(split_shards(packaged["tmp"] / "data", "test"))
+    images = {}
+    for i in range(3):
+        path = packaged["tmp"] / f"{index.keys[i]}.png"
+        path.write_bytes(index.read(i, "png"))
+        images[index.keys[i]] = path
+    return images
+
+
+def _assert_still_serving(url: str, headers: dict[str, str] | None = None) -> None:
+    response = httpx.post(f"{url}/encode_text", json={"texts": ["a red circle"]}, headers=headers, timeout=60)
+    assert response.status_code == 200, response.text
+    assert _unit(response.json()[0])
+
+
+def test_package_stores_the_model_the_gallery_and_the_registry_facts(packaged):
     import bentoml
+    import torch
+
+    from clipflow.data.shards import ShardIndex, split_shards
 
     result = packaged["result"]
     assert result["model_uri"] == "models:/clipflow-clip@champion"
+    assert result["gallery"] == {"split": "test", "size": 200, "data_version": packaged["data"]["data_version"]}
     bento = bentoml.bentos.get(result["bento_tag"])
     assert bento.info.args["model_tag"] == result["bento_model_tag"]
+    assert bento.info.args["max_request_bytes"] == MAX_REQUEST_BYTES
     assert [str(m.tag) for m in bento.info.all_models] == [result["bento_model_tag"]]
     assert bento.info.labels["mlflow_version"] == packaged["version"]
 
     stored = bentoml.models.get(result["bento_model_tag"])
     assert Path(stored.path_of("checkpoint.pt")).is_file()
-    assert stored.info.metadata["limits"]["max_labels"] == MAX_LABELS
-    assert stored.info.metadata["model_uri"] == result["model_uri"]
+    metadata = stored.info.metadata
+    assert metadata["limits"]["max_labels"] == MAX_LABELS
+    assert metadata["limits"]["max_k"] == MAX_K
+    assert metadata["model_uri"] == result["model_uri"]
+    assert metadata["metrics"] == METRICS
+    assert metadata["data_version"] == packaged["data"]["data_version"]
+    assert metadata["gallery"] == result["gallery"]
     assert stored.info.labels["mlflow_version"] == packaged["version"]
+
+    embeddings = torch.load(stored.path_of("gallery/embeddings.pt"), weights_only=True)
+    items = json.loads(Path(stored.path_of("gallery/items.json")).read_text())
+    keys = ShardIndex(split_shards(packaged["tmp"] / "data", "test")).keys
+    assert embeddings.shape == (200, 128)
+    assert torch.allclose(embeddings.norm(dim=-1), torch.ones(200), atol=1e-5)
+    assert items["ids"] == keys and len(items["captions"]) == 200
+
+    bare = bentoml.models.get(packaged["bare"]["bento_model_tag"])
+    assert packaged["bare"]["gallery"] is None and "gallery" not in bare.info.metadata
+    assert not Path(bare.path_of("gallery")).exists()
 
 
 def test_package_rejects_an_unknown_alias(packaged):
@@ -123,27 +224,71 @@ def test_package_rejects_an_unknown_alias(packaged):
         package("models:/clipflow-clip@nope", packaged["params"])
 
 
+def test_package_rejects_a_gallery_it_cannot_read(packaged):
+    from clipflow.errors import ClipflowError
+    from clipflow.package import package
+
+    params = packaged["params"]
+    with pytest.raises(ClipflowError, match="gallery data directory not found"):
+        package("models:/clipflow-clip@champion", params, gallery=packaged["tmp"] / "nowhere")
+    params = dataclasses.replace(params, serve=dataclasses.replace(params.serve, gallery_split="nope"))
+    with pytest.raises(ClipflowError, match="has no split 'nope'"):
+        package("models:/clipflow-clip@champion", params, gallery=packaged["tmp"] / "data")
+
+
+def test_cli_package_builds_a_bento_with_the_gallery_it_is_given(packaged, capsys):
+    from clipflow.cli import main
+
+    common = ["--params", str(ROOT / "params.yaml"), "--profile", "test"]
+    common += ["--set", f"tracking.uri=sqlite:///{packaged['tmp']}/mlflow.db"]
+    assert main(["package", "--gallery", str(packaged["tmp"] / "data"), *common]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["gallery"]["size"] == 200 and result["bento_tag"].startswith("clipflow-clip:")
+
+    assert main(["package", "--gallery", str(packaged["tmp"] / "nowhere"), *common]) == 1
+    assert "gallery data directory not found" in capsys.readouterr().err
+
+
+def test_package_rejects_a_bento_name_bentoml_cannot_tag(packaged):
+    from clipflow.errors import ClipflowError
+    from clipflow.package import package
+
+    params = packaged["params"]
+    params = dataclasses.replace(params, serve=dataclasses.replace(params.serve, bento_name="Clip Flow"))
+    with pytest.raises(ClipflowError, match="serve.bento_name"):
+        package("models:/clipflow-clip@champion", params)
+
+
 def test_encode_text_returns_unit_vectors(client, server):
     texts = ["a red circle", "two blue squares", "a green star on the left"]
     embeddings = client.encode_text(texts=texts)
     assert len(embeddings) == len(texts)
     assert {len(row) for row in embeddings} == {128}
-    for row in embeddings:
-        assert math.isclose(math.fsum(x * x for x in row), 1.0, rel_tol=1e-4)
+    assert all(_unit(row) for row in embeddings)
 
     plain = httpx.post(f"{server}/encode_text", json={"texts": texts}, timeout=60)
     assert plain.status_code == 200
-    assert [value for row in plain.json() for value in row] == pytest.approx(
-        [value for row in embeddings for value in row], abs=1e-6
-    )
+    assert _flat(plain.json()) == pytest.approx(_flat(embeddings), abs=1e-6)
 
 
-def test_encode_image_returns_a_unit_vector(client, packaged):
-    path = packaged["tmp"] / "red.png"
-    path.write_bytes(_png((64, 64), "red"))
-    embedding = client.encode_image(image=path)
-    assert len(embedding) == 128
-    assert math.isclose(math.fsum(x * x for x in embedding), 1.0, rel_tol=1e-4)
+def test_encode_image_takes_a_batch_as_uploads_or_as_base64(client, server, gallery_images):
+    paths = list(gallery_images.values())
+    uploaded = client.encode_image(images=paths)
+    assert len(uploaded) == len(paths)
+    assert all(len(row) == 128 and _unit(row) for row in uploaded)
+    assert uploaded[0] != uploaded[1]
+
+    files = [("images", (path.name, path.read_bytes(), "image/png")) for path in paths]
+    plain = httpx.post(f"{server}/encode_image", files=files, timeout=60)
+    assert plain.status_code == 200, plain.text
+    assert _flat(plain.json()) == pytest.approx(_flat(uploaded), abs=1e-6)
+
+    encoded = [base64.b64encode(path.read_bytes()).decode() for path in paths]
+    encoded[1] = f"data:image/png;base64,{encoded[1]}"
+    assert _flat(client.encode_image_base64(images=encoded)) == pytest.approx(_flat(uploaded), abs=1e-6)
+    plain = httpx.post(f"{server}/encode_image_base64", json={"images": encoded}, timeout=60)
+    assert plain.status_code == 200, plain.text
+    assert _flat(plain.json()) == pytest.approx(_flat(uploaded), abs=1e-6)
 
 
 def test_classify_ranks_every_label(client, server, packaged):
@@ -168,51 +313,227 @@ def test_classify_ranks_every_label(client, server, packaged):
     assert [item["probability"] for item in plain.json()] == pytest.approx(probabilities)
 
 
-@pytest.mark.parametrize(
-    ("image", "labels", "message"),
-    [
-        (os.urandom(2048), ["a", "b"], "could not be decoded"),
-        (_png((64, 64), "red")[:100], ["a", "b"], "could not be decoded"),
-        (_png((200, 100), "red"), ["a", "b"], "pixels"),
-        (os.urandom(MAX_IMAGE_BYTES + 1), ["a", "b"], "bytes"),
-        (_png((64, 64), "red"), [f"label {i}" for i in range(MAX_LABELS + 1)], "at most"),
-        (_png((64, 64), "red"), [], "must not be empty"),
-        (_png((64, 64), "red"), ["x" * (MAX_TEXT_CHARS + 1)], "characters"),
-    ],
-    ids=[
-        "random-bytes",
-        "truncated-png",
-        "too-many-pixels",
-        "too-many-bytes",
-        "too-many-labels",
-        "no-labels",
-        "long-label",
-    ],
-)
-def test_classify_answers_400_to_bad_input(server, image, labels, message):
-    response = httpx.post(
-        f"{server}/classify",
-        files={"image": ("upload.png", image, "image/png")},
-        data={"labels": json.dumps(labels)},
-        timeout=60,
+def test_classify_uses_the_templates_it_is_given(client, packaged):
+    labels = ["a red circle", "a blue square"]
+    path = packaged["tmp"] / "red.png"
+    path.write_bytes(_png((64, 64), "red"))
+
+    default = {item["label"]: item["probability"] for item in client.classify(image=path, labels=labels)}
+    custom = client.classify(image=path, labels=labels, templates=["a drawing of {}", "{}, drawn"])
+    assert sorted(item["label"] for item in custom) == sorted(labels)
+    assert math.isclose(sum(item["probability"] for item in custom), 1.0, rel_tol=1e-5)
+    assert {item["label"]: item["probability"] for item in custom} != pytest.approx(default, abs=1e-6)
+
+
+def test_rank_orders_every_image_for_each_text(client, server, gallery_images):
+    queries = ["a red circle", "two blue squares"]
+    paths = list(gallery_images.values())
+    rankings = client.rank(queries=queries, candidates=paths)
+    assert len(rankings) == len(queries)
+    for ranking in rankings:
+        assert sorted(match["index"] for match in ranking) == list(range(len(paths)))
+        probabilities = [match["probability"] for match in ranking]
+        assert probabilities == sorted(probabilities, reverse=True)
+        assert math.isclose(sum(probabilities), 1.0, rel_tol=1e-5)
+        # the softmax is monotonic in the cosine, so both orders agree
+        cosines = [match["cosine"] for match in ranking]
+        assert cosines == sorted(cosines, reverse=True)
+        assert all(-1.0 - 1e-5 <= c <= 1.0 + 1e-5 for c in cosines)
+
+    files = [("candidates", (path.name, path.read_bytes(), "image/png")) for path in paths]
+    plain = httpx.post(f"{server}/rank", files=files, data={"queries": json.dumps(queries)}, timeout=60)
+    assert plain.status_code == 200, plain.text
+    assert [[m["index"] for m in r] for r in plain.json()] == [[m["index"] for m in r] for r in rankings]
+
+
+def test_rank_texts_orders_every_text_for_each_image(server, gallery_images):
+    texts = ["a red circle", "two blue squares", "a green star", "a white triangle"]
+    paths = list(gallery_images.values())[:2]
+    files = [("queries", (path.name, path.read_bytes(), "image/png")) for path in paths]
+    response = httpx.post(f"{server}/rank_texts", files=files, data={"candidates": json.dumps(texts)}, timeout=60)
+    assert response.status_code == 200, response.text
+    rankings = response.json()
+    assert len(rankings) == len(paths)
+    for ranking in rankings:
+        assert sorted(match["index"] for match in ranking) == list(range(len(texts)))
+        probabilities = [match["probability"] for match in ranking]
+        assert probabilities == sorted(probabilities, reverse=True)
+        assert math.isclose(sum(probabilities), 1.0, rel_tol=1e-5)
+
+
+def _check_search_results(results: list[dict], k: int, packaged) -> None:
+    from clipflow.data.shards import ShardIndex, split_shards
+
+    keys = set(ShardIndex(split_shards(packaged["tmp"] / "data", "test")).keys)
+    assert len(results) == k
+    assert {item["id"] for item in results} <= keys
+    scores = [item["score"] for item in results]
+    assert scores == sorted(scores, reverse=True)
+    assert all(item["caption"] for item in results)
+
+
+def test_search_by_text_returns_the_top_k_gallery_items(client, server, packaged):
+    results = client.search(text="a red circle", k=7)
+    _check_search_results(results, 7, packaged)
+
+    plain = httpx.post(f"{server}/search", json={"text": "a red circle", "k": 7}, timeout=60)
+    assert plain.status_code == 200, plain.text
+    assert [item["id"] for item in plain.json()] == [item["id"] for item in results]
+    # k defaults to 5
+    assert len(client.search(text="a blue star")) == 5
+
+
+def test_search_with_a_gallery_image_finds_that_image_first(client, server, gallery_images, packaged):
+    for key, path in gallery_images.items():
+        results = client.search_image(image=path, k=MAX_K)
+        _check_search_results(results, MAX_K, packaged)
+        assert results[0]["id"] == key
+        assert results[0]["score"] == pytest.approx(1.0, abs=1e-4)
+
+    key, path = next(iter(gallery_images.items()))
+    plain = httpx.post(
+        f"{server}/search_image", files={"image": (path.name, path.read_bytes(), "image/png")}, data={"k": "3"}
     )
-    assert response.status_code == 400, response.text
+    assert plain.status_code == 200, plain.text
+    assert [item["id"] for item in plain.json()][0] == key and len(plain.json()) == 3
+
+
+def _files(field: str, payloads: list[bytes]) -> list:
+    return [(field, (f"upload{i}.png", payload, "image/png")) for i, payload in enumerate(payloads)]
+
+
+def _upload(endpoint: str, field: str, payloads: list[bytes], **fields) -> tuple[str, dict]:
+    """A multipart request: files under `field`, other fields JSON-encoded as BentoML reads them."""
+    return endpoint, {"files": _files(field, payloads), "data": {k: json.dumps(v) for k, v in fields.items()}}
+
+
+def _raw(endpoint: str, content, content_type: str) -> tuple[str, dict]:
+    return endpoint, {"content": content, "headers": {"content-type": content_type}}
+
+
+RED = _png((64, 64), "red")
+JSON = "application/json"
+
+# id: (endpoint, httpx.post keyword arguments, status, part of the message)
+BAD_REQUESTS = {
+    "random-bytes": (*_upload("classify", "image", [os.urandom(2048)], labels=["a"]), 400, "could not be decoded"),
+    "truncated-png": (*_upload("classify", "image", [RED[:100]], labels=["a"]), 400, "could not be decoded"),
+    "30000x30000-png": (
+        *_upload("classify", "image", [_png_claiming(30000, 30000)], labels=["a"]),
+        400,
+        f"more than {MAX_IMAGE_PIXELS} pixels",
+    ),
+    "too-many-pixels": (
+        *_upload("encode_image", "images", [_png((200, 100), "red")]),
+        400,
+        "images[0] has 20000 pixels",
+    ),
+    "too-many-bytes": (
+        *_upload("encode_image", "images", [RED, os.urandom(MAX_IMAGE_BYTES + 1)]),
+        400,
+        "images[1] has",
+    ),
+    "no-labels": (*_upload("classify", "image", [RED], labels=[]), 400, "labels must not be empty"),
+    "10000-labels": (*_upload("classify", "image", [RED], labels=["x"] * 10_000), 400, "10000 given, at most 8"),
+    "1MB-text": ("encode_text", {"json": {"texts": ["x" * 999_000]}}, 400, f"at most {MAX_TEXT_CHARS}"),
+    "template-without-braces": (
+        *_upload("classify", "image", [RED], labels=["a"], templates=["a photo"]),
+        400,
+        "must contain '{}'",
+    ),
+    "template-with-a-field": (
+        *_upload("classify", "image", [RED], labels=["a"], templates=["{} {name}"]),
+        400,
+        "must contain '{}'",
+    ),
+    "too-many-prompts": (
+        *_upload("classify", "image", [RED], labels=list("abcde"), templates=["{}", "a {}", "the {}"]),
+        400,
+        "15 prompts",
+    ),
+    "batch-too-large": (*_upload("encode_image", "images", [RED] * (MAX_BATCH + 1)), 400, f"at most {MAX_BATCH}"),
+    "bad-base64": ("encode_image_base64", {"json": {"images": ["not base64!"]}}, 400, "images[0] is not valid base64"),
+    "no-candidates": ("rank", {"json": {"queries": ["a"], "candidates": []}}, 400, "candidates must not be empty"),
+    "k-zero": ("search", {"json": {"text": "a", "k": 0}}, 400, f"k must be between 1 and {MAX_K}"),
+    "k-too-large": ("search", {"json": {"text": "a", "k": MAX_K + 1}}, 400, f"k must be between 1 and {MAX_K}"),
+    "url-in-a-file-field": (
+        "encode_image",
+        {"files": _files("images", [RED]), "data": {"images": "http://127.0.0.1:1/x.png"}},
+        400,
+        "URLs are not fetched",
+    ),
+    "malformed-multipart": (
+        *_raw("encode_image", b"garbage", "multipart/form-data; boundary=x"),
+        400,
+        "multipart body",
+    ),
+    "wrong-content-type": (*_raw("classify", RED, "image/png"), 415, "send application/json or multipart/form-data"),
+    "form-urlencoded": ("encode_text", {"data": {"texts": "a"}}, 415, "application/x-www-form-urlencoded"),
+    "missing-field": (*_upload("classify", "image", [RED]), 422, "labels: Field required"),
+    "malformed-json": (*_raw("encode_text", b'{"texts": [', JSON), 422, "Invalid JSON"),
+    "wrong-type": ("search", {"json": {"text": "a", "k": "many"}}, 422, "k: Input should be a valid integer"),
+    "json-for-a-file": ("encode_image", {"json": {"images": ["aGVsbG8="]}}, 422, "send files as multipart/form-data"),
+    "declared-too-large": (*_raw("encode_text", b"x" * (MAX_REQUEST_BYTES + 1), JSON), 413, "serve.max_request_bytes"),
+    "streamed-too-large": (*_raw("encode_text", iter([b"x" * 65536] * 20), JSON), 413, "serve.max_request_bytes"),
+}
+
+
+@pytest.mark.parametrize(("endpoint", "request_args", "status", "message"), BAD_REQUESTS.values(), ids=BAD_REQUESTS)
+def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(server, endpoint, request_args, status, message):
+    response = httpx.post(f"{server}/{endpoint}", timeout=60, **request_args)
+    assert response.status_code == status, response.text
     assert message in response.text
+    _assert_still_serving(server)
 
 
-def test_encode_text_answers_400_to_bad_input(client, server):
+def test_search_without_a_gallery_says_so(keyed_server):
+    response = httpx.post(
+        f"{keyed_server}/search", json={"text": "a red circle"}, headers={"X-API-Key": API_KEY}, timeout=60
+    )
+    assert response.status_code == 404
+    assert "no gallery" in response.text and "--gallery" in response.text
+
+
+def test_api_key_guards_every_endpoint_but_probes_and_metrics(keyed_server, packaged):
     import bentoml
 
-    assert httpx.post(f"{server}/encode_text", json={"texts": []}, timeout=60).status_code == 400
-    with pytest.raises(bentoml.exceptions.InvalidArgument, match="characters"):
-        client.encode_text(texts=["x" * (MAX_TEXT_CHARS + 1)])
+    url = f"{keyed_server}/encode_text"
+    body = {"texts": ["a red circle"]}
+    missing = httpx.post(url, json=body, timeout=60)
+    assert missing.status_code == 401
+    assert "API key required" in missing.json()["error"]
+    assert missing.headers["www-authenticate"] == "Bearer"
+    for headers in ({"Authorization": "Bearer wrong"}, {"X-API-Key": "wrong"}, {"Authorization": API_KEY}):
+        wrong = httpx.post(url, json=body, headers=headers, timeout=60)
+        assert wrong.status_code == 401, headers
+        assert API_KEY not in wrong.text
+    files = _files("images", [RED])
+    assert httpx.post(f"{keyed_server}/encode_image", files=files, timeout=60).status_code == 401
+
+    for headers in ({"Authorization": f"Bearer {API_KEY}"}, {"X-API-Key": API_KEY}):
+        _assert_still_serving(keyed_server, headers)
+    for path in ("/readyz", "/livez", "/metrics"):
+        assert httpx.get(f"{keyed_server}{path}", timeout=60).status_code == 200, path
+
+    with bentoml.SyncHTTPClient(keyed_server, token=API_KEY, timeout=60) as client:
+        assert _unit(client.encode_text(texts=["a red circle"])[0])
+    with (
+        bentoml.SyncHTTPClient(keyed_server, token="wrong", timeout=60) as client,
+        pytest.raises(bentoml.exceptions.BentoMLException, match="wrong API key"),
+    ):
+        client.encode_text(texts=["a red circle"])
+    assert API_KEY not in (packaged["tmp"] / f"serve-{keyed_server.rsplit(':', 1)[1]}.log").read_text()
 
 
-def test_package_rejects_a_bento_name_bentoml_cannot_tag(packaged):
-    from clipflow.errors import ClipflowError
-    from clipflow.package import package
-
-    params = packaged["params"]
-    params = dataclasses.replace(params, serve=dataclasses.replace(params.serve, bento_name="Clip Flow"))
-    with pytest.raises(ClipflowError, match="serve.bento_name"):
-        package("models:/clipflow-clip@champion", params)
+def test_client_example_calls_every_endpoint_with_the_key_from_its_environment(keyed_server, gallery_images):
+    paths = [str(path) for path in gallery_images.values()]
+    command = [sys.executable, str(ROOT / "serving/client.py"), "--url", keyed_server]
+    command += [arg for path in paths for arg in ("--image", path)]
+    env = {**os.environ, "CLIPFLOW_API_KEY": API_KEY}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    answers = json.loads(result.stdout)
+    assert answers["encode_text"] == [3, 128]
+    assert answers["encode_image"] == answers["encode_image_base64"] == [len(paths), 128]
+    assert len(answers["rank"]) == 2 and len(answers["rank_texts"]) == len(paths)
+    assert "no gallery" in answers["search"]

@@ -191,15 +191,21 @@ def promote(
 @app.command()
 def package(
     model: Annotated[Optional[str], typer.Option(help="The model to serve (default: models:/NAME@champion).")] = None,
+    gallery: Annotated[
+        Optional[Path],
+        typer.Option(help="An ingested data directory whose serve.gallery_split images `search` answers from."),
+    ] = None,
     params_file: ParamsOption = DEFAULT_PARAMS,
     overrides: SetOption = None,
     profile: ProfileOption = None,
 ) -> None:
-    """Build a Bento from the registry's champion."""
+    """Build a Bento from the registry's champion, with a search gallery when given one."""
     from clipflow.package import package as run_package
 
     params = _params(params_file, overrides, profile)
-    _print_json(run_package(model or f"models:/{params.promote.model_name}@champion", params))
+    if gallery is not None:
+        _require_dir(gallery, "gallery data directory")
+    _print_json(run_package(model or f"models:/{params.promote.model_name}@champion", params, gallery=gallery))
 
 
 @app.command()

@@ -2,35 +2,43 @@
 
 The checkpoint of the model (by default `models:/<promote.model_name>@champion`) goes into the
 BentoML model store as a model named `serve.bento_name`, with the `serve:` request limits, the
-source URI and the registry version as metadata. Then `serving/service.py` and the `clipflow`
-package are built into a Bento whose arguments name that exact model tag and the configured
-host and port, so `bentoml serve <bento_tag>` (and a container built from the Bento) serve
-exactly this model without params.yaml or the MLflow store.
+evaluation templates, the source URI and what the registry knows of the version (its number,
+run, metrics and data version) as metadata. Given an ingested data directory, the model also
+carries a gallery index for `search`: the normalised embeddings of the `serve.gallery_split`
+images with their keys and captions (see `clipflow.gallery`). Then `serving/service.py` and the
+`clipflow` package are built into a Bento whose arguments name that exact model tag, the
+configured host and port and the request body limit, so `bentoml serve <bento_tag>` (and a
+container built from the Bento) serve exactly this model without params.yaml, the data or the
+MLflow store.
 
-    clipflow package --model models:/clipflow-clip@champion
+    clipflow package --model models:/clipflow-clip@champion --gallery data/builtin
     BENTOML_HOME=$PWD/bentoml_home bentoml serve <bento_tag>
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from clipflow import gallery as clip_gallery
 from clipflow import model as clip_model
 from clipflow import tracking
 from clipflow.errors import ClipflowError
 from clipflow.params import Params, ServeParams
 from clipflow.registry.models import download_checkpoint
+from clipflow.registry.promote import METRIC_TAG_PREFIX
 
 SERVING_DIR = Path(__file__).resolve().parents[2] / "serving"
 SERVICE_FILE = "service.py"
@@ -40,7 +48,17 @@ DEFAULT_HOME = "bentoml_home"
 # What the service imports besides clipflow; pinned to this environment's versions so the
 # Bento's image runs what was tested here.
 RUNTIME_DISTRIBUTIONS = ("torch", "torchvision", "open-clip-torch", "pillow")
-LIMITS = ("max_labels", "max_texts", "max_text_chars", "max_image_bytes", "max_image_pixels")
+# Stored in the model's metadata and checked by the service per request (clipflow.serving_io.Limits).
+LIMITS = (
+    "max_labels",
+    "max_texts",
+    "max_text_chars",
+    "max_image_bytes",
+    "max_image_pixels",
+    "max_prompts",
+    "max_batch",
+    "max_k",
+)
 # BentoML's rule for the name part of a tag.
 _BENTO_NAME = re.compile(r"[a-z0-9](?:[a-z0-9._-]*[a-z0-9])?")
 _REGISTRY_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))")
@@ -56,20 +74,27 @@ def bentoml_env() -> dict[str, str]:
     return {**os.environ, HOME_ENV: str(bentoml_home()), "BENTOML_DO_NOT_TRACK": "true"}
 
 
-def package(model_uri: str, params: Params, serving_dir: Path = SERVING_DIR) -> dict[str, Any]:
+def package(
+    model_uri: str, params: Params, gallery: Path | None = None, serving_dir: Path = SERVING_DIR
+) -> dict[str, Any]:
     """Import an MLflow model into the BentoML store and build a Bento serving it.
 
     Args:
         model_uri: `models:/NAME@ALIAS`, `models:/NAME/VERSION` or any URI MLflow can download
             that holds a clipflow checkpoint.
-        params: the resolved params; uses `tracking` and `serve`.
+        params: the resolved params; uses `tracking`, `serve`, and `evaluate` (templates, and
+            the batch size for embedding the gallery).
+        gallery: an ingested data directory whose `serve.gallery_split` images become the
+            search gallery, or None for a Bento whose `search` answers that it has none.
         serving_dir: the folder holding the BentoML service, `serving/` in the repository.
 
     Returns:
-        `bento_tag`, `bento_model_tag`, `model_uri` and `seconds`.
+        `bento_tag`, `bento_model_tag`, `model_uri`, `gallery` (its split, size and data
+        version, or None) and `seconds`.
 
     Raises:
-        ClipflowError: the model cannot be resolved or fetched, or the Bento cannot be built.
+        ClipflowError: the model cannot be resolved or fetched, the gallery cannot be read, or
+            the Bento cannot be built.
     """
     start = time.perf_counter()
     # BentoML reads both once per process, so they must be set before it first runs.
@@ -81,13 +106,18 @@ def package(model_uri: str, params: Params, serving_dir: Path = SERVING_DIR) -> 
     _check_store_home(bentoml_home())
     if not (serving_dir / SERVICE_FILE).is_file():
         raise ClipflowError(f"BentoML service not found: {serving_dir / SERVICE_FILE}")
+    if gallery is not None and not Path(gallery).is_dir():
+        raise ClipflowError(f"gallery data directory not found: {gallery}")
     tracking.setup(params.tracking)
     fetch_uri, registry = _resolve_registry_version(model_uri)
-    labels = {"model_uri": model_uri, **registry}
+    labels = {"model_uri": model_uri, **registry.labels}
     try:
         with tempfile.TemporaryDirectory(prefix="clipflow-package-") as tmp:
             checkpoint = download_checkpoint(fetch_uri, Path(tmp) / "mlflow")
-            model_tag = _import_model(checkpoint, params.serve, params.evaluate.templates, labels)
+            index, gallery_info = (
+                _build_gallery(checkpoint, Path(gallery), params) if gallery is not None else (None, None)
+            )
+            model_tag = _import_model(checkpoint, params, labels, registry.metrics, index, gallery_info)
             try:
                 bento = _build_bento(Path(tmp) / "build", serving_dir, model_tag, params.serve, labels)
             except BaseException:
@@ -100,6 +130,7 @@ def package(model_uri: str, params: Params, serving_dir: Path = SERVING_DIR) -> 
         "bento_tag": str(bento.tag),
         "bento_model_tag": model_tag,
         "model_uri": model_uri,
+        "gallery": gallery_info,
         "seconds": round(time.perf_counter() - start, 3),
     }
 
@@ -114,6 +145,9 @@ def _check_serve_params(serve: ServeParams) -> None:
         ipaddress.ip_address(serve.host)
     except ValueError:
         raise ClipflowError(f"serve.host must be an IP address such as 127.0.0.1, got {serve.host!r}") from None
+    for key in (*LIMITS, "max_request_bytes"):
+        if getattr(serve, key) <= 0:
+            raise ClipflowError(f"serve.{key} must be positive, got {getattr(serve, key)}")
 
 
 def _check_store_home(home: Path) -> None:
@@ -126,14 +160,23 @@ def _check_store_home(home: Path) -> None:
         )
 
 
-def _resolve_registry_version(model_uri: str) -> tuple[str, dict[str, str]]:
-    """Pin an alias to its version now, so the checkpoint and the recorded version agree.
+@dataclass(frozen=True)
+class RegistryFacts:
+    """What the MLflow registry records about the packaged version; empty outside the registry."""
 
-    Returns the URI to download and registry labels (empty for URIs outside the registry).
+    labels: dict[str, str] = field(default_factory=dict)  # mlflow_model, mlflow_version, ...
+    metrics: dict[str, float] = field(default_factory=dict)  # the version's `metric.*` tags
+
+
+def _resolve_registry_version(model_uri: str) -> tuple[str, RegistryFacts]:
+    """Pin an alias to its version now, so the checkpoint and the recorded facts agree.
+
+    Returns the URI to download and the registry's facts about that version: its name, number
+    and run, the data version it was trained on, and the metrics promote tagged it with.
     """
     match = _REGISTRY_URI.fullmatch(model_uri)
     if match is None:
-        return model_uri, {}
+        return model_uri, RegistryFacts()
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -146,24 +189,59 @@ def _resolve_registry_version(model_uri: str) -> tuple[str, dict[str, str]]:
     except MlflowException as exc:
         raise ClipflowError(f"cannot resolve {model_uri}: {exc.message.splitlines()[0]}") from None
     labels = {"mlflow_model": found.name, "mlflow_version": str(found.version), "mlflow_run_id": found.run_id or ""}
-    return f"models:/{found.name}/{found.version}", labels
+    if found.tags.get("data_version"):
+        labels["data_version"] = found.tags["data_version"]
+    metrics = {}
+    for key, value in found.tags.items():
+        if key.startswith(METRIC_TAG_PREFIX):
+            try:
+                metrics[key.removeprefix(METRIC_TAG_PREFIX)] = float(value)
+            except ValueError:
+                raise ClipflowError(f"{model_uri}: tag {key}={value!r} is not a number") from None
+    return f"models:/{found.name}/{found.version}", RegistryFacts(labels, metrics)
 
 
-def _import_model(checkpoint: Path, serve: ServeParams, templates: list[str], labels: dict[str, str]) -> str:
-    """Store the checkpoint as a BentoML model with the serving limits and prompts; returns its tag."""
+def _build_gallery(checkpoint: Path, data_dir: Path, params: Params) -> tuple[clip_gallery.Gallery, dict[str, Any]]:
+    """Embed the gallery split of `data_dir` with the packaged model; returns it and its summary."""
+    from clipflow.data.ingest import SUMMARY_FILE
+
+    index = clip_gallery.build(
+        clip_model.load(checkpoint), data_dir, params.serve.gallery_split, params.evaluate.batch_size
+    )
+    info: dict[str, Any] = {"split": params.serve.gallery_split, "size": len(index)}
+    summary = data_dir / SUMMARY_FILE
+    if summary.is_file() and "data_version" in (recorded := json.loads(summary.read_text())):
+        info["data_version"] = recorded["data_version"]
+    return index, info
+
+
+def _import_model(
+    checkpoint: Path,
+    params: Params,
+    labels: dict[str, str],
+    metrics: dict[str, float],
+    gallery: clip_gallery.Gallery | None,
+    gallery_info: dict[str, Any] | None,
+) -> str:
+    """Store the checkpoint (and gallery) as a BentoML model with what the service reads; returns its tag."""
     import bentoml
 
     config_name = clip_model.read_checkpoint_info(checkpoint).get("name")
     if not config_name:
         raise ClipflowError(f"{labels['model_uri']} holds a checkpoint that does not name its model config")
     metadata = {
-        "limits": {key: getattr(serve, key) for key in LIMITS},
-        "templates": list(templates),
+        "limits": {key: getattr(params.serve, key) for key in LIMITS},
+        "templates": list(params.evaluate.templates),
         "model_config": config_name,
+        "metrics": metrics,
         **labels,
     }
-    with bentoml.models.create(serve.bento_name, labels=labels, metadata=metadata) as stored:
+    if gallery_info is not None:  # BentoML metadata cannot hold None
+        metadata["gallery"] = gallery_info
+    with bentoml.models.create(params.serve.bento_name, labels=labels, metadata=metadata) as stored:
         shutil.copyfile(checkpoint, stored.path_of(clip_model.CHECKPOINT_FILE))
+        if gallery is not None:
+            gallery.save(Path(stored.path))
     return str(stored.tag)
 
 
@@ -202,5 +280,10 @@ def _build_bento(stage: Path, serving_dir: Path, model_tag: str, serve: ServePar
         # The service module stays imported after a first build in this process; reload it so
         # it reads this build's arguments and names this model.
         reload=True,
-        args={"model_tag": model_tag, "host": serve.host, "port": serve.port},
+        args={
+            "model_tag": model_tag,
+            "host": serve.host,
+            "port": serve.port,
+            "max_request_bytes": serve.max_request_bytes,
+        },
     )

@@ -98,6 +98,11 @@ class ServeParams:
     max_text_chars: int
     max_image_bytes: int
     max_image_pixels: int
+    max_request_bytes: int
+    max_prompts: int
+    max_batch: int
+    max_k: int
+    gallery_split: str
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,190 @@
+"""The HTTP edge of the served Bento: an optional API key, request gates, and strict parsing.
+
+BentoML 1.4 runs the two middleware classes in every API worker (`Service.add_asgi_middleware`);
+they answer before BentoML reads a request, so neither an unauthorised nor an oversized request
+reaches the model. `strict_request_parsing()` changes how BentoML turns a request into arguments,
+so that what a client sends maps to clear 4xx answers:
+
+- a request that does not fit an endpoint's signature (invalid JSON, a missing field, a wrong
+  type) answers 422, with the fields at fault, where BentoML would answer 400;
+- a malformed multipart body answers 400, where BentoML would answer 500;
+- text in a file field answers 400, where BentoML would download it as a URL from the server.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+from typing import TypeVar
+
+from _bentoml_impl import serde
+from bentoml.exceptions import BentoMLException, HTTPStatus, InvalidArgument, UnprocessableEntity
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+T = TypeVar("T")
+
+API_KEY_ENV = "CLIPFLOW_API_KEY"
+# Probes and Prometheus must work without the key (Kubernetes and scrapers send none), and
+# the docs page and schema describe the API without calling it.
+OPEN_PATHS = frozenset({"/livez", "/healthz", "/readyz", "/metrics", "/", "/docs.json", "/schema.json"})
+OPEN_PREFIXES = ("/static_content/",)
+# BentoML also reads urlencoded forms, but then every file field is text it would fetch as a URL.
+ACCEPTED_MEDIA_TYPES = frozenset({"application/json", "multipart/form-data"})
+MAX_REPORTED_ERRORS = 5
+
+
+async def send_error(send: Send, status: int, message: str, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+    """Answer `{"error": message}` with `status`."""
+    body = json.dumps({"error": message}).encode()
+    head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]
+    await send({"type": "http.response.start", "status": status, "headers": head})
+    await send({"type": "http.response.body", "body": body})
+
+
+def is_open(path: str) -> bool:
+    """Whether a path is served without the API key: probes, metrics and the docs."""
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
+
+
+class ApiKeyMiddleware:
+    """Require `Authorization: Bearer <key>` or `X-API-Key: <key>` when `CLIPFLOW_API_KEY` is set.
+
+    The key is read from the worker's environment (a Kubernetes Secret arrives the same way,
+    through `env.valueFrom.secretKeyRef`), compared in constant time, and never logged. Without
+    the variable every request passes; an empty value stops the worker at startup rather than
+    being read as "no key", so a missing Secret cannot silently open the API.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        key = os.environ.get(API_KEY_ENV)
+        if key is not None and not key.strip():
+            raise ValueError(f"{API_KEY_ENV} is set but empty; unset it to serve without an API key")
+        self.key = key.strip().encode() if key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.key is None or scope["type"] != "http" or is_open(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        given = _presented_key(scope["headers"])
+        if given is None:
+            message = "API key required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
+            await send_error(send, 401, message, ((b"www-authenticate", b"Bearer"),))
+        elif not hmac.compare_digest(given, self.key):
+            await send_error(send, 401, "wrong API key", ((b"www-authenticate", b'Bearer error="invalid_token"'),))
+        else:
+            await self.app(scope, receive, send)
+
+
+def _presented_key(headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    for name, value in headers:
+        if name == b"authorization" and value[:7].lower() == b"bearer ":
+            return value[7:].strip()
+        if name == b"x-api-key":
+            return value.strip()
+    return None
+
+
+class RequestTooLarge(BentoMLException):
+    """A request body over the limit; BentoML answers a BentoMLException with its code, 413."""
+
+    error_code = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+
+
+class RequestGateMiddleware:
+    """Refuse API requests BentoML would mishandle: an unknown content type or an oversized body.
+
+    A content type other than JSON or multipart answers 415. BentoML reads a JSON body, and each
+    uploaded file, whole into memory before any check, so a body over `max_bytes` answers 413:
+    unread when its Content-Length says so, else as soon as the count passes the limit.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or is_open(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        media_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower().decode("latin-1")
+        if media_type and media_type not in ACCEPTED_MEDIA_TYPES:
+            message = f"content type {media_type!r} is not accepted: send application/json or multipart/form-data"
+            await send_error(send, 415, message)
+            return
+        declared = headers.get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await send_error(send, 413, self._message())
+            return
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    # Raised inside BentoML's request parsing, which answers with its error code.
+                    raise RequestTooLarge(self._message())
+            return message
+
+        await self.app(scope, counted, send)
+
+    def _message(self) -> str:
+        return f"request body over {self.max_bytes} bytes (serve.max_request_bytes)"
+
+
+class StrictJSONSerde(serde.JSONSerde):
+    """BentoML's JSON parsing, with a request that does not fit the signature answered 422."""
+
+    async def parse_request(self, request: Request, cls: type[T]) -> T:
+        try:
+            return await super().parse_request(request, cls)
+        except ValidationError as exc:
+            raise UnprocessableEntity(describe_validation_error(exc)) from None
+
+
+class StrictMultipartSerde(serde.MultipartSerde):
+    """BentoML's multipart parsing, taking uploads only and answering malformed bodies with 4xx."""
+
+    @staticmethod
+    async def ensure_file(obj: str | UploadFile) -> UploadFile:
+        if isinstance(obj, UploadFile):
+            return obj
+        raise InvalidArgument("a file field holds text: upload the file itself (URLs are not fetched)")
+
+    async def parse_request(self, request: Request, cls: type[T]) -> T:
+        try:
+            return await super().parse_request(request, cls)
+        except ValidationError as exc:
+            raise UnprocessableEntity(describe_validation_error(exc)) from None
+        except HTTPException as exc:  # Starlette's answer to a malformed multipart body
+            raise InvalidArgument(f"multipart body: {exc.detail}") from None
+
+
+def strict_request_parsing() -> None:
+    """Make BentoML parse JSON and multipart requests with the strict serdes above.
+
+    BentoML looks its request parsers up by media type in `_bentoml_impl.serde.ALL_SERDE` on
+    every request, so replacing two entries there is enough; calling this twice is harmless.
+    """
+    serde.ALL_SERDE[StrictJSONSerde.media_type] = StrictJSONSerde
+    serde.ALL_SERDE[StrictMultipartSerde.media_type] = StrictMultipartSerde
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line naming each field at fault: `malformed request: labels: Field required`."""
+    errors = exc.errors(include_url=False, include_context=False, include_input=False)
+    problems = [f"{'.'.join(map(str, error['loc'])) or 'body'}: {error['msg']}" for error in errors]
+    text = "; ".join(problems[:MAX_REPORTED_ERRORS])
+    if len(problems) > MAX_REPORTED_ERRORS:
+        text += f"; and {len(problems) - MAX_REPORTED_ERRORS} more"
+    if any(error["type"] == "path_type" for error in errors):
+        text += " (send files as multipart/form-data uploads)"
+    return f"malformed request: {text}"
