@@ -162,7 +162,9 @@ def promotion_lock(client, name: str, timeout_s: float = LOCK_TIMEOUT_S) -> Iter
             )
             break
         except MlflowException as exc:
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            # Taken, or released in between: MLflow answers a create that collides with a lock
+            # deleted a moment later with "does not exist" (it looks the lock up to report it).
+            if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
                 raise
         _remove_if_stale(client, lock)
         if time.monotonic() > deadline:
