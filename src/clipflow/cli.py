@@ -163,6 +163,7 @@ def promote(
     profile: ProfileOption = None,
 ) -> None:
     """Register a model version and move `champion` to it only when the gate passes (or --rollback)."""
+    from clipflow.evaluate.step import read_metrics
     from clipflow.registry import promote as promotion
     from clipflow.registry.models import is_model_uri
     from clipflow.train.launch import read_result
@@ -179,12 +180,7 @@ def promote(
     if not is_model_uri(model_uri):
         trained = read_result(model_uri)
         model_uri, data_version = trained["model_uri"], trained["data_version"]
-    if not metrics.is_file():
-        raise ClipflowError(f"metrics file not found: {metrics}")
-    try:
-        values = json.loads(metrics.read_text())["metrics"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise ClipflowError(f"{metrics} is not a metrics.json from `clipflow evaluate`") from None
+    values = read_metrics(metrics)
     _print_json(promotion.promote(model_uri, values, params, data_version=data_version))
 
 

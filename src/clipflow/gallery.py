@@ -19,7 +19,6 @@ import torch
 from clipflow.data.pairs import ShardPairs
 from clipflow.errors import ClipflowError
 from clipflow.model import ClipModel
-from clipflow.progress import progress
 
 DIRECTORY = "gallery"
 EMBEDDINGS_FILE = "embeddings.pt"
@@ -82,14 +81,8 @@ def build(clip: ClipModel, data_dir: Path, split: str, batch_size: int) -> Galle
         raise ClipflowError(f"gallery: {data_dir} has no split {split!r} (serve.gallery_split)") from None
     if not len(pairs):
         raise ClipflowError(f"gallery: split {split!r} of {data_dir} is empty")
-    chunks = []
-    starts = range(0, len(pairs), batch_size)
-    for start in progress(starts, total=len(starts), desc=f"gallery {split}"):
-        stop = min(start + batch_size, len(pairs))
-        batch = torch.stack([clip.preprocess(pairs.image(i)) for i in range(start, stop)])  # (B, 3, H, W)
-        chunks.append(clip.encode_images(batch))
     return Gallery(
         ids=list(pairs.index.keys),
         captions=[pairs.caption(i) for i in range(len(pairs))],
-        embeddings=torch.cat(chunks),
+        embeddings=pairs.embed_images(clip.encode_images, batch_size, desc=f"gallery {split}"),
     )

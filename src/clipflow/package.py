@@ -18,7 +18,6 @@ MLflow store.
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 import re
 import shutil
@@ -38,7 +37,7 @@ from clipflow import tracking
 from clipflow.errors import ClipflowError
 from clipflow.params import Params, ServeParams
 from clipflow.registry.models import download_checkpoint
-from clipflow.registry.promote import METRIC_TAG_PREFIX
+from clipflow.registry.promote import version_metrics
 
 SERVING_DIR = Path(__file__).resolve().parents[2] / "serving"
 SERVICE_FILE = "service.py"
@@ -191,27 +190,19 @@ def _resolve_registry_version(model_uri: str) -> tuple[str, RegistryFacts]:
     labels = {"mlflow_model": found.name, "mlflow_version": str(found.version), "mlflow_run_id": found.run_id or ""}
     if found.tags.get("data_version"):
         labels["data_version"] = found.tags["data_version"]
-    metrics = {}
-    for key, value in found.tags.items():
-        if key.startswith(METRIC_TAG_PREFIX):
-            try:
-                metrics[key.removeprefix(METRIC_TAG_PREFIX)] = float(value)
-            except ValueError:
-                raise ClipflowError(f"{model_uri}: tag {key}={value!r} is not a number") from None
-    return f"models:/{found.name}/{found.version}", RegistryFacts(labels, metrics)
+    return f"models:/{found.name}/{found.version}", RegistryFacts(labels, version_metrics(found))
 
 
 def _build_gallery(checkpoint: Path, data_dir: Path, params: Params) -> tuple[clip_gallery.Gallery, dict[str, Any]]:
     """Embed the gallery split of `data_dir` with the packaged model; returns it and its summary."""
-    from clipflow.data.ingest import SUMMARY_FILE
+    from clipflow.data.ingest import SUMMARY_FILE, read_summary
 
     index = clip_gallery.build(
         clip_model.load(checkpoint), data_dir, params.serve.gallery_split, params.evaluate.batch_size
     )
     info: dict[str, Any] = {"split": params.serve.gallery_split, "size": len(index)}
-    summary = data_dir / SUMMARY_FILE
-    if summary.is_file() and "data_version" in (recorded := json.loads(summary.read_text())):
-        info["data_version"] = recorded["data_version"]
+    if (data_dir / SUMMARY_FILE).is_file():
+        info["data_version"] = read_summary(data_dir)["data_version"]
     return index, info
 
 

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from clipflow.data.shards import ShardIndex, split_shards
+from clipflow.progress import progress
 
 
 class ShardPairs(torch.utils.data.Dataset):
@@ -35,3 +36,13 @@ class ShardPairs(torch.utils.data.Dataset):
 
     def meta(self, i: int) -> dict:
         return json.loads(self.index.read(i, "json"))
+
+    @torch.no_grad()
+    def embed_images(self, encode_images: Callable, batch_size: int, desc: str) -> torch.Tensor:
+        """Every image through `preprocess` and `encode_images`, in order and in batches: (N, D)."""
+        chunks = []
+        starts = range(0, len(self), batch_size)
+        for start in progress(starts, total=len(starts), desc=desc):
+            stop = min(start + batch_size, len(self))
+            chunks.append(encode_images(torch.stack([self.preprocess(self.image(i)) for i in range(start, stop)])))
+        return torch.cat(chunks)

@@ -28,7 +28,6 @@ from clipflow.evaluate import plots
 from clipflow.evaluate.metrics import classification_report, recall_at_k, zeroshot_topk
 from clipflow.model import ClipModel
 from clipflow.params import Params, ZeroshotSet
-from clipflow.progress import progress
 from clipflow.registry.models import load_model
 
 METRICS_FILE = "metrics.json"
@@ -138,6 +137,21 @@ def evaluate(
     return result
 
 
+def read_metrics(path: str | Path) -> dict[str, float]:
+    """The metrics of a `metrics.json` that `evaluate` wrote.
+
+    Raises:
+        ClipflowError: a missing file, or one that is not an evaluation result.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ClipflowError(f"metrics file not found: {path}")
+    try:
+        return json.loads(path.read_text())["metrics"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise ClipflowError(f"{path} is not a metrics.json from `clipflow evaluate`") from None
+
+
 def _check_run_exists(run_id: str, params: Params) -> None:
     """Fail before the work, not after it, when the run to log to is not in this tracking store."""
     import mlflow
@@ -163,13 +177,8 @@ class _SplitEmbeddings:
                 pairs = ShardPairs(self.data_dir, split, self.clip.preprocess, self.clip.tokenizer)
             except FileNotFoundError:
                 raise ClipflowError(f"the data has no split {split!r} to evaluate") from None
-            chunks = []
-            starts = range(0, len(pairs), self.batch_size)
-            for start in progress(starts, total=len(starts), desc=f"evaluate {split}"):
-                stop = min(start + self.batch_size, len(pairs))
-                batch = torch.stack([self.clip.preprocess(pairs.image(i)) for i in range(start, stop)])
-                chunks.append(self.clip.encode_images(batch))
-            self._cache[split] = (pairs, torch.cat(chunks))
+            embeddings = pairs.embed_images(self.clip.encode_images, self.batch_size, desc=f"evaluate {split}")
+            self._cache[split] = (pairs, embeddings)
         return self._cache[split]
 
 

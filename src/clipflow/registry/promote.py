@@ -90,7 +90,7 @@ def promote(
 
     with promotion_lock(client, name):
         champion = _champion(client, name)
-        decision = gate(metrics, params.promote.floors, params.promote.max_drop, champion and _metrics(champion))
+        decision = gate(metrics, params.promote.floors, params.promote.max_drop, champion and version_metrics(champion))
         previous = champion.version if champion and decision.passed else None
         if decision.passed:
             if previous is not None:
@@ -194,9 +194,19 @@ def _champion(client, name: str):
         return None
 
 
-def _metrics(version) -> dict[str, float]:
-    return {
-        key[len(METRIC_TAG_PREFIX) :]: float(value)
-        for key, value in version.tags.items()
-        if key.startswith(METRIC_TAG_PREFIX)
-    }
+def version_metrics(version) -> dict[str, float]:
+    """The metrics `promote` tagged a registered model version with (`metric.<name>` tags).
+
+    Raises:
+        ClipflowError: a metric tag that is not a number.
+    """
+    metrics = {}
+    for key, value in version.tags.items():
+        if key.startswith(METRIC_TAG_PREFIX):
+            try:
+                metrics[key.removeprefix(METRIC_TAG_PREFIX)] = float(value)
+            except ValueError:
+                raise ClipflowError(
+                    f"{version.name} version {version.version}: tag {key}={value!r} is not a number"
+                ) from None
+    return metrics
