@@ -1,5 +1,6 @@
 """The cluster side: generated TrainJobs against the real CRD schema, the launcher against a fake API server."""
 
+import dataclasses
 import json
 import os
 import re
@@ -11,9 +12,11 @@ import pytest
 import yaml
 from kubernetes import client
 
+from clipflow.cli import main
 from clipflow.deploy import trainjob
 from clipflow.errors import ClipflowError
-from clipflow.params import load_params
+from clipflow.local_run import STEPS, compile_pipeline
+from clipflow.params import load_params, parse_params
 from tests.fake_k8s import FakeKubernetes, serve
 
 REPO = Path(__file__).resolve().parents[1]
@@ -161,3 +164,58 @@ def test_a_cancelled_run_deletes_its_trainjob():
         launch(url, job, [])
     assert len(calls(fake, "DELETE", f"/trainjobs/{job['metadata']['name']}")) == 1
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_cluster_compile_sets_images_secrets_resources_and_the_launcher(tmp_path):
+    assert main(["compile", "--target", "cluster", "--image-tag", "3f2a9c1", "--output", str(tmp_path / "p.yaml")]) == 0
+    spec, platform = yaml.safe_load_all((tmp_path / "p.yaml").read_text())
+    params = load_params(REPO / "params.yaml")
+    executors = spec["deploymentSpec"]["executors"]
+    assert {e["container"]["image"] for e in executors.values()} == {"ghcr.io/clipflow/clipflow:3f2a9c1"}
+    for step in STEPS:
+        container = executors[f"exec-{step}-component"]["container"]
+        wanted = params.cluster.resources[step]
+        assert container["resources"]["resourceCpuRequest"] == wanted.cpu
+        assert container["resources"]["resourceMemoryRequest"] == wanted.memory
+        task = spec["root"]["dag"]["tasks"][f"{step}-component"]
+        assert task["cachingOptions"].get("enableCache", False) == (step in {"ingest", "validate"})
+        assert task.get("retryPolicy", {}).get("maxRetryCount", 0) == wanted.retries
+        secrets = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"][f"exec-{step}-component"]
+        as_env = {(s["secretName"], k["envVar"]): s["optional"] for s in secrets["secretAsEnv"] for k in s["keyToEnv"]}
+        assert as_env == {
+            ("clipflow-s3", "AWS_ACCESS_KEY_ID"): False,
+            ("clipflow-s3", "AWS_SECRET_ACCESS_KEY"): False,
+            ("clipflow-s3", "AWS_ENDPOINT_URL"): True,
+            ("clipflow-mlflow", "MLFLOW_TRACKING_USERNAME"): True,
+            ("clipflow-mlflow", "MLFLOW_TRACKING_PASSWORD"): True,
+        }
+    train_env = executors["exec-train-component"]["container"]["env"]
+    assert train_env == [{"name": "CLIPFLOW_LAUNCHER", "value": "trainjob"}]
+    assert all("env" not in e["container"] for name, e in executors.items() if name != "exec-train-component")
+    inputs = spec["root"]["inputDefinitions"]["parameters"]
+    assert inputs["overrides"]["defaultValue"] == [
+        "cluster.image_tag=3f2a9c1",
+        f"tracking.uri={params.cluster.tracking_uri}",
+    ]
+    # what the launcher step will read: its nodes, GPUs and training image come from these params
+    shipped = parse_params(inputs["params"]["defaultValue"], inputs["overrides"]["defaultValue"])
+    assert shipped.cluster == dataclasses.replace(params.cluster, image_tag="3f2a9c1")
+    assert trainjob.image(shipped.cluster, trainjob.TRAIN_IMAGE) == "ghcr.io/clipflow/clipflow-train:3f2a9c1"
+
+
+def test_local_compile_is_untouched_by_the_cluster_settings(tmp_path):
+    (spec,) = yaml.safe_load_all(compile_pipeline(tmp_path / "local.yaml").read_text())
+    executors = spec["deploymentSpec"]["executors"].values()
+    assert all(":3f2a9c1" not in e["container"]["image"] and "env" not in e["container"] for e in executors)
+    assert all("resources" not in e["container"] for e in executors)
+    assert spec["root"]["inputDefinitions"]["parameters"]["overrides"]["defaultValue"] == []
+
+
+def test_dry_run_prints_the_trainjob_for_the_current_params(capsys):
+    assert main(["train", "--launcher", "trainjob", "--dry-run", "--set", "cluster.nodes=4"]) == 0
+    job = yaml.safe_load(capsys.readouterr().out)
+    assert job["kind"] == "TrainJob" and job["spec"]["trainer"]["numNodes"] == 4
+    assert main(["train", "--launcher", "trainjob", "--dry-run", "--data-uri", "data/builtin"]) == 1
+    assert capsys.readouterr().err.strip() == "clipflow: error: a TrainJob reads its data from S3; got 'data/builtin'"
+    assert main(["train", "--dry-run"]) == 1
+    assert "use it with --launcher trainjob" in capsys.readouterr().err

@@ -105,16 +105,32 @@ def train(
     data: Annotated[Path, typer.Option(help="An ingested, validated data directory.")] = Path("data/builtin"),
     output: Annotated[Path, typer.Option(help="Where to write the checkpoint.")] = Path("outputs/model"),
     nproc: Annotated[Optional[int], typer.Option(min=1, help="torchrun processes (default: train.nproc).")] = None,
+    launcher: Annotated[
+        str, typer.Option(help="torchrun: here; trainjob: a Kubeflow Trainer v2 TrainJob (cluster section).")
+    ] = "torchrun",
+    data_uri: Annotated[Optional[str], typer.Option(help="With trainjob: the same data in S3 (s3://...).")] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="With trainjob: print the TrainJob as YAML and create nothing.")
+    ] = False,
     params_file: ParamsOption = DEFAULT_PARAMS,
     overrides: SetOption = None,
     profile: ProfileOption = None,
 ) -> None:
-    """Train with torchrun on CPU processes (gloo DDP) and log the run to MLflow."""
+    """Train with torchrun on CPU processes (gloo DDP), or on a cluster as a TrainJob; log the run to MLflow."""
     from clipflow.train.launch import train as run_train
 
     params = _params(params_file, overrides, profile)
+    if launcher not in {"torchrun", "trainjob"}:
+        raise ClipflowError(f"--launcher must be torchrun or trainjob, got {launcher!r}")
+    if dry_run:
+        if launcher != "trainjob":
+            raise ClipflowError("--dry-run prints the TrainJob: use it with --launcher trainjob")
+        from clipflow.deploy.trainjob import dry_run_manifest
+
+        typer.echo(dry_run_manifest(params, data_uri), nl=False)
+        return
     _require_dir(data, "data directory")
-    _print_json(run_train(data, output, params, nproc=nproc))
+    _print_json(run_train(data, output, params, nproc=nproc, launcher=launcher, data_uri=data_uri))
 
 
 @app.command()
@@ -229,11 +245,27 @@ def serve(
 @app.command("compile")
 def compile_command(
     output: Annotated[Path, typer.Option(help="Where to write the pipeline YAML.")] = Path("pipeline.yaml"),
+    target: Annotated[
+        str, typer.Option(help="local: plain steps; cluster: images, Secrets, resources and TrainJob from `cluster`.")
+    ] = "local",
+    image_tag: Annotated[Optional[str], typer.Option(help="The image tag (default: cluster.image_tag).")] = None,
+    params_file: ParamsOption = DEFAULT_PARAMS,
+    overrides: SetOption = None,
+    profile: ProfileOption = None,
 ) -> None:
     """Compile the Kubeflow pipeline to YAML, ready to upload."""
-    from clipflow.local_run import compile_pipeline
+    from clipflow.local_run import compile_pipeline, load_pipeline
 
-    typer.echo(str(compile_pipeline(output)))
+    if target == "local":
+        typer.echo(str(compile_pipeline(output)))
+        return
+    if target != "cluster":
+        raise ClipflowError(f"--target must be local or cluster, got {target!r}")
+    from clipflow.deploy.cluster import compile_for_cluster
+
+    params = _params(params_file, overrides, profile)
+    pipeline = load_pipeline().clipflow_pipeline
+    typer.echo(str(compile_for_cluster(pipeline, output, params_file, params, tag=image_tag)))
 
 
 def main(argv: list[str] | None = None) -> int:

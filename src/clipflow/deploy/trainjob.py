@@ -244,3 +244,13 @@ def run_trainjob(params: Params, job: dict[str, Any], name: str, output_dir: str
     namespace = current_namespace(params.cluster.namespace)
     TrainJobLauncher(api_client(), namespace, params.cluster.poll_seconds).run(manifest(params, name, namespace, job))
     s3.download(job["output_uri"], output_dir)
+
+
+def dry_run_manifest(params: Params, data_uri: str | None) -> str:
+    """The TrainJob that `params` would create, as YAML; the MLflow run is not created, so its id is a placeholder."""
+    import yaml
+
+    name = job_name("dryrun")
+    data_uri = data_uri or f"{params.cluster.scratch_uri.rstrip('/')}/{name}/data"
+    spec = job_spec(params, name, data_uri, None, "unknown")
+    return yaml.safe_dump(manifest(params, name, params.cluster.namespace, spec), sort_keys=False)
