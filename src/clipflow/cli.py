@@ -268,6 +268,57 @@ def compile_command(
     typer.echo(str(compile_for_cluster(pipeline, output, params_file, params, tag=image_tag)))
 
 
+@app.command()
+def submit(
+    host: Annotated[Optional[str], typer.Option(help="The Kubeflow Pipelines API URL (default: $KFP_HOST).")] = None,
+    token: Annotated[
+        Optional[str], typer.Option(help="A bearer token for the API (default: $KFP_TOKEN; never logged).")
+    ] = None,
+    version: Annotated[
+        Optional[str], typer.Option(help="The pipeline version's name (default: the image tag).")
+    ] = None,
+    image_tag: Annotated[Optional[str], typer.Option(help="The image tag (default: cluster.image_tag).")] = None,
+    experiment: Annotated[str, typer.Option(help="The experiment of the run.")] = "clipflow",
+    source: Annotated[str, typer.Option(help="What to ingest: builtin, or a manifest/shard location.")] = "builtin",
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the run to end; fail unless it succeeds.")] = False,
+    timeout: Annotated[int, typer.Option(min=1, help="Seconds --wait waits.")] = 6 * 3600,
+    summary: Annotated[
+        Optional[Path], typer.Option(help="With --wait: append the run and the new model's metrics (Markdown).")
+    ] = None,
+    params_file: ParamsOption = DEFAULT_PARAMS,
+    overrides: SetOption = None,
+    profile: ProfileOption = None,
+) -> None:
+    """Compile for the cluster, upload a pipeline version, and start a run on Kubeflow Pipelines."""
+    import kfp
+
+    from clipflow import submit as submission
+    from clipflow.local_run import load_pipeline
+
+    params = _params(params_file, overrides, profile)
+    host = host or os.environ.get(submission.HOST_ENV)
+    if not host:
+        raise ClipflowError(f"submit needs --host or ${submission.HOST_ENV}")
+    tag = image_tag or params.cluster.image_tag
+    client = kfp.Client(host=host, existing_token=token or os.environ.get(submission.TOKEN_ENV))
+    result = submission.submit(
+        client,
+        load_pipeline().clipflow_pipeline,
+        params_file,
+        params,
+        overrides or [],
+        version=version or tag,
+        experiment=experiment,
+        source=source,
+        tag=tag,
+        wait_seconds=timeout if wait else None,
+    )
+    if summary is not None and wait:
+        with summary.open("a") as out:
+            out.write(submission.markdown(result, submission.newest_model(params)))
+    _print_json(result)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run a verb and turn user errors into one line and a non-zero exit."""
     try:
