@@ -24,13 +24,16 @@ def train_component(
         model: the folder that receives the open_clip checkpoint.
     """
     import json
+    import os
     from collections import namedtuple
 
     from clipflow.params import parse_params
     from clipflow.train.launch import train
 
     resolved = parse_params(params, overrides, profile or None)
-    result = train(data.path, model.path, resolved)
+    # Only the cluster build sets CLIPFLOW_LAUNCHER (to trainjob); kfp.local runs torchrun in the step itself.
+    launcher = os.environ.get("CLIPFLOW_LAUNCHER", "torchrun")
+    result = train(data.path, model.path, resolved, launcher=launcher, data_uri=data.uri)
     model.metadata.update({"mlflow_run_id": result["mlflow_run_id"], "framework": "open_clip"})
     outputs = namedtuple("TrainOutputs", ["mlflow_run_id", "model_uri", "report"])
     return outputs(result["mlflow_run_id"], result["model_uri"], json.dumps(result))

@@ -12,6 +12,7 @@ from typing import NamedTuple
 import yaml
 from kfp import dsl
 
+from clipflow.deploy.cluster import apply_target
 from components.evaluate import evaluate_component
 from components.ingest import ingest_component
 from components.package import package_component
@@ -70,6 +71,7 @@ def clipflow_pipeline(
     package = package_component(
         model_name=promote.outputs["model_name"], data=ingest.outputs["data"], **common
     ).set_display_name("Package")
+    apply_target(dict(zip(STEPS, (ingest, validate, train, evaluate, promote, package), strict=True)))
     outputs = NamedTuple(
         "ClipflowOutputs",
         [(f"{step}_report", str) for step in STEPS],

@@ -105,16 +105,32 @@ def train(
     data: Annotated[Path, typer.Option(help="An ingested, validated data directory.")] = Path("data/builtin"),
     output: Annotated[Path, typer.Option(help="Where to write the checkpoint.")] = Path("outputs/model"),
     nproc: Annotated[Optional[int], typer.Option(min=1, help="torchrun processes (default: train.nproc).")] = None,
+    launcher: Annotated[
+        str, typer.Option(help="torchrun: here; trainjob: a Kubeflow Trainer v2 TrainJob (cluster section).")
+    ] = "torchrun",
+    data_uri: Annotated[Optional[str], typer.Option(help="With trainjob: the same data in S3 (s3://...).")] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="With trainjob: print the TrainJob as YAML and create nothing.")
+    ] = False,
     params_file: ParamsOption = DEFAULT_PARAMS,
     overrides: SetOption = None,
     profile: ProfileOption = None,
 ) -> None:
-    """Train with torchrun on CPU processes (gloo DDP) and log the run to MLflow."""
+    """Train with torchrun on CPU processes (gloo DDP), or on a cluster as a TrainJob; log the run to MLflow."""
     from clipflow.train.launch import train as run_train
 
     params = _params(params_file, overrides, profile)
+    if launcher not in {"torchrun", "trainjob"}:
+        raise ClipflowError(f"--launcher must be torchrun or trainjob, got {launcher!r}")
+    if dry_run:
+        if launcher != "trainjob":
+            raise ClipflowError("--dry-run prints the TrainJob: use it with --launcher trainjob")
+        from clipflow.deploy.trainjob import dry_run_manifest
+
+        typer.echo(dry_run_manifest(params, data_uri), nl=False)
+        return
     _require_dir(data, "data directory")
-    _print_json(run_train(data, output, params, nproc=nproc))
+    _print_json(run_train(data, output, params, nproc=nproc, launcher=launcher, data_uri=data_uri))
 
 
 @app.command()
@@ -229,11 +245,78 @@ def serve(
 @app.command("compile")
 def compile_command(
     output: Annotated[Path, typer.Option(help="Where to write the pipeline YAML.")] = Path("pipeline.yaml"),
+    target: Annotated[
+        str, typer.Option(help="local: plain steps; cluster: images, Secrets, resources and TrainJob from `cluster`.")
+    ] = "local",
+    image_tag: Annotated[Optional[str], typer.Option(help="The image tag (default: cluster.image_tag).")] = None,
+    params_file: ParamsOption = DEFAULT_PARAMS,
+    overrides: SetOption = None,
+    profile: ProfileOption = None,
 ) -> None:
     """Compile the Kubeflow pipeline to YAML, ready to upload."""
-    from clipflow.local_run import compile_pipeline
+    from clipflow.local_run import compile_pipeline, load_pipeline
 
-    typer.echo(str(compile_pipeline(output)))
+    if target == "local":
+        typer.echo(str(compile_pipeline(output)))
+        return
+    if target != "cluster":
+        raise ClipflowError(f"--target must be local or cluster, got {target!r}")
+    from clipflow.deploy.cluster import compile_for_cluster
+
+    params = _params(params_file, overrides, profile)
+    pipeline = load_pipeline().clipflow_pipeline
+    typer.echo(str(compile_for_cluster(pipeline, output, params_file, params, tag=image_tag)))
+
+
+@app.command()
+def submit(
+    host: Annotated[Optional[str], typer.Option(help="The Kubeflow Pipelines API URL (default: $KFP_HOST).")] = None,
+    token: Annotated[
+        Optional[str], typer.Option(help="A bearer token for the API (default: $KFP_TOKEN; never logged).")
+    ] = None,
+    version: Annotated[
+        Optional[str], typer.Option(help="The pipeline version's name (default: the image tag).")
+    ] = None,
+    image_tag: Annotated[Optional[str], typer.Option(help="The image tag (default: cluster.image_tag).")] = None,
+    experiment: Annotated[str, typer.Option(help="The experiment of the run.")] = "clipflow",
+    source: Annotated[str, typer.Option(help="What to ingest: builtin, or a manifest/shard location.")] = "builtin",
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the run to end; fail unless it succeeds.")] = False,
+    timeout: Annotated[int, typer.Option(min=1, help="Seconds --wait waits.")] = 6 * 3600,
+    summary: Annotated[
+        Optional[Path], typer.Option(help="With --wait: append the run and the new model's metrics (Markdown).")
+    ] = None,
+    params_file: ParamsOption = DEFAULT_PARAMS,
+    overrides: SetOption = None,
+    profile: ProfileOption = None,
+) -> None:
+    """Compile for the cluster, upload a pipeline version, and start a run on Kubeflow Pipelines."""
+    import kfp
+
+    from clipflow import submit as submission
+    from clipflow.local_run import load_pipeline
+
+    params = _params(params_file, overrides, profile)
+    host = host or os.environ.get(submission.HOST_ENV)
+    if not host:
+        raise ClipflowError(f"submit needs --host or ${submission.HOST_ENV}")
+    tag = image_tag or params.cluster.image_tag
+    client = kfp.Client(host=host, existing_token=token or os.environ.get(submission.TOKEN_ENV))
+    result = submission.submit(
+        client,
+        load_pipeline().clipflow_pipeline,
+        params_file,
+        params,
+        overrides or [],
+        version=version or tag,
+        experiment=experiment,
+        source=source,
+        tag=tag,
+        wait_seconds=timeout if wait else None,
+    )
+    if summary is not None and wait:
+        with summary.open("a") as out:
+            out.write(submission.markdown(result, submission.newest_model(params)))
+    _print_json(result)
 
 
 def main(argv: list[str] | None = None) -> int:

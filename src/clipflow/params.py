@@ -112,6 +112,32 @@ class TrackingParams:
 
 
 @dataclass(frozen=True)
+class StepResources:
+    cpu: str
+    memory: str
+    retries: int
+
+
+@dataclass(frozen=True)
+class ClusterParams:
+    registry: str
+    image_tag: str
+    tracking_uri: str
+    scratch_uri: str
+    namespace: str
+    s3_secret: str
+    mlflow_secret: str
+    launcher: str
+    runtime: str
+    nodes: int
+    gpus_per_node: int
+    cpu_per_node: str
+    memory_per_node: str
+    poll_seconds: float
+    resources: dict[str, StepResources]
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams
     validate: ValidateParams
@@ -120,6 +146,7 @@ class Params:
     promote: PromoteParams
     serve: ServeParams
     tracking: TrackingParams
+    cluster: ClusterParams
     profile: str | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -156,6 +183,10 @@ class Params:
         for key, value in positive.items():
             if value <= 0:
                 raise ClipflowError(f"{key} must be positive, got {value}")
+        if self.cluster.launcher not in {"torchrun", "trainjob"}:
+            raise ClipflowError(f"cluster.launcher must be torchrun or trainjob, got {self.cluster.launcher!r}")
+        if self.cluster.nodes < 1 or self.cluster.gpus_per_node < 0:
+            raise ClipflowError("cluster.nodes must be at least 1 and cluster.gpus_per_node not negative")
         known = {f"{c} {s}" for c in self.data.colors for s in self.data.shapes}
         unknown = sorted(set(self.data.heldout) - known)
         if unknown:

@@ -22,7 +22,14 @@ JOB_FILE = "job.json"
 RESULT_FILE = "train.json"
 
 
-def train(data_dir: str | Path, output_dir: str | Path, params: Params, nproc: int | None = None) -> dict[str, Any]:
+def train(
+    data_dir: str | Path,
+    output_dir: str | Path,
+    params: Params,
+    nproc: int | None = None,
+    launcher: str = "torchrun",
+    data_uri: str | None = None,
+) -> dict[str, Any]:
     """Train a model on `data_dir`'s train split with torchrun and log it to MLflow.
 
     Args:
@@ -30,6 +37,8 @@ def train(data_dir: str | Path, output_dir: str | Path, params: Params, nproc: i
         output_dir: where the checkpoint (`checkpoint.pt`) is written.
         params: all params; `train` drives the loop, the rest is logged with the run.
         nproc: processes to launch; defaults to `train.nproc`.
+        launcher: `torchrun` on this machine, or `trainjob`: a Kubeflow Trainer v2 TrainJob on `cluster.nodes`
+            nodes, which reads the data from `data_uri` (the same data in S3).
 
     Returns:
         `mlflow_run_id`, `model_uri` (the logged MLflow model), `checkpoint`, `data_version`, `seconds`;
@@ -63,20 +72,18 @@ def train(data_dir: str | Path, output_dir: str | Path, params: Params, nproc: i
     }
     job_file = output_dir / JOB_FILE
     job_file.write_text(json.dumps(job, indent=2))
-    command = [
-        sys.executable, "-m", "torch.distributed.run",
-        "--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc),
-        "-m", "clipflow.train.worker", str(job_file),
-    ]  # fmt: skip
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(),
-        "OMP_NUM_THREADS": str(params.train.threads_per_proc),
-    }
-    result = subprocess.run(command, env=env)
-    if result.returncode != 0:
+    try:
+        if launcher == "trainjob":
+            from clipflow.deploy import trainjob
+
+            name = trainjob.job_name(run_id)
+            spec = trainjob.job_spec(params, name, data_uri or "", run_id, data_version)
+            trainjob.run_trainjob(params, spec, name, output_dir)
+        else:
+            _torchrun(job_file, nproc, params)
+    except BaseException:
         mlflow.MlflowClient().set_terminated(run_id, status="FAILED")
-        raise ClipflowError(f"training failed: torchrun exited with code {result.returncode} (see the log above)")
+        raise
 
     with mlflow.start_run(run_id=run_id):
         model_uri = log_clip_model(output_dir)
@@ -89,6 +96,25 @@ def train(data_dir: str | Path, output_dir: str | Path, params: Params, nproc: i
     }
     (output_dir / RESULT_FILE).write_text(json.dumps(result, indent=2))
     return result
+
+
+def _torchrun(job_file: Path, nproc: int, params: Params) -> None:
+    """Run the workers on this machine: `nproc` CPU processes under torchrun."""
+    import mlflow
+
+    command = [
+        sys.executable, "-m", "torch.distributed.run",
+        "--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc),
+        "-m", "clipflow.train.worker", str(job_file),
+    ]  # fmt: skip
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(),
+        "OMP_NUM_THREADS": str(params.train.threads_per_proc),
+    }
+    result = subprocess.run(command, env=env)
+    if result.returncode != 0:
+        raise ClipflowError(f"training failed: torchrun exited with code {result.returncode} (see the log above)")
 
 
 def read_result(output_dir: str | Path) -> dict[str, Any]:

@@ -1,0 +1,43 @@
+"""One training process on a TrainJob node, started by the job's `torchrun -m clipflow.deploy.node`.
+
+The launcher passes the job in $CLIPFLOW_JOB. Local rank 0 of each node copies the data from S3
+to the node's disk while the node's other processes wait; every process trains; global rank 0
+uploads the checkpoint folder to S3, where the launcher picks it up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from clipflow.deploy import s3
+from clipflow.deploy.trainjob import JOB_ENV
+from clipflow.params import TrainParams
+from clipflow.train import worker
+
+WORKDIR = Path(os.environ.get("CLIPFLOW_WORKDIR", "/tmp/clipflow"))
+
+
+def main() -> None:
+    job = json.loads(os.environ[JOB_ENV])
+    data_dir, output_dir, ready = WORKDIR / "data", WORKDIR / "model", WORKDIR / "data.ready"
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        s3.download(job["data_uri"], data_dir)
+        ready.touch()
+    while not ready.exists():
+        time.sleep(1)
+    worker.train(
+        TrainParams(**job["params"]),
+        data_dir=data_dir,
+        output_dir=output_dir,
+        checkpoint_extra=job["checkpoint_extra"],
+        mlflow_run_id=job["mlflow_run_id"],
+    )
+    if int(os.environ.get("RANK", "0")) == 0:
+        s3.upload(output_dir, job["output_uri"])
+
+
+if __name__ == "__main__":
+    main()
