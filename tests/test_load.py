@@ -31,6 +31,7 @@ def _png(color: str) -> bytes:
 
 RED, BLUE = _png("red"), _png("blue")
 IMAGES = [("images", ("red.png", RED, "image/png")), ("images", ("blue.png", BLUE, "image/png"))]
+CANDIDATES = [("candidates", file) for _, file in IMAGES]
 # (name, expected status, keyword arguments of httpx.Client.post after the endpoint)
 MIX = [
     ("encode_text", 200, "encode_text", {"json": {"texts": ["a red circle", "two blue squares"]}}),
@@ -39,9 +40,10 @@ MIX = [
     ("classify", 200, "classify", {"files": {"image": ("r.png", RED)}, "data": {"labels": '["red", "blue"]'}}),
     ("search", 200, "search", {"json": {"text": "a green star", "k": 5}}),
     ("search_image", 200, "search_image", {"files": {"image": ("b.png", BLUE)}, "data": {"k": "3"}}),
-    ("rank", 200, "rank", {"files": IMAGES, "data": {"queries": '["a red circle"]'}}),
+    ("rank", 200, "rank", {"files": CANDIDATES, "data": {"queries": '["a red circle"]'}}),
     ("bad-image", 400, "encode_image", {"files": [("images", ("x.png", RED[:50], "image/png"))]}),
     ("bad-k", 400, "search", {"json": {"text": "a", "k": 0}}),
+    ("file-as-text", 400, "rank", {"files": CANDIDATES + [("queries", ("q.png", RED, "image/png"))]}),
 ]
 
 

@@ -81,7 +81,7 @@ def _page(browser, url: str):
 
 def _search(page) -> list[dict]:
     page.get_by_label("Describe an image").fill(QUERY)
-    page.get_by_label("Results").fill(str(K))
+    page.get_by_label("Number of results").fill(str(K))
     page.get_by_role("button", name="Search").click()
     page.wait_for_function(
         "k => [...document.querySelectorAll('#results img')].filter(i => i.complete && i.naturalWidth > 0).length"

@@ -395,6 +395,12 @@ BAD_REQUESTS = {
         400,
         "URLs are not fetched",
     ),
+    "file-in-a-text-field": (
+        "rank",
+        {"files": _files("candidates", [RED]) + _files("queries", [RED])},
+        400,
+        "a text field holds binary data",
+    ),
     "malformed-multipart": (
         *_raw("encode_image", b"garbage", "multipart/form-data; boundary=x"),
         400,
@@ -528,20 +534,20 @@ def _concurrently(calls: list) -> list:
 def test_concurrent_encode_requests_are_batched_and_each_gets_its_own_rows(server):
     texts = [[f"{n} red circles", f"a blue star number {n}"][: 1 + n % 2] for n in range(16)]
     alone = [httpx.post(f"{server}/encode_text", json={"texts": t}, timeout=120).json() for t in texts]
-    for _ in range(3):
+    pattern = r'bentoml_service_adaptive_batch_size_(sum|count)\{[^}]*method_name="encode_text"[^}]*\} ([0-9.e+]+)'
+    for _ in range(5):
         answers = _concurrently(
             [lambda t=t: httpx.post(f"{server}/encode_text", json={"texts": t}, timeout=120) for t in texts]
         )
         assert [a.status_code for a in answers] == [200] * len(texts)
         for answer, expected in zip(answers, alone, strict=True):
             assert _flat(answer.json()) == pytest.approx(_flat(expected), abs=1e-5)
-
-    metrics = httpx.get(f"{server}/metrics", timeout=60).text
-    pattern = r'bentoml_service_adaptive_batch_size_(sum|count)\{[^}]*method_name="encode_text"[^}]*\} ([0-9.e+]+)'
-    totals = {kind: float(value) for kind, value in re.findall(pattern, metrics)}
-    # Each observation is the number of requests one model call served: more requests than calls
-    # means some calls merged several requests.
-    assert totals["sum"] > totals["count"] > 0, totals
+        totals = dict(re.findall(pattern, httpx.get(f"{server}/metrics", timeout=60).text))
+        # Each observation is the number of requests one model call served: more requests than
+        # calls means some calls merged several requests. A busy machine may need a few rounds.
+        if float(totals["sum"]) > float(totals["count"]):
+            break
+    assert float(totals["sum"]) > float(totals["count"]) > 0, totals
 
 
 def test_a_bad_request_fails_alone_and_not_the_batch_it_arrives_with(server):

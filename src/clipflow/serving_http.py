@@ -9,7 +9,8 @@ changes how BentoML turns a request into arguments, so that what a client sends 
 - a request that does not fit an endpoint's signature (invalid JSON, a missing field, a wrong
   type) answers 422, with the fields at fault, where BentoML would answer 400;
 - a malformed multipart body answers 400, where BentoML would answer 500;
-- text in a file field answers 400, where BentoML would download it as a URL from the server.
+- text in a file field answers 400, where BentoML would download it as a URL from the server;
+- a file in a text field answers 400, where BentoML would answer 500.
 """
 
 from __future__ import annotations
@@ -210,6 +211,8 @@ class StrictMultipartSerde(serde.MultipartSerde):
             raise UnprocessableEntity(describe_validation_error(exc)) from None
         except HTTPException as exc:  # Starlette's answer to a malformed multipart body
             raise InvalidArgument(f"multipart body: {exc.detail}") from None
+        except UnicodeDecodeError:  # BentoML reads a text field as JSON text
+            raise InvalidArgument("multipart body: a text field holds binary data (a file in a text field?)") from None
 
 
 def strict_request_parsing() -> None:
