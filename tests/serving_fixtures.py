@@ -88,9 +88,18 @@ def packaged(tmp_path_factory, small_params):
 
 
 def serve_bento(bento_tag: str, tmp: Path, **env: str):
-    """`bentoml serve <bento_tag>` on a free port; always stopped, logs shown when it fails."""
-    from clipflow.package import bentoml_env
+    """`bentoml serve <bento_tag>` on a free port; always stopped, logs shown when it fails.
+
+    Each server gets its own BENTOML_HOME over the shared store: BentoML keeps Prometheus
+    metrics in a folder of its home that a starting server empties, which would wipe the
+    metrics of a server already running.
+    """
+    from clipflow.package import bentoml_env, bentoml_home
 
     port = free_port()
+    home = tmp / f"home-{port}"
+    home.mkdir()
+    for name in ("bentos", "models"):
+        (home / name).symlink_to(bentoml_home() / name)
     command = [sys.executable, "-m", "bentoml", "serve", bento_tag, "--host", "127.0.0.1", "--port", str(port)]
-    return bentoml_server(command, port, {**bentoml_env(), **env}, tmp)
+    return bentoml_server(command, port, {**bentoml_env(), **env, "BENTOML_HOME": str(home)}, tmp)

@@ -119,9 +119,9 @@ class PageMiddleware:
 
 
 # Inline script and style only (the page has no other files), images from blob: URLs the page makes
-# from fetched thumbnails and uploads, requests to this origin only.
+# from fetched thumbnails and uploads (and its empty data: icon), requests to this origin only.
 CONTENT_SECURITY_POLICY = (
-    b"default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' blob:; "
+    b"default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' blob: data:; "
     b"connect-src 'self'; form-action 'none'; base-uri 'none'; frame-ancestors 'none'"
 )
 
