@@ -16,6 +16,17 @@ Bento keeps what it was built with.
     curl -s -X POST http://127.0.0.1:3000/search -H 'content-type: application/json' \\
          -d '{"text": "a red circle", "k": 5}'
     curl -s -X POST http://127.0.0.1:3000/search_image -F image=@shape.png -F k=5
+    curl -s -X POST http://127.0.0.1:3000/gallery_image -H 'content-type: application/json' \
+         -d '{"id": "test-000007"}' -o item.png
+
+A browser at http://127.0.0.1:3000/ gets a page (`page.html`) that searches the gallery and
+classifies an uploaded image; BentoML's API docs move to /docs.
+
+`encode_text`, `encode_image` and `encode_image_base64` batch adaptively (`serve.batching`):
+concurrent requests are merged into one model call of at most `serve.batch_max_size` items, and
+each client still sends a list and gets its own list back. Their inputs are checked and decoded
+while the request is parsed, so a bad input fails its own request only, never a batch it would
+have joined; a request that waits more than `serve.batch_max_latency_ms` answers 503.
 
 Every embedding is L2-normalised, so a dot product is a cosine. Labels are words ("red circle");
 `classify` turns each into a prompt ensemble (by default `evaluate.templates`), so served
@@ -31,15 +42,17 @@ that does not fit the endpoint's signature (see `clipflow.serving_http`).
 
 from __future__ import annotations
 
+import functools
+import io
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import bentoml
 import PIL.Image
 from bentoml.exceptions import InvalidArgument, NotFound
-from pydantic import BaseModel
+from pydantic import AfterValidator, BaseModel
 
-from clipflow.serving_http import ApiKeyMiddleware, RequestGateMiddleware, strict_request_parsing
+from clipflow.serving_http import ApiKeyMiddleware, PageMiddleware, RequestGateMiddleware, strict_request_parsing
 from clipflow.serving_io import (
     Limits,
     check_count,
@@ -66,6 +79,9 @@ class BuildArgs(BaseModel):
     host: str
     port: int
     max_request_bytes: int
+    batching: bool
+    batch_max_size: int
+    batch_max_latency_ms: int
 
 
 class LabelProbability(BaseModel):
@@ -88,11 +104,49 @@ class GalleryItem(BaseModel):
 
 
 ARGS = bentoml.use_arguments(BuildArgs)
+BENTO_MODEL = bentoml.models.BentoModel(ARGS.model_tag)
+PAGE = Path(__file__).with_name("page.html")
+BATCHED = {
+    "batchable": ARGS.batching,
+    "max_batch_size": ARGS.batch_max_size,
+    "max_latency_ms": ARGS.batch_max_latency_ms,
+}
+
+
+@functools.cache
+def limits() -> Limits:
+    """The request limits packaged with the model; read once per worker."""
+    return Limits(**BENTO_MODEL.resolve().info.metadata["limits"])
+
+
+# Validators of the batched endpoints' single argument: they run per request, while BentoML
+# parses it, before the request joins a batch. They return the value the endpoint receives.
+
+
+def _checked_texts(texts: list[str]) -> list[str]:
+    return check_texts("texts", texts, limits().max_texts, limits().max_text_chars)
+
+
+def _decoded_files(paths: list[Path]) -> list[PIL.Image.Image]:
+    check_count("images", paths, limits().max_batch)
+    return [open_image(path, limits(), f"images[{i}]") for i, path in enumerate(paths)]
+
+
+def _decoded_base64(texts: list[str]) -> list[PIL.Image.Image]:
+    check_count("images", texts, limits().max_batch)
+    return [decode_base64_image(text, limits(), f"images[{i}]") for i, text in enumerate(texts)]
+
+
+# Clients (and the API schema) see text lists and file uploads; the endpoints get checked texts
+# and decoded images.
+Texts = Annotated[list[str], AfterValidator(_checked_texts)]
+ImageFiles = Annotated[list[Path], AfterValidator(_decoded_files)]
+Base64Images = Annotated[list[str], AfterValidator(_decoded_base64)]
 
 
 @bentoml.service(name="clipflow", http={"host": ARGS.host, "port": ARGS.port})
 class Clipflow:
-    bento_model = bentoml.models.BentoModel(ARGS.model_tag)
+    bento_model = BENTO_MODEL
 
     def __init__(self) -> None:
         # Imported here: `bentoml serve` and `bentoml build` import this module only to read the
@@ -102,31 +156,27 @@ class Clipflow:
 
         self.clip = clip_model.load(self.bento_model.path_of(clip_model.CHECKPOINT_FILE))
         self.logit_scale = self.clip.model.logit_scale.exp().item()
-        self.limits = Limits(**self.bento_model.info.metadata["limits"])
+        self.limits = limits()
         self.templates = self.bento_model.info.metadata["templates"]
         self.gallery = gallery.load(Path(self.bento_model.path))
         # PIL's own bomb guard (an error at twice this) would otherwise stay at its default,
         # refusing images below a larger configured limit.
         PIL.Image.MAX_IMAGE_PIXELS = self.limits.max_image_pixels
 
-    @bentoml.api
-    def encode_text(self, texts: list[str]) -> list[list[float]]:
+    @bentoml.api(**BATCHED)
+    def encode_text(self, texts: Texts) -> list[list[float]]:
         """L2-normalised embeddings of `texts`, one row per text."""
-        check_texts("texts", texts, self.limits.max_texts, self.limits.max_text_chars)
         return self.clip.encode_text(texts).tolist()
 
-    @bentoml.api
-    def encode_image(self, images: list[Path]) -> list[list[float]]:
+    @bentoml.api(**BATCHED)
+    def encode_image(self, images: ImageFiles) -> list[list[float]]:
         """L2-normalised embeddings of uploaded images (multipart files), one row per image."""
-        check_count("images", images, self.limits.max_batch)
-        return self._embed([open_image(path, self.limits, f"images[{i}]") for i, path in enumerate(images)]).tolist()
+        return self._embed(images).tolist()
 
-    @bentoml.api
-    def encode_image_base64(self, images: list[str]) -> list[list[float]]:
+    @bentoml.api(**BATCHED)
+    def encode_image_base64(self, images: Base64Images) -> list[list[float]]:
         """`encode_image` for JSON clients: images as base64 strings (or `data:` URLs)."""
-        check_count("images", images, self.limits.max_batch)
-        decoded = [decode_base64_image(text, self.limits, f"images[{i}]") for i, text in enumerate(images)]
-        return self._embed(decoded).tolist()
+        return self._embed(images).tolist()
 
     @bentoml.api
     def classify(self, image: Path, labels: list[str], templates: Optional[list[str]] = None) -> list[LabelProbability]:
@@ -185,7 +235,19 @@ class Clipflow:
         query = self._embed([open_image(image, self.limits)])[0]
         return [GalleryItem(**item) for item in gallery.search(query, k)]
 
-    def _gallery(self, k: int) -> Gallery:
+    @bentoml.api
+    def gallery_image(self, id: str) -> PIL.Image.Image:
+        """The PNG thumbnail of the gallery item `id` (as `search` returns it)."""
+        gallery = self._gallery()
+        if len(id) > self.limits.max_text_chars:
+            raise InvalidArgument(f"id: {len(id)} characters, at most {self.limits.max_text_chars}")
+        thumbnail = gallery.thumbnail(id)
+        if thumbnail is None:
+            raise NotFound(f"the gallery has no item {id[:80]!r}")
+        return PIL.Image.open(io.BytesIO(thumbnail))
+
+    def _gallery(self, k: int = 1) -> Gallery:
+        """The gallery, for a search of `k` items."""
         if self.gallery is None:
             raise NotFound("this Bento has no gallery: package it with `clipflow package --gallery DIR`")
         if not 1 <= k <= self.limits.max_k:
@@ -208,7 +270,9 @@ class Clipflow:
         ]
 
 
-# The first added runs first: a request without the key is refused before anything else.
+# The first added runs first: the page and the probes pass, then a request without the key is
+# refused before anything else.
+Clipflow.add_asgi_middleware(PageMiddleware, page=PAGE)
 Clipflow.add_asgi_middleware(ApiKeyMiddleware)
 Clipflow.add_asgi_middleware(RequestGateMiddleware, max_bytes=ARGS.max_request_bytes)
 strict_request_parsing()

@@ -12,6 +12,9 @@ import pytest
 
 from clipflow.params import load_params
 
+# The packaged Bento that the serving, page and load tests share.
+pytest_plugins = ["tests.serving_fixtures"]
+
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")

@@ -3,9 +3,8 @@
 A random-init CLIP-Tiny goes through a real MLflow registry (sqlite) into a real BentoML store,
 with a gallery built from an ingested test-profile dataset; `bentoml serve` runs the Bento in a
 subprocess, called through `bentoml.SyncHTTPClient` and plain HTTP. A second Bento, packaged
-without a gallery, is served with `CLIPFLOW_API_KEY` set. Serving limits are lowered through
-params so the 4xx paths are cheap to reach and are known to come from the packaged model, not
-from the service's code.
+without a gallery, is served with `CLIPFLOW_API_KEY` set. The package step and its lowered
+serving limits are in `tests/serving_fixtures.py`.
 """
 
 from __future__ import annotations
@@ -16,30 +15,33 @@ import io
 import json
 import math
 import os
+import re
 import struct
 import subprocess
 import sys
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
+from importlib.metadata import version
 from pathlib import Path
 
 import httpx
 import pytest
 from PIL import Image
 
-from tests.conftest import bentoml_server, free_port
-
-ROOT = Path(__file__).resolve().parents[1]
-MAX_LABELS = 8
-MAX_IMAGE_PIXELS = 128 * 128
-MAX_IMAGE_BYTES = 60_000
-MAX_TEXT_CHARS = 200
-MAX_BATCH = 4
-MAX_K = 20
-MAX_PROMPTS = 12
-MAX_REQUEST_BYTES = 1_000_000
-API_KEY = "test-key-0123456789"
-METRICS = {"zeroshot_top1_heldout": 0.25, "retrieval_i2t_r1": 0.125}
+from tests.serving_fixtures import (
+    API_KEY,
+    MAX_BATCH,
+    MAX_IMAGE_BYTES,
+    MAX_IMAGE_PIXELS,
+    MAX_K,
+    MAX_LABELS,
+    MAX_REQUEST_BYTES,
+    MAX_TEXT_CHARS,
+    METRICS,
+    ROOT,
+    serve_bento,
+)
 
 
 def _png(size: tuple[int, int], color: str) -> bytes:
@@ -67,78 +69,9 @@ def _unit(row: list[float]) -> bool:
 
 
 @pytest.fixture(scope="module")
-def packaged(tmp_path_factory, small_params):
-    """A champion registered in a fresh MLflow store, packaged twice into a fresh BentoML store:
-    with a gallery of the ingested test split, and without one."""
-    import mlflow
-
-    from clipflow import model as clip_model
-    from clipflow import tracking
-    from clipflow.data.ingest import ingest
-    from clipflow.package import package
-    from clipflow.params import load_params
-    from clipflow.registry.models import log_clip_model
-
-    tmp = tmp_path_factory.mktemp("serving")
-    params = load_params(
-        ROOT / "params.yaml",
-        overrides=[
-            f"tracking.uri=sqlite:///{tmp}/mlflow.db",
-            "tracking.experiment=t",
-            f"serve.max_labels={MAX_LABELS}",
-            f"serve.max_image_pixels={MAX_IMAGE_PIXELS}",
-            f"serve.max_image_bytes={MAX_IMAGE_BYTES}",
-            f"serve.max_text_chars={MAX_TEXT_CHARS}",
-            f"serve.max_batch={MAX_BATCH}",
-            f"serve.max_k={MAX_K}",
-            f"serve.max_prompts={MAX_PROMPTS}",
-            f"serve.max_request_bytes={MAX_REQUEST_BYTES}",
-        ],
-        profile="test",
-    )
-    data = ingest("builtin", tmp / "data", small_params.data)
-    previous_uri = mlflow.get_tracking_uri()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("BENTOML_HOME", str(tmp / "bentoml"))
-        tracking.setup(params.tracking)
-        model = clip_model.create("CLIP-Tiny")
-        checkpoint = clip_model.save_checkpoint(tmp / "checkpoint", model.model, "CLIP-Tiny", extra={})
-        with mlflow.start_run():
-            logged_uri = log_clip_model(checkpoint)
-        name = params.promote.model_name
-        # The tags `clipflow promote` writes on a version.
-        tags = {**{f"metric.{k}": str(v) for k, v in METRICS.items()}, "data_version": data["data_version"]}
-        registered = mlflow.register_model(logged_uri, name, tags=tags)
-        mlflow.MlflowClient().set_registered_model_alias(name, "champion", registered.version)
-
-        result = package(f"models:/{name}@champion", params, gallery=tmp / "data")
-        print(f"package() with a {result['gallery']['size']}-image gallery took {result['seconds']:.2f} s")
-        bare = package(f"models:/{name}@champion", params)
-        print(f"package() without a gallery took {bare['seconds']:.2f} s")
-        yield {
-            "result": result,
-            "bare": bare,
-            "params": params,
-            "version": str(registered.version),
-            "data": data,
-            "tmp": tmp,
-        }
-    mlflow.set_tracking_uri(previous_uri)
-
-
-def _serve(bento_tag: str, tmp: Path, **env: str):
-    """`bentoml serve <bento_tag>` on a free port; always stopped, logs shown when it fails."""
-    from clipflow.package import bentoml_env
-
-    port = free_port()
-    command = [sys.executable, "-m", "bentoml", "serve", bento_tag, "--host", "127.0.0.1", "--port", str(port)]
-    return bentoml_server(command, port, {**bentoml_env(), **env}, tmp)
-
-
-@pytest.fixture(scope="module")
 def server(packaged):
     started = time.monotonic()
-    with _serve(packaged["result"]["bento_tag"], packaged["tmp"]) as url:
+    with serve_bento(packaged["result"]["bento_tag"], packaged["tmp"]) as url:
         print(f"bentoml serve ready in {time.monotonic() - started:.1f} s")
         yield url
 
@@ -146,7 +79,7 @@ def server(packaged):
 @pytest.fixture(scope="module")
 def keyed_server(packaged):
     """The Bento without a gallery, served with an API key."""
-    with _serve(packaged["bare"]["bento_tag"], packaged["tmp"], CLIPFLOW_API_KEY=API_KEY) as url:
+    with serve_bento(packaged["bare"]["bento_tag"], packaged["tmp"], CLIPFLOW_API_KEY=API_KEY) as url:
         yield url
 
 
@@ -462,6 +395,12 @@ BAD_REQUESTS = {
         400,
         "URLs are not fetched",
     ),
+    "file-in-a-text-field": (
+        "rank",
+        {"files": _files("candidates", [RED]) + _files("queries", [RED])},
+        400,
+        "a text field holds binary data",
+    ),
     "malformed-multipart": (
         *_raw("encode_image", b"garbage", "multipart/form-data; boundary=x"),
         400,
@@ -537,3 +476,85 @@ def test_client_example_calls_every_endpoint_with_the_key_from_its_environment(k
     assert answers["encode_image"] == answers["encode_image_base64"] == [len(paths), 128]
     assert len(answers["rank"]) == 2 and len(answers["rank_texts"]) == len(paths)
     assert "no gallery" in answers["search"]
+
+
+def test_the_bento_runs_this_service_with_pinned_packages(packaged):
+    import bentoml
+
+    from clipflow.package import RUNTIME_DISTRIBUTIONS
+
+    bento = Path(bentoml.bentos.get(packaged["result"]["bento_tag"]).path)
+    for name in ("service.py", "page.html"):
+        assert (bento / "src" / name).read_bytes() == (ROOT / "serving" / name).read_bytes(), name
+    requirements = (bento / "env/python/requirements.txt").read_text().split()
+    for name in RUNTIME_DISTRIBUTIONS:
+        assert f"{name}=={version(name)}" in requirements
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    for name in ("torch", "torchvision", "open-clip-torch", "bentoml"):
+        assert f'"{name}=={version(name)}"' in pyproject
+
+
+def test_the_page_is_served_at_the_root_and_the_api_docs_at_docs(server, keyed_server):
+    for url in (server, keyed_server):
+        page = httpx.get(f"{url}/", timeout=60)
+        assert page.status_code == 200
+        assert page.headers["content-type"].startswith("text/html")
+        assert "default-src 'none'" in page.headers["content-security-policy"]
+        assert page.content == (ROOT / "serving/page.html").read_bytes()
+        docs = httpx.get(f"{url}/docs", timeout=60)
+        assert docs.status_code == 200 and docs.content != page.content
+        assert "/docs.json" in docs.text or "swagger" in docs.text.lower()
+
+
+def test_gallery_image_returns_the_thumbnail_of_a_search_result(client, server, packaged, gallery_images):
+    key, path = next(iter(gallery_images.items()))
+    response = httpx.post(f"{server}/gallery_image", json={"id": key}, timeout=60)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    thumbnail = Image.open(io.BytesIO(response.content))
+    original = Image.open(path)
+    # The built-in images are smaller than a thumbnail, which never enlarges: it is the image itself.
+    assert max(original.size) <= packaged["params"].serve.thumbnail_px
+    assert thumbnail.size == original.size
+    assert thumbnail.convert("RGB").tobytes() == original.convert("RGB").tobytes()
+    found = client.search_image(image=path, k=1)[0]
+    assert httpx.post(f"{server}/gallery_image", json={"id": found["id"]}, timeout=60).content == response.content
+
+    missing = httpx.post(f"{server}/gallery_image", json={"id": "no-such-item"}, timeout=60)
+    assert missing.status_code == 404 and "no item 'no-such-item'" in missing.text
+    long_id = httpx.post(f"{server}/gallery_image", json={"id": "x" * (MAX_TEXT_CHARS + 1)}, timeout=60)
+    assert long_id.status_code == 400 and f"at most {MAX_TEXT_CHARS}" in long_id.text
+
+
+def _concurrently(calls: list) -> list:
+    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
+        return list(pool.map(lambda call: call(), calls))
+
+
+def test_concurrent_encode_requests_are_batched_and_each_gets_its_own_rows(server):
+    texts = [[f"{n} red circles", f"a blue star number {n}"][: 1 + n % 2] for n in range(16)]
+    alone = [httpx.post(f"{server}/encode_text", json={"texts": t}, timeout=120).json() for t in texts]
+    pattern = r'bentoml_service_adaptive_batch_size_(sum|count)\{[^}]*method_name="encode_text"[^}]*\} ([0-9.e+]+)'
+    for _ in range(5):
+        answers = _concurrently(
+            [lambda t=t: httpx.post(f"{server}/encode_text", json={"texts": t}, timeout=120) for t in texts]
+        )
+        assert [a.status_code for a in answers] == [200] * len(texts)
+        for answer, expected in zip(answers, alone, strict=True):
+            assert _flat(answer.json()) == pytest.approx(_flat(expected), abs=1e-5)
+        totals = dict(re.findall(pattern, httpx.get(f"{server}/metrics", timeout=60).text))
+        # Each observation is the number of requests one model call served: more requests than
+        # calls means some calls merged several requests. A busy machine may need a few rounds.
+        if float(totals["sum"]) > float(totals["count"]):
+            break
+    assert float(totals["sum"]) > float(totals["count"]) > 0, totals
+
+
+def test_a_bad_request_fails_alone_and_not_the_batch_it_arrives_with(server):
+    url = f"{server}/encode_text"
+    good = [lambda n=n: httpx.post(url, json={"texts": [f"{n} stars"]}, timeout=120) for n in range(8)]
+    bad = [lambda: httpx.post(url, json={"texts": ["x" * (MAX_TEXT_CHARS + 1)]}, timeout=120)]
+    files = [lambda: httpx.post(f"{server}/encode_image", files=_files("images", [RED, RED[:100]]), timeout=120)]
+    answers = _concurrently(good + bad + files)
+    assert [a.status_code for a in answers] == [200] * 8 + [400, 400]
+    assert "images[1] could not be decoded" in answers[-1].text

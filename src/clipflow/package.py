@@ -7,7 +7,7 @@ run, metrics and data version) as metadata. Given an ingested data directory, th
 carries a gallery index for `search`: the normalised embeddings of the `serve.gallery_split`
 images with their keys and captions (see `clipflow.gallery`). Then `serving/service.py` and the
 `clipflow` package are built into a Bento whose arguments name that exact model tag, the
-configured host and port and the request body limit, so `bentoml serve <bento_tag>` (and a
+configured host and port, the request body limit and the batching settings, so `bentoml serve <bento_tag>` (and a
 container built from the Bento) serve exactly this model without params.yaml, the data or the
 MLflow store.
 
@@ -41,12 +41,23 @@ from clipflow.registry.promote import version_metrics
 
 SERVING_DIR = Path(__file__).resolve().parents[2] / "serving"
 SERVICE_FILE = "service.py"
+PAGE_FILE = "page.html"
 SERVICE = "service:Clipflow"
 HOME_ENV = "BENTOML_HOME"
 DEFAULT_HOME = "bentoml_home"
-# What the service imports besides clipflow; pinned to this environment's versions so the
-# Bento's image runs what was tested here.
-RUNTIME_DISTRIBUTIONS = ("torch", "torchvision", "open-clip-torch", "pillow")
+# What the service and the clipflow modules it loads import (torchvision through open_clip's
+# transforms), pinned to this environment's versions, which pyproject.toml pins, so the Bento's
+# image runs what was tested here. BentoML pins itself.
+RUNTIME_DISTRIBUTIONS = (
+    "torch",
+    "torchvision",
+    "open-clip-torch",
+    "pillow",
+    "numpy",
+    "tqdm",
+    "pydantic",
+    "starlette",
+)
 # Stored in the model's metadata and checked by the service per request (clipflow.serving_io.Limits).
 LIMITS = (
     "max_labels",
@@ -144,9 +155,11 @@ def _check_serve_params(serve: ServeParams) -> None:
         ipaddress.ip_address(serve.host)
     except ValueError:
         raise ClipflowError(f"serve.host must be an IP address such as 127.0.0.1, got {serve.host!r}") from None
-    for key in (*LIMITS, "max_request_bytes"):
+    for key in (*LIMITS, "max_request_bytes", "thumbnail_px", "batch_max_latency_ms"):
         if getattr(serve, key) <= 0:
             raise ClipflowError(f"serve.{key} must be positive, got {getattr(serve, key)}")
+    if serve.batch_max_size < 2:  # BentoML refuses a batch of one at import time
+        raise ClipflowError(f"serve.batch_max_size must be at least 2, got {serve.batch_max_size}")
 
 
 def _check_store_home(home: Path) -> None:
@@ -198,7 +211,11 @@ def _build_gallery(checkpoint: Path, data_dir: Path, params: Params) -> tuple[cl
     from clipflow.data.ingest import SUMMARY_FILE, read_summary
 
     index = clip_gallery.build(
-        clip_model.load(checkpoint), data_dir, params.serve.gallery_split, params.evaluate.batch_size
+        clip_model.load(checkpoint),
+        data_dir,
+        params.serve.gallery_split,
+        params.evaluate.batch_size,
+        params.serve.thumbnail_px,
     )
     info: dict[str, Any] = {"split": params.serve.gallery_split, "size": len(index)}
     if (data_dir / SUMMARY_FILE).is_file():
@@ -245,7 +262,8 @@ def _build_bento(stage: Path, serving_dir: Path, model_tag: str, serve: ServePar
     import bentoml
 
     stage.mkdir(parents=True)
-    shutil.copyfile(serving_dir / SERVICE_FILE, stage / SERVICE_FILE)
+    for name in (SERVICE_FILE, PAGE_FILE):
+        shutil.copyfile(serving_dir / name, stage / name)
     clipflow_dir = Path(clip_model.__file__).resolve().parents[1]
     shutil.copytree(clipflow_dir, stage / "clipflow", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     bentofile = stage / "bentofile.yaml"
@@ -255,7 +273,7 @@ def _build_bento(stage: Path, serving_dir: Path, model_tag: str, serve: ServePar
                 "service": SERVICE,
                 "name": serve.bento_name,
                 "labels": {"bento_model": model_tag, **labels},
-                "include": [SERVICE_FILE, "clipflow/**"],
+                "include": [SERVICE_FILE, PAGE_FILE, "clipflow/**"],
                 "python": {
                     "packages": [f"{name}=={version(name)}" for name in RUNTIME_DISTRIBUTIONS],
                     # Locking resolves against PyPI, which a build machine may not reach.
@@ -276,5 +294,8 @@ def _build_bento(stage: Path, serving_dir: Path, model_tag: str, serve: ServePar
             "host": serve.host,
             "port": serve.port,
             "max_request_bytes": serve.max_request_bytes,
+            "batching": serve.batching,
+            "batch_max_size": serve.batch_max_size,
+            "batch_max_latency_ms": serve.batch_max_latency_ms,
         },
     )

@@ -103,6 +103,10 @@ class ServeParams:
     max_batch: int
     max_k: int
     gallery_split: str
+    thumbnail_px: int
+    batching: bool
+    batch_max_size: int
+    batch_max_latency_ms: int
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,16 @@
-"""The HTTP edge of the served Bento: an optional API key, request gates, and strict parsing.
+"""The HTTP edge of the served Bento: the web page, an optional API key, request gates, strict parsing.
 
-BentoML 1.4 runs the two middleware classes in every API worker (`Service.add_asgi_middleware`);
+BentoML 1.4 runs the middleware classes in every API worker (`Service.add_asgi_middleware`);
 they answer before BentoML reads a request, so neither an unauthorised nor an oversized request
-reaches the model. `strict_request_parsing()` changes how BentoML turns a request into arguments,
-so that what a client sends maps to clear 4xx answers:
+reaches the model, and the page is served without touching it. `strict_request_parsing()`
+changes how BentoML turns a request into arguments, so that what a client sends maps to clear
+4xx answers:
 
 - a request that does not fit an endpoint's signature (invalid JSON, a missing field, a wrong
   type) answers 422, with the fields at fault, where BentoML would answer 400;
 - a malformed multipart body answers 400, where BentoML would answer 500;
-- text in a file field answers 400, where BentoML would download it as a URL from the server.
+- text in a file field answers 400, where BentoML would download it as a URL from the server;
+- a file in a text field answers 400, where BentoML would answer 500.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import hmac
 import json
 import os
+from pathlib import Path
 from typing import TypeVar
 
 from _bentoml_impl import serde
@@ -31,7 +34,9 @@ T = TypeVar("T")
 API_KEY_ENV = "CLIPFLOW_API_KEY"
 # Probes and Prometheus must work without the key (Kubernetes and scrapers send none), and
 # the docs page and schema describe the API without calling it.
-OPEN_PATHS = frozenset({"/livez", "/healthz", "/readyz", "/metrics", "/", "/docs.json", "/schema.json"})
+# The page holds no data: it asks for the key and sends it with each API call it makes.
+OPEN_PATHS = frozenset({"/livez", "/healthz", "/readyz", "/metrics", "/", "/docs", "/docs.json", "/schema.json"})
+DOCS_PATH = "/docs"
 OPEN_PREFIXES = ("/static_content/",)
 # BentoML also reads urlencoded forms, but then every file field is text it would fetch as a URL.
 ACCEPTED_MEDIA_TYPES = frozenset({"application/json", "multipart/form-data"})
@@ -79,6 +84,46 @@ class ApiKeyMiddleware:
             await send_error(send, 401, "wrong API key", ((b"www-authenticate", b'Bearer error="invalid_token"'),))
         else:
             await self.app(scope, receive, send)
+
+
+class PageMiddleware:
+    """Answer `GET /` with the web page, and `GET /docs` with BentoML's API docs page it replaces.
+
+    The page is read once, at startup; it is plain HTML with its script inline, and a strict
+    Content-Security-Policy lets it reach only this server.
+    """
+
+    def __init__(self, app: ASGIApp, page: Path) -> None:
+        self.app = app
+        self.body = Path(page).read_bytes()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] in ("GET", "HEAD"):
+            if scope["path"] == "/":
+                await self._send_page(send, head=scope["method"] == "HEAD")
+                return
+            if scope["path"] == DOCS_PATH:
+                scope = {**scope, "path": "/", "raw_path": b"/"}
+        await self.app(scope, receive, send)
+
+    async def _send_page(self, send: Send, head: bool) -> None:
+        headers = [
+            (b"content-type", b"text/html; charset=utf-8"),
+            (b"content-length", str(len(self.body)).encode()),
+            (b"content-security-policy", CONTENT_SECURITY_POLICY),
+            (b"x-content-type-options", b"nosniff"),
+            (b"cache-control", b"no-cache"),
+        ]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"" if head else self.body})
+
+
+# Inline script and style only (the page has no other files), images from blob: URLs the page makes
+# from fetched thumbnails and uploads (and its empty data: icon), requests to this origin only.
+CONTENT_SECURITY_POLICY = (
+    b"default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' blob: data:; "
+    b"connect-src 'self'; form-action 'none'; base-uri 'none'; frame-ancestors 'none'"
+)
 
 
 def _presented_key(headers: list[tuple[bytes, bytes]]) -> bytes | None:
@@ -166,6 +211,8 @@ class StrictMultipartSerde(serde.MultipartSerde):
             raise UnprocessableEntity(describe_validation_error(exc)) from None
         except HTTPException as exc:  # Starlette's answer to a malformed multipart body
             raise InvalidArgument(f"multipart body: {exc.detail}") from None
+        except UnicodeDecodeError:  # BentoML reads a text field as JSON text
+            raise InvalidArgument("multipart body: a text field holds binary data (a file in a text field?)") from None
 
 
 def strict_request_parsing() -> None:

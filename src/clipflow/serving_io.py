@@ -13,10 +13,13 @@ import binascii
 import io
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import PIL.Image
 from bentoml.exceptions import InvalidArgument
 from pydantic import BaseModel
+
+ItemsT = TypeVar("ItemsT", bound=Sequence)
 
 
 class Limits(BaseModel):
@@ -32,20 +35,22 @@ class Limits(BaseModel):
     max_k: int
 
 
-def check_count(field: str, items: Sequence[object], max_items: int) -> None:
-    """Refuse an empty list or one longer than `max_items`."""
+def check_count(field: str, items: ItemsT, max_items: int) -> ItemsT:
+    """Refuse an empty list or one longer than `max_items`; returns `items`."""
     if not items:
         raise InvalidArgument(f"{field} must not be empty")
     if len(items) > max_items:
         raise InvalidArgument(f"{field}: {len(items)} given, at most {max_items} allowed")
+    return items
 
 
-def check_texts(field: str, texts: Sequence[str], max_items: int, max_chars: int) -> None:
-    """Refuse an empty list, more than `max_items` texts, or a text longer than `max_chars`."""
+def check_texts(field: str, texts: ItemsT, max_items: int, max_chars: int) -> ItemsT:
+    """Refuse an empty list, more than `max_items` texts, or a text longer than `max_chars`; returns `texts`."""
     check_count(field, texts, max_items)
     longest = max(len(text) for text in texts)
     if longest > max_chars:
         raise InvalidArgument(f"{field}: a text has {longest} characters, at most {max_chars}")
+    return texts
 
 
 def check_templates(templates: Sequence[str], labels: int, limits: Limits) -> None:

@@ -1,0 +1,220 @@
+"""Throughput and latency of the served encoders over HTTP against the in-process model (the ceiling).
+
+    python benchmarks/bench_serve.py [--seconds 20] [--clients 16]
+
+One run packages a random-init CLIP-Tiny twice into a temporary BentoML store, with adaptive
+batching on (params.yaml's `serve:`) and off, serves each with `bentoml serve` on 127.0.0.1, and
+sends one-item `encode_text` and `encode_image` requests from `--clients` concurrent clients for
+`--seconds` per case. The peer is the same work in this process without HTTP (tokenise and
+forward for texts; eval preprocess and forward of decoded images), timed at each batch size of
+BATCH_SIZES: its best items/s is the ceiling, and `ratio` is the served throughput's fraction of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import httpx
+import psutil
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = Path(__file__).parent / "results" / "bench_serve.json"
+BATCH_SIZES = (1, 4, 16, 32, 64, 128)
+TEXT = "two small purple stars at the top left"
+COMMAND = "python benchmarks/bench_serve.py"
+
+
+def sample_png() -> bytes:
+    """A 64 x 64 drawing, the size of the built-in dataset's images."""
+    image = Image.new("RGB", (64, 64), "white")
+    image.paste((120, 40, 200), (16, 16, 48, 40))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def ceiling(clip, png: bytes, seconds: float) -> dict[str, dict]:
+    """Items/s of the in-process encoders at each batch size; returns the best per encoder."""
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    work = {
+        "encode_text": lambda n: clip.encode_text([TEXT] * n),
+        "encode_image": lambda n: clip.encode_images(torch.stack([clip.preprocess(image)] * n)),
+    }
+    best = {}
+    for name, run in work.items():
+        rates = {}
+        for n in BATCH_SIZES:
+            run(n)  # warm-up
+            calls, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds / len(BATCH_SIZES):
+                run(n)
+                calls += 1
+            rates[n] = calls * n / (time.perf_counter() - start)
+        size = max(rates, key=rates.get)
+        best[name] = {"items_per_s": rates[size], "batch_size": size, "by_batch_size": rates}
+        print(json.dumps({"ceiling": name, **best[name]}), flush=True)
+    return best
+
+
+async def load(url: str, endpoint: str, png: bytes, clients: int, seconds: float) -> dict:
+    """`clients` concurrent one-item requests for `seconds`: items/s, p50 and p99 latency, statuses."""
+    latencies: list[float] = []
+    failures: dict[str, int] = {}
+    kwargs = (
+        {"json": {"texts": [TEXT]}}
+        if endpoint == "encode_text"
+        else {"files": [("images", ("a.png", png, "image/png"))]}
+    )
+
+    async def client(http: httpx.AsyncClient, deadline: float) -> None:
+        while time.perf_counter() < deadline:
+            start = time.perf_counter()
+            response = await http.post(f"/{endpoint}", **kwargs)
+            if response.status_code == 200:
+                latencies.append(time.perf_counter() - start)
+            else:
+                failures[str(response.status_code)] = failures.get(str(response.status_code), 0) + 1
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+        await asyncio.gather(*(client(http, time.perf_counter() + 2) for _ in range(clients)))  # warm-up
+        latencies.clear()
+        start = time.perf_counter()
+        await asyncio.gather(*(client(http, start + seconds) for _ in range(clients)))
+        elapsed = time.perf_counter() - start
+    cuts = statistics.quantiles(latencies, n=100)
+    return {
+        "items_per_s": len(latencies) / elapsed,
+        "p50_ms": 1000 * cuts[49],
+        "p99_ms": 1000 * cuts[98],
+        "requests": len(latencies),
+        "failures": failures,
+    }
+
+
+def package_bento(tmp: Path, batching: bool) -> str:
+    from clipflow import model as clip_model
+    from clipflow.package import package
+    from clipflow.params import load_params
+
+    checkpoint = tmp / "checkpoint"
+    if not checkpoint.exists():
+        clip_model.save_checkpoint(checkpoint, clip_model.create("CLIP-Tiny").model, "CLIP-Tiny", extra={})
+    overrides = [f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"serve.batching={str(batching).lower()}"]
+    params = load_params(ROOT / "params.yaml", overrides=overrides)
+    return package(str(checkpoint), params)["bento_tag"]
+
+
+def serve(bento_tag: str, port: int, log: Path) -> subprocess.Popen:
+    from clipflow.package import bentoml_env
+
+    command = [sys.executable, "-m", "bentoml", "serve", bento_tag, "--host", "127.0.0.1", "--port", str(port)]
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, env=bentoml_env(), stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None:
+            break
+        time.sleep(0.5)
+    process.kill()
+    raise SystemExit(f"bentoml serve did not start:\n{log.read_text()[-3000:]}")
+
+
+def served(bento_tag: str, tmp: Path, png: bytes, clients: int, seconds: float) -> dict[str, dict]:
+    from tests.conftest import free_port
+
+    port = free_port()
+    process = serve(bento_tag, port, tmp / f"serve-{port}.log")
+    try:
+        results = {}
+        for endpoint in ("encode_image", "encode_text"):
+            results[endpoint] = asyncio.run(load(f"http://127.0.0.1:{port}", endpoint, png, clients, seconds))
+            print(json.dumps({"bento": bento_tag, endpoint: results[endpoint]}), flush=True)
+        return results
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=20, help="load per endpoint and server")
+    parser.add_argument("--clients", type=int, default=16)
+    args = parser.parse_args(argv)
+
+    from clipflow import model as clip_model
+
+    png = sample_png()
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as name:
+        tmp = Path(name)
+        os.environ.update({"BENTOML_HOME": str(tmp / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"})
+        os.environ.update({"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"})
+        batched_tag = package_bento(tmp, batching=True)
+        unbatched_tag = package_bento(tmp, batching=False)
+        best = ceiling(clip_model.load(tmp / "checkpoint" / clip_model.CHECKPOINT_FILE), png, args.seconds)
+        batched = served(batched_tag, tmp, png, args.clients, args.seconds)
+        unbatched = served(unbatched_tag, tmp, png, args.clients, args.seconds)
+
+    cases = []
+    for endpoint in ("encode_image", "encode_text"):
+        peer = best[endpoint]
+        case = {
+            "case": endpoint,
+            "metric": "items_per_s",
+            "unit": "items/s",
+            "clipflow": round(batched[endpoint]["items_per_s"], 1),
+            "peer": f"in-process model at its best batch size ({peer['batch_size']})",
+            "peer_value": round(peer["items_per_s"], 1),
+            "ratio": round(batched[endpoint]["items_per_s"] / peer["items_per_s"], 3),
+            "p50_ms": round(batched[endpoint]["p50_ms"], 1),
+            "p99_ms": round(batched[endpoint]["p99_ms"], 1),
+            "items_per_s_unbatched": round(unbatched[endpoint]["items_per_s"], 1),
+            "p50_ms_unbatched": round(unbatched[endpoint]["p50_ms"], 1),
+            "p99_ms_unbatched": round(unbatched[endpoint]["p99_ms"], 1),
+            "failed_requests": {**batched[endpoint]["failures"]},
+        }
+        cases.append(case)
+    load_average = os.getloadavg()[0]
+    result = {
+        "benchmark": "bench_serve",
+        "date": date.today().isoformat(),
+        "machine": f"{psutil.cpu_count()} cores, {platform.processor() or platform.machine()}, "
+        f"{psutil.virtual_memory().total / 2**30:.0f} GiB, no GPU",
+        "command": COMMAND,
+        "clients": args.clients,
+        "seconds_per_case": args.seconds,
+        "items_per_request": 1,
+        "note": (
+            f"1-minute load average {load_average:.1f} on {psutil.cpu_count()} cores at the end of the run: "
+            "the machine was shared with other engineers' test runs, so absolute numbers are noisy; "
+            "the ratios within this run are what count. The clients run on the same cores as the server."
+        ),
+        "cases": cases,
+    }
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

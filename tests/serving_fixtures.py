@@ -1,0 +1,105 @@
+"""Session fixtures for the tests of the served Bento: one champion, packaged once, served per module.
+
+Loaded by `tests/conftest.py` (`pytest_plugins`), so the serving, page and load tests share one
+package step. Serving limits are lowered through params so the 4xx paths are cheap to reach and
+are known to come from the packaged model, not from the service's code.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import bentoml_server, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_LABELS = 8
+MAX_IMAGE_PIXELS = 128 * 128
+MAX_IMAGE_BYTES = 60_000
+MAX_TEXT_CHARS = 200
+MAX_BATCH = 4
+MAX_K = 20
+MAX_PROMPTS = 12
+MAX_REQUEST_BYTES = 1_000_000
+API_KEY = "test-key-0123456789"
+METRICS = {"zeroshot_top1_heldout": 0.25, "retrieval_i2t_r1": 0.125}
+
+
+@pytest.fixture(scope="session")
+def packaged(tmp_path_factory, small_params):
+    """A champion registered in a fresh MLflow store, packaged twice into a fresh BentoML store:
+    with a gallery of the ingested test split, and without one."""
+    import mlflow
+
+    from clipflow import model as clip_model
+    from clipflow import tracking
+    from clipflow.data.ingest import ingest
+    from clipflow.package import package
+    from clipflow.params import load_params
+    from clipflow.registry.models import log_clip_model
+
+    tmp = tmp_path_factory.mktemp("serving")
+    params = load_params(
+        ROOT / "params.yaml",
+        overrides=[
+            f"tracking.uri=sqlite:///{tmp}/mlflow.db",
+            "tracking.experiment=t",
+            f"serve.max_labels={MAX_LABELS}",
+            f"serve.max_image_pixels={MAX_IMAGE_PIXELS}",
+            f"serve.max_image_bytes={MAX_IMAGE_BYTES}",
+            f"serve.max_text_chars={MAX_TEXT_CHARS}",
+            f"serve.max_batch={MAX_BATCH}",
+            f"serve.max_k={MAX_K}",
+            f"serve.max_prompts={MAX_PROMPTS}",
+            f"serve.max_request_bytes={MAX_REQUEST_BYTES}",
+        ],
+        profile="test",
+    )
+    data = ingest("builtin", tmp / "data", small_params.data)
+    previous_uri = mlflow.get_tracking_uri()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("BENTOML_HOME", str(tmp / "bentoml"))
+        tracking.setup(params.tracking)
+        model = clip_model.create("CLIP-Tiny")
+        checkpoint = clip_model.save_checkpoint(tmp / "checkpoint", model.model, "CLIP-Tiny", extra={})
+        with mlflow.start_run():
+            logged_uri = log_clip_model(checkpoint)
+        name = params.promote.model_name
+        # The tags `clipflow promote` writes on a version.
+        tags = {**{f"metric.{k}": str(v) for k, v in METRICS.items()}, "data_version": data["data_version"]}
+        registered = mlflow.register_model(logged_uri, name, tags=tags)
+        mlflow.MlflowClient().set_registered_model_alias(name, "champion", registered.version)
+
+        result = package(f"models:/{name}@champion", params, gallery=tmp / "data")
+        print(f"package() with a {result['gallery']['size']}-image gallery took {result['seconds']:.2f} s")
+        bare = package(f"models:/{name}@champion", params)
+        print(f"package() without a gallery took {bare['seconds']:.2f} s")
+        yield {
+            "result": result,
+            "bare": bare,
+            "params": params,
+            "version": str(registered.version),
+            "data": data,
+            "tmp": tmp,
+        }
+    mlflow.set_tracking_uri(previous_uri)
+
+
+def serve_bento(bento_tag: str, tmp: Path, **env: str):
+    """`bentoml serve <bento_tag>` on a free port; always stopped, logs shown when it fails.
+
+    Each server gets its own BENTOML_HOME over the shared store: BentoML keeps Prometheus
+    metrics in a folder of its home that a starting server empties, which would wipe the
+    metrics of a server already running.
+    """
+    from clipflow.package import bentoml_env, bentoml_home
+
+    port = free_port()
+    home = tmp / f"home-{port}"
+    home.mkdir()
+    for name in ("bentos", "models"):
+        (home / name).symlink_to(bentoml_home() / name)
+    command = [sys.executable, "-m", "bentoml", "serve", bento_tag, "--host", "127.0.0.1", "--port", str(port)]
+    return bentoml_server(command, port, {**bentoml_env(), **env, "BENTOML_HOME": str(home)}, tmp)
