@@ -14,8 +14,8 @@ How the InfoNCE loss stays cheap:
   all-reduces of B floats. Images are never gathered.
 - Forward keeps only the row and column log-sum-exps; backward recomputes each tile. That is
   four (tile x B x d) matrix products per tile in all, forward and backward, where open_clip
-  needs six over the full matrices, and the elementwise work runs in place in three
-  preallocated tile buffers, so no B x B temporary is ever allocated.
+  needs six over the full matrices, and the elementwise work runs in place in two (one
+  process) or three (several) preallocated tile buffers, so no B x B temporary is ever allocated.
 - Arithmetic is float32 whatever the input dtype; gradients return in the input dtypes.
 
 Each rank's loss value, and its gradients of the features (through the gather) and of the
@@ -29,8 +29,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 
+from clipflow.params import TRAIN_LOSSES
+
 DEFAULT_TILE = 512
-LOSSES = ("clip", "tiled", "siglip")
 
 
 def build_loss(kind: str, rank: int, world_size: int) -> torch.nn.Module:
@@ -43,7 +44,7 @@ def build_loss(kind: str, rank: int, world_size: int) -> torch.nn.Module:
         return open_clip.ClipLoss(
             local_loss=world_size > 1, gather_with_grad=world_size > 1, rank=rank, world_size=world_size
         )
-    raise ValueError(f"unknown loss {kind!r}, expected one of {LOSSES}")
+    raise ValueError(f"unknown loss {kind!r}, expected one of {TRAIN_LOSSES}")
 
 
 def _gather_texts(text_features: torch.Tensor) -> tuple[torch.Tensor, int, bool]:
@@ -141,46 +142,73 @@ class _TiledInfoNCE(torch.autograd.Function):
     def backward(ctx, grad_loss):
         images, all_texts, logit_scale, row_lse, column_lse = ctx.saved_tensors
         a, c, scale = images.float(), all_texts.float(), logit_scale.float()
-        offset, local, width = ctx.offset, a.shape[0], c.shape[0]
+        offset, local = ctx.offset, a.shape[0]
         grad_loss = grad_loss.float()
-        # A column's loss term belongs to the rank that owns its text, with that rank's upstream gradient.
+        lse = (row_lse, column_lse)
         if ctx.distributed:
-            upstream = [torch.empty_like(grad_loss) for _ in range(dist.get_world_size())]
-            dist.all_gather(upstream, grad_loss.contiguous())
-            column_weight = torch.stack(upstream).repeat_interleave(local)
+            grad_a, grad_c, scale_term = _rank_logit_grads(a, c, scale, lse, grad_loss, offset, ctx.tile)
         else:
-            column_weight = grad_loss.expand(width)
-        logits = a.new_empty(min(ctx.tile, local), width)
-        row_probs, column_probs = torch.empty_like(logits), torch.empty_like(logits)
-        grad_a, grad_c = torch.empty_like(a), torch.zeros_like(c)
-        row_expectation = a.new_zeros(())  # sum_ij p_row_ij * logit_ij: the row terms' d/d scale, times scale
-        column_expectation = a.new_zeros(width)  # the same per column, for this rank's rows
-        scaled_rows = scale * a
-        for rows_at, rows in _row_tiles(scaled_rows, ctx.tile):
-            count = rows.shape[0]
-            block, p_row, p_col = logits[:count], row_probs[:count], column_probs[:count]
-            torch.mm(rows, c.T, out=block)
-            torch.sub(block, row_lse[rows_at, None], out=p_row).exp_()
-            torch.sub(block, column_lse, out=p_col).exp_()
-            row_expectation += torch.dot(p_row.view(-1), block.view(-1))
-            column_expectation += block.mul_(p_col).sum(dim=0)
-            # d(loss)/d(logits) of this tile, but for the 1 / (2 x local) and the positives below.
-            p_row.mul_(grad_loss).add_(p_col.mul_(column_weight))
-            torch.mm(p_row, c, out=grad_a[rows_at])
-            grad_c.addmm_(p_row.T, a[rows_at])
-        if ctx.distributed:
-            dist.all_reduce(column_expectation)
+            grad_a, grad_c, scale_term = _logit_grads(a, c, scale, lse, grad_loss, ctx.tile)
         own_columns = slice(offset, offset + local)
         paired = c[own_columns]
-        positives = (a * paired).sum()
         norm = 1.0 / (2 * local)
+        # Each positive logit appears in both directions, hence the factors of 2.
         grad_a.sub_(2 * grad_loss * paired).mul_(scale * norm)
         grad_c.mul_(scale * norm)
         grad_c[own_columns] -= (2 * norm * scale * grad_loss) * a
-        grad_scale = (
-            grad_loss * norm * ((row_expectation + column_expectation[own_columns].sum()) / scale - 2 * positives)
-        )
+        grad_scale = norm * (scale_term - 2 * grad_loss * (a * paired).sum())
         return grad_a.to(images.dtype), grad_c.to(all_texts.dtype), grad_scale.to(logit_scale.dtype), None, None, None
+
+
+def _logit_grads(a, c, scale, lse, grad_loss, tile):
+    """One process: G = p_row + p_col over the whole matrix; returns grad_loss x (G c, G^T a, sum G * a c^T).
+
+    The last, the logit scale's term, comes free from the first: sum_ij G_ij a_i.c_j = sum_i a_i.(G c)_i.
+    """
+    row_lse, column_lse = lse
+    logits = a.new_empty(min(tile, a.shape[0]), c.shape[0])
+    weights = torch.empty_like(logits)
+    grad_a, grad_c = torch.empty_like(a), torch.zeros_like(c)
+    for rows_at, rows in _row_tiles(scale * a, tile):
+        block, g = logits[: rows.shape[0]], weights[: rows.shape[0]]
+        torch.mm(rows, c.T, out=block)
+        torch.sub(block, row_lse[rows_at, None], out=g).exp_()
+        g.add_(block.sub_(column_lse).exp_())
+        torch.mm(g, c, out=grad_a[rows_at])
+        grad_c.addmm_(g.T, a[rows_at])
+    scale_term = grad_loss * (a * grad_a).sum()
+    return grad_a.mul_(grad_loss), grad_c.mul_(grad_loss), scale_term
+
+
+def _rank_logit_grads(a, c, scale, lse, grad_loss, offset, tile):
+    """`_logit_grads` for this rank's rows, with each column weighted by the upstream gradient of the
+    rank that owns its text; the logit scale's term is this rank's own loss's alone, as in open_clip,
+    so the column part of it sums over every rank's rows.
+    """
+    row_lse, column_lse = lse
+    local, width = a.shape[0], c.shape[0]
+    upstream = [torch.empty_like(grad_loss) for _ in range(dist.get_world_size())]
+    dist.all_gather(upstream, grad_loss.contiguous())
+    column_weight = torch.stack(upstream).repeat_interleave(local)
+    logits = a.new_empty(min(tile, local), width)
+    row_probs, column_probs = torch.empty_like(logits), torch.empty_like(logits)
+    grad_a, grad_c = torch.empty_like(a), torch.zeros_like(c)
+    row_expectation = a.new_zeros(())  # sum_ij p_row_ij logit_ij
+    column_expectation = a.new_zeros(width)  # sum_i p_col_ij logit_ij, this rank's rows
+    for rows_at, rows in _row_tiles(scale * a, tile):
+        count = rows.shape[0]
+        block, p_row, p_col = logits[:count], row_probs[:count], column_probs[:count]
+        torch.mm(rows, c.T, out=block)
+        torch.sub(block, row_lse[rows_at, None], out=p_row).exp_()
+        torch.sub(block, column_lse, out=p_col).exp_()
+        row_expectation += torch.dot(p_row.view(-1), block.view(-1))
+        column_expectation += block.mul_(p_col).sum(dim=0)
+        p_row.mul_(grad_loss).add_(p_col.mul_(column_weight))
+        torch.mm(p_row, c, out=grad_a[rows_at])
+        grad_c.addmm_(p_row.T, a[rows_at])
+    dist.all_reduce(column_expectation)
+    own = column_expectation[offset : offset + local].sum()
+    return grad_a, grad_c, grad_loss * (row_expectation + own) / scale
 
 
 class _TiledSigmoid(torch.autograd.Function):
