@@ -12,22 +12,16 @@ so cases cannot inherit each other's allocations. The dense N x N float32 matrix
 from __future__ import annotations
 
 import json
-import platform
-import resource
-import subprocess
 import sys
 import time
-from datetime import date
-from pathlib import Path
 
-import psutil
 import torch
+from common import case, peak_bytes, resident_bytes, run_child, write_results
 
 DIM = 512
 KS = (1, 5, 10)
 SIZES = (10_000, 20_000, 40_000, 100_000)
 DENSE_MAX = 40_000
-RESULTS = Path(__file__).parent / "results" / "bench_retrieval.json"
 
 
 def dense_recall(queries: torch.Tensor, candidates: torch.Tensor, ks) -> dict[int, float]:
@@ -47,59 +41,38 @@ def measure(kind: str, n: int) -> dict:
     images.div_(images.norm(dim=1, keepdim=True))
     texts = torch.randn(n, DIM).mul_(0.05).add_(images)
     texts.div_(texts.norm(dim=1, keepdim=True))
-    before = psutil.Process().memory_info().rss
+    before = resident_bytes()
     started = time.perf_counter()
     recall = recall_at_k(images, texts, KS) if kind == "chunked" else dense_recall(images, texts, KS)
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"peak_extra_mb": max(0, peak - before) / 2**20, "seconds": seconds, "recall": recall}
-
-
-def run_case(kind: str, n: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--case", kind, str(n)], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)
+    return {"peak_extra_mb": max(0, peak_bytes() - before) / 2**20, "seconds": seconds, "recall": recall}
 
 
 def main() -> None:
     cases = []
     for n in SIZES:
-        chunked = run_case("chunked", n)
-        dense = run_case("dense", n) if n <= DENSE_MAX else None
+        chunked = run_child(__file__, "chunked", str(n))
+        dense = run_child(__file__, "dense", str(n)) if n <= DENSE_MAX else None
         if dense:
             assert chunked["recall"] == dense["recall"], (chunked["recall"], dense["recall"])
         for metric, unit in (("peak_extra_mb", "MB"), ("seconds", "s")):
-            case = {
-                "case": f"N={n}",
-                "metric": metric,
-                "unit": unit,
-                "clipflow": round(chunked[metric], 2),
-                "peer": "dense N x N similarity",
-                "peer_value": round(dense[metric], 2) if dense else None,
-                "ratio": round(chunked[metric] / dense[metric], 4) if dense and dense[metric] else None,
-            }
+            row = case(
+                f"N={n}",
+                metric,
+                unit,
+                round(chunked[metric], 2),
+                "dense N x N similarity",
+                round(dense[metric], 2) if dense else None,
+            )
             if not dense:
-                case["note"] = f"dense needs {4 * n * n / 1e9:.0f} GB for the similarity matrix alone"
-            cases.append(case)
-            print(json.dumps(case))
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(
-        json.dumps(
-            {
-                "benchmark": "bench_retrieval",
-                "date": date.today().isoformat(),
-                "machine": f"{psutil.cpu_count()} cores, {platform.processor() or platform.machine()}, "
-                f"{psutil.virtual_memory().total / 2**30:.0f} GiB, no GPU",
-                "command": "python benchmarks/bench_retrieval.py",
-                "dim": DIM,
-                "cases": cases,
-            },
-            indent=2,
-        )
-    )
+                row["note"] = f"dense needs {4 * n * n / 1e9:.0f} GB for the similarity matrix alone"
+            cases.append(row)
+            print(json.dumps(row))
+    write_results("bench_retrieval", "python benchmarks/bench_retrieval.py", cases, dim=DIM)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--case":
+    if len(sys.argv) == 4 and sys.argv[1] == "--child":
         print(json.dumps(measure(sys.argv[2], int(sys.argv[3]))))
     else:
         main()

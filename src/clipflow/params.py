@@ -23,6 +23,10 @@ DEFAULT_PARAMS = Path("params.yaml")
 PROFILE_ENV = "CLIPFLOW_PROFILE"
 
 
+# clip: open_clip's ClipLoss; tiled: the same loss in O(tile x batch) memory; siglip: the sigmoid loss, tiled.
+TRAIN_LOSSES = ("clip", "tiled", "siglip")
+
+
 @dataclass(frozen=True)
 class DataParams:
     seed: int
@@ -167,8 +171,8 @@ class Params:
 
     def check(self) -> None:
         """Reject combinations that are well-typed but cannot work."""
-        if self.train.loss not in {"clip", "tiled"}:
-            raise ClipflowError(f"train.loss must be clip or tiled, got {self.train.loss!r}")
+        if self.train.loss not in TRAIN_LOSSES:
+            raise ClipflowError(f"train.loss must be one of {', '.join(TRAIN_LOSSES)}, got {self.train.loss!r}")
         if self.train.precision not in {"bf16", "fp32"}:
             raise ClipflowError(f"train.precision must be bf16 or fp32, got {self.train.precision!r}")
         if self.train.batch_size % self.train.nproc:
