@@ -17,26 +17,24 @@ import asyncio
 import io
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 import httpx
-import psutil
 import torch
+from common import case, write_results
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-RESULTS = Path(__file__).parent / "results" / "bench_serve.json"
 BATCH_SIZES = (1, 4, 16, 32, 64, 128)
 TEXT = "two small purple stars at the top left"
 COMMAND = "python benchmarks/bench_serve.py"
+UNBATCHED = "the same service with batching off"
 
 
 def sample_png() -> bytes:
@@ -177,43 +175,33 @@ def main(argv: list[str] | None = None) -> None:
 
     cases = []
     for endpoint in ("encode_image", "encode_text"):
-        peer = best[endpoint]
-        case = {
-            "case": endpoint,
-            "metric": "items_per_s",
-            "unit": "items/s",
-            "clipflow": round(batched[endpoint]["items_per_s"], 1),
-            "peer": f"in-process model at its best batch size ({peer['batch_size']})",
-            "peer_value": round(peer["items_per_s"], 1),
-            "ratio": round(batched[endpoint]["items_per_s"] / peer["items_per_s"], 3),
-            "p50_ms": round(batched[endpoint]["p50_ms"], 1),
-            "p99_ms": round(batched[endpoint]["p99_ms"], 1),
-            "items_per_s_unbatched": round(unbatched[endpoint]["items_per_s"], 1),
-            "p50_ms_unbatched": round(unbatched[endpoint]["p50_ms"], 1),
-            "p99_ms_unbatched": round(unbatched[endpoint]["p99_ms"], 1),
-            "failed_requests": {**batched[endpoint]["failures"]},
-        }
-        cases.append(case)
+        ceiling_name = f"in-process model at its best batch size ({best[endpoint]['batch_size']})"
+        ceiling_rate = round(best[endpoint]["items_per_s"], 1)
+        on, off = batched[endpoint], unbatched[endpoint]
+        rows = [
+            case(endpoint, "items_per_s", "items/s", round(on["items_per_s"], 1), ceiling_name, ceiling_rate),
+            case(
+                endpoint, "items_per_s_unbatched", "items/s", round(off["items_per_s"], 1), ceiling_name, ceiling_rate
+            ),
+            case(endpoint, "p50_ms", "ms", round(on["p50_ms"], 1), UNBATCHED, round(off["p50_ms"], 1)),
+            case(endpoint, "p99_ms", "ms", round(on["p99_ms"], 1), UNBATCHED, round(off["p99_ms"], 1)),
+        ]
+        rows[0]["failed_requests"] = {**on["failures"]}
+        cases.extend(rows)
     load_average = os.getloadavg()[0]
-    result = {
-        "benchmark": "bench_serve",
-        "date": date.today().isoformat(),
-        "machine": f"{psutil.cpu_count()} cores, {platform.processor() or platform.machine()}, "
-        f"{psutil.virtual_memory().total / 2**30:.0f} GiB, no GPU",
-        "command": COMMAND,
-        "clients": args.clients,
-        "seconds_per_case": args.seconds,
-        "items_per_request": 1,
-        "note": (
-            f"1-minute load average {load_average:.1f} on {psutil.cpu_count()} cores at the end of the run: "
-            "the machine was shared with other engineers' test runs, so absolute numbers are noisy; "
-            "the ratios within this run are what count. The clients run on the same cores as the server."
+    path = write_results(
+        "bench_serve",
+        COMMAND,
+        cases,
+        clients=args.clients,
+        seconds_per_case=args.seconds,
+        items_per_request=1,
+        note=(
+            f"1-minute load average {load_average:.1f} on {os.cpu_count()} cores at the end of the run"
+            " (above 2 means other work shared the machine). The clients run on the same cores as the server."
         ),
-        "cases": cases,
-    }
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result, indent=1))
+    )
+    print(path.read_text())
 
 
 if __name__ == "__main__":
