@@ -35,6 +35,13 @@ class DataParams:
     colors: list[str]
     shapes: list[str]
     heldout: list[str]
+    image_column: str
+    caption_column: str
+    split_fractions: dict[str, float]
+    workers: int
+    http_timeout_s: float
+    http_retries: int
+    max_image_bytes: int
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,8 @@ class ValidateParams:
     caption_max_chars: int
     min_side: int
     max_side: int
+    max_image_pixels: int
+    image_formats: list[str]
     splits: list[str]
     max_bad_fraction: float
 
