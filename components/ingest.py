@@ -30,6 +30,6 @@ def ingest_component(
     from clipflow.params import parse_params
 
     resolved = parse_params(params, overrides, profile or None)
-    summary = ingest(source, data.path, resolved.data)
+    summary = ingest(source, data.path, resolved.data, resolved.validate)
     data.metadata.update({"data_version": summary["data_version"], "rows": summary["rows"]})
     return namedtuple("IngestOutputs", ["data_version", "report"])(summary["data_version"], json.dumps(summary))

@@ -103,7 +103,9 @@ def test_corrupt_rows_are_quarantined(data_dir: Path, tmp_path: Path, small_para
     message = str(failure.value)
     assert "\n" not in message
     rows = len(pd.read_parquet(data_dir / "metadata.parquet"))
-    assert message.startswith(f"validation failed: 8 of {rows} rows ({8 / rows:.2%}) break expectations")
+    assert message.startswith(
+        f"validation failed: 8 of {rows} input rows ({8 / rows:.2%}) quarantined (0 at ingest, 8 by expectations)"
+    )
     assert "validate.max_bad_fraction=0.0" in message and message.endswith(result["report"])
     check_passed(result, dataclasses.replace(small_params.validate, max_bad_fraction=0.01))
 

@@ -69,8 +69,12 @@ def run(
 
 @app.command()
 def ingest(
-    output: Annotated[Path, typer.Option(help="The data directory to write.")] = Path("data/builtin"),
-    source: Annotated[str, typer.Option(help="What to ingest: builtin.")] = "builtin",
+    output: Annotated[str, typer.Option(help="The data directory to write: a folder or s3://bucket/prefix.")] = (
+        "data/builtin"
+    ),
+    source: Annotated[
+        str, typer.Option(help="What to ingest: builtin, a CSV/Parquet/JSONL manifest, or WebDataset shards.")
+    ] = "builtin",
     params_file: ParamsOption = DEFAULT_PARAMS,
     overrides: SetOption = None,
     profile: ProfileOption = None,
@@ -78,7 +82,8 @@ def ingest(
     """Write WebDataset shards, metadata.parquet and sizes.json from a source."""
     from clipflow.data.ingest import ingest as run_ingest
 
-    _print_json(run_ingest(source, output, _params(params_file, overrides, profile).data))
+    params = _params(params_file, overrides, profile)
+    _print_json(run_ingest(source, output, params.data, params.validate))
 
 
 @app.command()

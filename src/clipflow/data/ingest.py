@@ -67,6 +67,9 @@ def ingest(source: str, output: str | Path, params: DataParams, checks: Validate
             or invalid data parameters. Bad rows never raise: they are quarantined.
     """
     if source != "builtin":
+        scheme = urlparse(source).scheme.lower()
+        if scheme not in SOURCE_SCHEMES and len(scheme) != 1:  # a drive letter is a path
+            raise ClipflowError(f"unsupported source {source!r}: use builtin, a local path, s3:// or http(s)://")
         if checks is None:
             raise ClipflowError(f"ingesting {source!r} needs the validate params for its per-row checks")
         return _ingest_source(source, str(output), params, checks)
@@ -239,9 +242,6 @@ def _check_row(row: SourceRow) -> _Checked | str:
 
 def _ingest_source(source: str, output: str, params: DataParams, checks: ValidateParams) -> dict[str, Any]:
     started = time.perf_counter()
-    scheme = urlparse(source).scheme.lower()
-    if scheme not in SOURCE_SCHEMES and len(scheme) != 1:
-        raise ClipflowError(f"unsupported source {source!r}: use builtin, a local path, s3:// or http(s)://")
     fractions = _split_fractions(params, checks)
     if params.shard_size <= 0 or params.workers < 0:
         raise ClipflowError("data.shard_size must be positive and data.workers at least 0")
