@@ -19,18 +19,18 @@ from urllib.parse import urlparse
 
 from clipflow.errors import ClipflowError
 
-_S3_CLIENTS: dict[int, object] = {}
+_S3_CLIENTS: dict[tuple[int, str | None], object] = {}
 
 
 def s3_client():
-    """One boto3 S3 client per process (clients must not cross a fork)."""
-    pid = os.getpid()
-    if pid not in _S3_CLIENTS:
+    """One boto3 S3 client per process and endpoint (clients must not cross a fork)."""
+    slot = (os.getpid(), os.environ.get("AWS_ENDPOINT_URL"))
+    if slot not in _S3_CLIENTS:
         import boto3
 
         _S3_CLIENTS.clear()
-        _S3_CLIENTS[pid] = boto3.client("s3")
-    return _S3_CLIENTS[pid]
+        _S3_CLIENTS[slot] = boto3.client("s3")
+    return _S3_CLIENTS[slot]
 
 
 def split_s3(uri: str) -> tuple[str, str]:

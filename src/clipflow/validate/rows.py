@@ -12,7 +12,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from clipflow.params import ValidateParams
 
@@ -75,6 +75,8 @@ def check_image(payload: bytes, params: ValidateParams, short_side: int) -> Chec
             image = Image.open(io.BytesIO(payload))
     except Image.DecompressionBombError as exc:
         raise Rejected(f"decompression bomb: {exc}") from None
+    except UnidentifiedImageError:
+        raise Rejected("not an image: no image format recognises these bytes") from None
     except Exception as exc:  # Pillow raises many types for bytes that are not an image
         raise Rejected(f"not a decodable image: {_first_line(exc)}") from None
     width, height = image.size
