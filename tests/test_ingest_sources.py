@@ -277,3 +277,14 @@ def test_shards_are_revalidated_and_resplit_and_unsafe_members_quarantined(param
     assert not (tmp_path / "evil.txt").exists() and not (tmp_path / "first" / "evil.txt").exists()
     metadata = pd.read_parquet(tmp_path / "second" / "metadata.parquet")
     assert set(metadata["orig_source"].dropna()) <= {str(tmp_path / r["image"]) for r in rows}
+
+
+def test_a_bad_source_leaves_the_output_folder_alone(params: Params, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    pd.DataFrame({"image": ["a.png"]}).to_csv(tmp_path / "no-caption.csv", index=False)
+    for source in (tmp_path / "absent.csv", tmp_path / "no-caption.csv", tmp_path / "no-shards"):
+        with pytest.raises(ClipflowError):
+            ingest(str(source), out, params.data, params.validate)
+    assert (out / "precious.txt").read_text() == "keep me"

@@ -27,7 +27,7 @@ import tarfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -245,10 +245,13 @@ def _ingest_source(source: str, output: str, params: DataParams, checks: Validat
     fractions = _split_fractions(params, checks)
     if params.shard_size <= 0 or params.workers < 0:
         raise ClipflowError("data.shard_size must be positive and data.workers at least 0")
-    store = Store(output)
-    _start_or_resume(store, _fingerprint(source, params, checks))
     limits = FetchLimits(params.max_image_bytes, params.http_timeout_s, params.http_retries)
     rows = read_rows(source, params.image_column, params.caption_column, limits)
+    # The first row comes before the output is touched: a missing source or column must not
+    # cost the user the data already in the output folder.
+    rows = chain(list(islice(rows, 1)), rows)
+    store = Store(output)
+    _start_or_resume(store, _fingerprint(source, params, checks))
 
     seen: dict[str, int] = {}
     chunks = 0
