@@ -90,6 +90,9 @@ def ingest(
 def validate(
     data: Annotated[Path, typer.Option(help="An ingested data directory.")] = Path("data/builtin"),
     report: Annotated[Path, typer.Option(help="Where to write the validation report.")] = Path("outputs/validation"),
+    mlflow: Annotated[
+        bool, typer.Option("--mlflow", help="Also log the report (data docs, quarantine) as an MLflow run.")
+    ] = False,
     params_file: ParamsOption = DEFAULT_PARAMS,
     overrides: SetOption = None,
     profile: ProfileOption = None,
@@ -101,6 +104,10 @@ def validate(
     params = _params(params_file, overrides, profile)
     _require_dir(data, "data directory")
     result = run_validate(data, report, params.validate)
+    if mlflow:
+        from clipflow.validate.tracking import log_report
+
+        result["mlflow_run_id"] = log_report(report, result, params.tracking, data)
     _print_json(result)
     check_passed(result, params.validate)
 

@@ -42,6 +42,9 @@ class DataParams:
     http_timeout_s: float
     http_retries: int
     max_image_bytes: int
+    backgrounds: list[str]
+    relation_fraction: float
+    count_fraction: float
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from clipflow.data.storage import FetchError, FetchLimits, Store, fetch
 from clipflow.errors import ClipflowError
 from clipflow.params import DataParams, ValidateParams
 from clipflow.progress import progress
-from clipflow.validate.rows import CheckedImage, Rejected, check_caption, check_image
+from clipflow.validate.rows import CheckedImage, Rejected, check_caption, check_image, reason_counts
 
 METADATA_FILE = "metadata.parquet"
 QUARANTINE_FILE = "quarantine.parquet"
@@ -130,6 +130,14 @@ def _check_builtin_params(params: DataParams) -> None:
         raise ClipflowError(f"data.shapes has shapes the renderer lacks: {unknown_shapes}")
     if not builtin.compositions(params, "train"):
         raise ClipflowError("data.heldout leaves no composition for training")
+    unknown_textures = sorted(set(params.backgrounds) - set(builtin.TEXTURES))
+    if unknown_textures or not params.backgrounds:
+        raise ClipflowError(
+            f"data.backgrounds must name textures of {list(builtin.TEXTURES)}, got {params.backgrounds}"
+        )
+    extra = params.relation_fraction + params.count_fraction
+    if min(params.relation_fraction, params.count_fraction) < 0 or extra > 1:
+        raise ClipflowError("data.relation_fraction and data.count_fraction must be non-negative and sum to at most 1")
 
 
 def data_version(data_dir: Path) -> str:
@@ -253,14 +261,16 @@ def _ingest_source(source: str, output: str, params: DataParams, checks: Validat
     store = Store(output)
     _start_or_resume(store, _fingerprint(source, params, checks))
 
-    seen: dict[str, int] = {}
+    # Raw digests, not hex text: this map is the one thing that grows with the input (~100 bytes a row).
+    seen: dict[bytes, int] = {}
     chunks = 0
     with store.scratch(f"{STAGING}/tmp") as scratch, _pool(params, checks, limits) as check:
         for index, chunk in enumerate(progress(_batched(rows, params.shard_size), desc="ingest chunks")):
             chunks = index + 1
             record_name = f"{STAGING}/chunk-{index:06d}.json"
             if store.exists(record_name):
-                seen.update(json.loads(store.get_bytes(record_name))["digests"])
+                digests = json.loads(store.get_bytes(record_name))["digests"]
+                seen.update((bytes.fromhex(digest), row) for digest, row in digests.items())
                 continue
             _ingest_chunk(store, scratch, index, chunk, check(chunk), seen, fractions)
         summary = _finish(store, scratch, source, chunks)
@@ -353,7 +363,7 @@ def _ingest_chunk(
     index: int,
     chunk: list[SourceRow],
     outcomes: Iterator[_Checked | str],
-    seen: dict[str, int],
+    seen: dict[bytes, int],
     fractions: dict[str, float],
 ) -> None:
     """Write one chunk: its shards (one per split), then its metadata part, then its record."""
@@ -365,13 +375,13 @@ def _ingest_chunk(
     with contextlib.ExitStack() as open_tars:
         for row, outcome in zip(chunk, outcomes, strict=True):
             if isinstance(outcome, _Checked):
-                first = seen.get(outcome.source_sha256)
+                first = seen.get(bytes.fromhex(outcome.source_sha256))
                 if first is not None:
                     outcome = f"duplicate image: same bytes as input row {first}"
             if isinstance(outcome, str):
                 quarantined.append({"row": row.row, "key": row.key, "source": row.source, "reason": outcome})
                 continue
-            seen[outcome.source_sha256] = digests[outcome.source_sha256] = row.row
+            seen[bytes.fromhex(outcome.source_sha256)] = digests[outcome.source_sha256] = row.row
             split = _split_of(row.key, fractions)
             shard = f"{split}/{split}-{index:06d}.tar"
             if split not in tars:
@@ -429,7 +439,11 @@ def _finish(store: Store, scratch: Path, source: str, chunks: int) -> dict[str, 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    records = [json.loads(store.get_bytes(f"{STAGING}/chunk-{i:06d}.json")) for i in range(chunks)]
+    records = []
+    for i in range(chunks):
+        record = json.loads(store.get_bytes(f"{STAGING}/chunk-{i:06d}.json"))
+        del record["digests"]  # only a resumed run needs them
+        records.append(record)
     hashes: dict[str, str] = {}
     sizes: dict[str, dict[str, int]] = {}
     for record in records:
@@ -475,13 +489,7 @@ def _finish(store: Store, scratch: Path, source: str, chunks: int) -> dict[str, 
         "input_rows": kept + len(quarantine),
         "kept": kept,
         "quarantined": len(quarantine),
-        "quarantine_reasons": _reason_counts(quarantine["reason"]),
+        "quarantine_reasons": reason_counts(quarantine["reason"]),
         "data_version": _version(hashes),
         "git_revision": git_revision(),
     }
-
-
-def _reason_counts(reasons: pd.Series) -> dict[str, int]:
-    """Rows per kind of reason (the text before the first colon), most common first."""
-    kinds = reasons.str.split(":").str[0].value_counts()
-    return {str(kind): int(count) for kind, count in kinds.items()}

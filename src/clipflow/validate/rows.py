@@ -9,6 +9,8 @@ from __future__ import annotations
 import io
 import unicodedata
 import warnings
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -120,6 +122,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def reason_counts(reasons: Iterable[str]) -> dict[str, int]:
+    """Rows per kind of reason (the text before the first colon), most common first."""
+    return dict(Counter(reason.split(":")[0] for reason in reasons).most_common())
 
 
 def _first_line(exc: Exception) -> str:

@@ -32,6 +32,7 @@ import pandas as pd
 
 from clipflow.errors import ClipflowError
 from clipflow.params import ValidateParams
+from clipflow.validate.rows import reason_counts
 
 METADATA_FILE = "metadata.parquet"
 SUMMARY_FILE = "validation.json"
@@ -151,6 +152,7 @@ def validate(data_dir: str | Path, report_dir: str | Path, params: ValidateParam
         "quarantined": len(quarantine),
         "quarantined_at_ingest": len(rejected_at_ingest),
         "quarantined_by_suite": len(bad_rows),
+        "quarantine_reasons": reason_counts(quarantine["reason"]),
         "bad_fraction": bad_fraction,
         "max_bad_fraction": params.max_bad_fraction,
         "expectations": expectations,
@@ -311,6 +313,10 @@ def _index_html(summary: dict[str, Any], validation_page: Path) -> str:
         f"<td>{'yes' if e['success'] else 'no'}</td><td>{e['unexpected_count']}</td></tr>"
         for e in summary["expectations"]
     )
+    reasons = "".join(
+        f"<tr><td>{html.escape(reason)}</td><td>{count}</td></tr>"
+        for reason, count in summary["quarantine_reasons"].items()
+    )
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head><meta charset="utf-8"><title>clipflow validation: {status}</title>
@@ -324,6 +330,8 @@ Rejected rows and reasons: <code>{QUARANTINE_FILE}</code>.</p>
 <p><a href="{html.escape(validation_page.as_posix())}">Validation result</a> ·
 <a href="{DOCS_DIR}/index.html">Great Expectations data docs</a></p>
 <table><tr><th>expectation</th><th>column</th><th>passed</th><th>unexpected rows</th></tr>{cells}</table>
+<h2>Quarantined rows by reason</h2>
+<table><tr><th>reason</th><th>rows</th></tr>{reasons}</table>
 </body>
 </html>
 """
