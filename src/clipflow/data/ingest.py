@@ -304,7 +304,9 @@ def _split_of(key: str, fractions: dict[str, float]) -> str:
 def _fingerprint(source: str, params: DataParams, checks: ValidateParams) -> str:
     """What a resumed run must share with the crashed one: the source's content and every knob."""
     identity = _sha256_file(Path(source)) if Path(source).is_file() else source
-    knobs = json.dumps([identity, vars(params), vars(checks)], sort_keys=True, default=str)
+    # The worker count changes how fast, not what: a resume may use more or fewer.
+    data = {k: v for k, v in vars(params).items() if k != "workers"}
+    knobs = json.dumps([identity, data, vars(checks)], sort_keys=True, default=str)
     return hashlib.sha256(knobs.encode()).hexdigest()
 
 

@@ -113,7 +113,7 @@ class Store:
             base = Path(self.root) / under
             return sorted(p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file())
         names = []
-        prefix = self._key(under) if under else (f"{self.prefix}/" if self.prefix else "")
+        prefix = f"{self._key(under.rstrip('/'))}/" if under else (f"{self.prefix}/" if self.prefix else "")
         for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
             names += [item["Key"][len(self.prefix) :].lstrip("/") for item in page.get("Contents", [])]
         return sorted(names)
