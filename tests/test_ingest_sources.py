@@ -288,3 +288,18 @@ def test_a_bad_source_leaves_the_output_folder_alone(params: Params, tmp_path: P
         with pytest.raises(ClipflowError):
             ingest(str(source), out, params.data, params.validate)
     assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_size_cap_applies_to_files_and_downloads_before_decoding(web: str, params: Params, tmp_path: Path) -> None:
+    rows = _good_rows(tmp_path, 1)
+    big = bad_inputs.rgb_png((220, 20, 20))  # /red.png on the server holds the same bytes
+    (tmp_path / "big.png").write_bytes(big)
+    rows += [{"image": "big.png", "caption": "a local file"}, {"image": f"{web}/red.png", "caption": "a download"}]
+    pd.DataFrame(rows).to_csv(tmp_path / "manifest.csv", index=False)
+    capped = dataclasses.replace(params.data, max_image_bytes=len(big) - 1)
+
+    summary = ingest(str(tmp_path / "manifest.csv"), tmp_path / "out", capped, params.validate)
+
+    reasons = _reconciles(summary, tmp_path / "out").set_index("row")["reason"]
+    assert reasons[1] == f"file is {len(big)} bytes, more than data.max_image_bytes={len(big) - 1}"
+    assert reasons[2] == f"HTTP body is {len(big)} bytes, more than data.max_image_bytes={len(big) - 1}"
