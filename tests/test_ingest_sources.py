@@ -113,7 +113,8 @@ def _reconciles(summary: dict, out: Path) -> pd.DataFrame:
     assert summary["input_rows"] == summary["kept"] + summary["quarantined"]
     assert summary["kept"] == len(metadata) == sum(summary["counts"].values())
     assert summary["quarantined"] == len(quarantine)
-    assert sorted(metadata["source_row"].tolist() + quarantine["row"].tolist()) == list(range(summary["input_rows"]))
+    kept_rows = metadata["source_row"].tolist() if len(metadata) else []
+    assert sorted(kept_rows + quarantine["row"].tolist()) == list(range(summary["input_rows"]))
     for split, count in summary["counts"].items():
         assert sum(json.loads((out / split / "sizes.json").read_text()).values()) == count
     assert not list(out.rglob("*.tmp")) and not (out / ".ingest").exists()
@@ -303,3 +304,14 @@ def test_size_cap_applies_to_files_and_downloads_before_decoding(web: str, param
     reasons = _reconciles(summary, tmp_path / "out").set_index("row")["reason"]
     assert reasons[1] == f"file is {len(big)} bytes, more than data.max_image_bytes={len(big) - 1}"
     assert reasons[2] == f"HTTP body is {len(big)} bytes, more than data.max_image_bytes={len(big) - 1}"
+
+
+def test_all_rows_quarantined_fails_validation_with_one_line(params: Params, tmp_path: Path) -> None:
+    pd.DataFrame({"image": ["a.png", "b.png"], "caption": ["no such file", "nor this"]}).to_csv(
+        tmp_path / "manifest.csv", index=False
+    )
+    summary = ingest(str(tmp_path / "manifest.csv"), tmp_path / "out", params.data, params.validate)
+    assert summary["kept"] == 0 and summary["quarantined"] == summary["input_rows"] == 2
+    _reconciles(summary, tmp_path / "out")
+    with pytest.raises(ClipflowError, match=r"^validation failed: all 2 input rows were quarantined at ingest; see "):
+        validate(tmp_path / "out", tmp_path / "report", params.validate)

@@ -461,7 +461,10 @@ def _finish(store: Store, scratch: Path, source: str, chunks: int) -> dict[str, 
     # Parts are read one at a time: twice, first for a schema that fits them all.
     parts = [f"{STAGING}/chunk-{i:06d}.parquet" for i, record in enumerate(records) if record["kept"]]
     schemas = [pq.read_schema(pa.BufferReader(store.get_bytes(part))) for part in parts]
-    schema = pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
+    # With every row quarantined there is no part; the table still gets the columns validate reads.
+    empty = pa.schema([(name, pa.string()) for name in ("key", "split", "shard", "caption", "sha256")])
+    empty = empty.append(pa.field("width", pa.int64())).append(pa.field("height", pa.int64()))
+    schema = pa.unify_schemas(schemas, promote_options="permissive") if schemas else empty
     local = scratch / f".{METADATA_FILE}.tmp"
     with pq.ParquetWriter(local, schema) as writer:
         for part in parts:
