@@ -49,6 +49,7 @@ def manifest(s3_env: S3Server) -> str:
             Bucket="images", Key=f"pics/{i}.png", Body=bad_inputs.rgb_png((40 * i, 90, 200), (70 + i, 64))
         )
         rows.append({"url": f"s3://images/pics/{i}.png", "text": f"a picture with number {i}", "sku": f"sku-{i}"})
+    rows[-1]["url"] = f"pics/{IMAGES - 1}.png"  # relative to the manifest: the same bucket
     rows.append({"url": "s3://images/pics/missing.png", "text": "this key does not exist", "sku": "sku-x"})
     client.put_object(Bucket="images", Key="manifest.csv", Body=pd.DataFrame(rows).to_csv(index=False).encode())
     return "s3://images/manifest.csv"

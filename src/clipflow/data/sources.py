@@ -68,8 +68,8 @@ def read_rows(source: str, image_column: str, caption_column: str, limits: Fetch
 def _manifest_rows(source: str, image_column: str, caption_column: str, limits: FetchLimits) -> Iterator[SourceRow]:
     kind = MANIFEST_FORMATS[Path(urlparse(source).path).suffix.lower()]
     with _local_copy(source, limits) as path:
-        # Relative image paths in a local manifest mean "next to the manifest".
-        base = "" if urlparse(source).scheme else str(Path(source).resolve().parent)
+        # A relative image path means "next to the manifest", wherever the manifest lives.
+        base = source.rsplit("/", 1)[0] if urlparse(source).scheme else str(Path(source).resolve().parent)
         records = {"csv": _csv_records, "parquet": _parquet_records, "jsonl": _jsonl_records}[kind](path)
         columns = next(records)
         for name, role in ((image_column, "image"), (caption_column, "caption")):
@@ -87,8 +87,8 @@ def _manifest_rows(source: str, image_column: str, caption_column: str, limits: 
                 yield SourceRow(row, sample_key(f"{source}#{row}"), f"{source}#{row}", reject="image is missing")
                 continue
             image = image.strip()
-            if base and not urlparse(image).scheme and not Path(image).is_absolute():
-                image = str(Path(base) / image)
+            if not urlparse(image).scheme and not Path(image).is_absolute():
+                image = f"{base}/{image}"
             yield SourceRow(row, sample_key(image), image, image, caption, record)
 
 
