@@ -127,3 +127,14 @@ def test_dvc_push_and_pull_through_a_local_and_an_s3_remote(
         assert data_version(data) == version and dvc_md5(data) == recorded, remote
     stored = s3_env.client().list_objects_v2(Bucket="dvc", Prefix="store/")
     assert stored["KeyCount"] >= len(list(data.rglob("*.tar")))
+
+
+def test_shards_under_an_s3_prefix_are_reingested(
+    manifest: str, s3_env: S3Server, params: Params, tmp_path: Path
+) -> None:
+    first = ingest(manifest, "s3://shards/v2", params.data, params.validate)
+    again = ingest("s3://shards/v2/", tmp_path / "again", params.data, params.validate)
+    assert again["input_rows"] == again["kept"] == first["kept"]
+    metadata = pd.read_parquet(tmp_path / "again" / "metadata.parquet")
+    assert set(metadata["orig_source"]) == {f"s3://images/pics/{i}.png" for i in range(IMAGES)}
+    assert set(metadata["orig_sku"]) == {f"sku-{i}" for i in range(IMAGES)}
