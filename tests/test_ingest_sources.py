@@ -5,7 +5,12 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -315,3 +320,30 @@ def test_all_rows_quarantined_fails_validation_with_one_line(params: Params, tmp
     _reconciles(summary, tmp_path / "out")
     with pytest.raises(ClipflowError, match=r"^validation failed: all 2 input rows were quarantined at ingest; see "):
         validate(tmp_path / "out", tmp_path / "report", params.validate)
+
+
+def test_a_killed_ingest_resumes_to_the_same_data(params: Params, tmp_path: Path) -> None:
+    """SIGKILL the real CLI mid-run: only whole shards are visible, and a re-run finishes the job."""
+    rows = _good_rows(tmp_path, 600)
+    pd.DataFrame(rows).to_csv(tmp_path / "manifest.csv", index=False)
+    manifest, out = str(tmp_path / "manifest.csv"), tmp_path / "out"
+    clean = ingest(manifest, tmp_path / "clean", params.data, params.validate)
+    command = [sys.executable, "-m", "clipflow.cli", "ingest", "--source", manifest, "--output", str(out)]
+    command += ["--params", str(Path(__file__).parents[1] / "params.yaml"), "--profile", "test"]
+    command += ["--set", f"data.shard_size={params.data.shard_size}", "--set", "data.workers=0"]
+    command += ["--set", f"data.http_timeout_s={HTTP_TIMEOUT_S}", "--set", "data.http_retries=1"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (out / ".ingest" / "chunk-000004.json").exists() and process.poll() is None:
+        assert time.monotonic() < deadline, "ingest made no progress"
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    assert not (out / "metadata.parquet").exists()  # killed before the end
+    for shard in out.glob("*/*.tar"):
+        with tarfile.open(shard) as tar:
+            assert len(tar.getnames()) % 3 == 0
+    assert not list(out.glob("*/.*.tmp"))
+    resumed = ingest(manifest, out, params.data, params.validate)
+    assert resumed["data_version"] == clean["data_version"]
+    _reconciles(resumed, out)
