@@ -347,3 +347,14 @@ def test_a_killed_ingest_resumes_to_the_same_data(params: Params, tmp_path: Path
     resumed = ingest(manifest, out, params.data, params.validate)
     assert resumed["data_version"] == clean["data_version"]
     _reconciles(resumed, out)
+
+
+def test_manifest_over_http_with_images_next_to_it(params: Params, tmp_path: Path) -> None:
+    rows = [{"image": "red.png", "caption": "a red picture"}, {"image": "gone.png", "caption": "a missing picture"}]
+    files = {"/data/red.png": bad_inputs.rgb_png((220, 20, 20))}
+    files["/data/manifest.jsonl"] = pd.DataFrame(rows).to_json(orient="records", lines=True).encode()
+    with bad_inputs.http_server(files, slow_delay_s=0) as url:
+        summary = ingest(f"{url}/data/manifest.jsonl", tmp_path / "out", params.data, params.validate)
+    quarantine = _reconciles(summary, tmp_path / "out")
+    assert summary["kept"] == 1
+    assert quarantine["reason"].tolist() == [f"HTTP 404 from {url}/data/gone.png"]
