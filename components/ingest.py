@@ -26,10 +26,12 @@ def ingest_component(
     import json
     from collections import namedtuple
 
-    from clipflow.data.ingest import ingest
+    from clipflow.data.ingest import dvc_md5, ingest
     from clipflow.params import parse_params
 
     resolved = parse_params(params, overrides, profile or None)
-    summary = ingest(source, data.path, resolved.data)
+    summary = ingest(source, data.path, resolved.data, resolved.validate)
     data.metadata.update({"data_version": summary["data_version"], "rows": summary["rows"]})
+    # What `dvc add` or dvc.lock would record for this folder, and the code that wrote it.
+    data.metadata.update({"dvc_md5": dvc_md5(data.path), "git_revision": summary["git_revision"] or ""})
     return namedtuple("IngestOutputs", ["data_version", "report"])(summary["data_version"], json.dumps(summary))

@@ -15,6 +15,8 @@ def validate_component(
 ) -> str:
     """Run the Great Expectations suite over the metadata; fail when too many rows break it.
 
+    The report folder is also logged to MLflow, as a run tagged with the data's version.
+
     Args:
         params: the content of params.yaml, as JSON.
         overrides: `section.key=value` strings applied on top of it.
@@ -32,10 +34,12 @@ def validate_component(
 
     from clipflow.params import parse_params
     from clipflow.validate import check_passed, validate
+    from clipflow.validate.tracking import log_report
 
     resolved = parse_params(params, overrides, profile or None)
     result = validate(data.path, validation.path, resolved.validate)
     shutil.copyfile(Path(result["report"]), report.path)
     validation.metadata.update({k: result[k] for k in ("rows", "kept", "quarantined")})
+    validation.metadata["mlflow_run_id"] = log_report(validation.path, result, resolved.tracking, data.path)
     check_passed(result, resolved.validate)
     return json.dumps(result)

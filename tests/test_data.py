@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pandas as pd
@@ -80,3 +81,41 @@ def test_generation_is_deterministic_by_seed(small_params, tmp_path):
 def test_unknown_source_is_a_clear_error(small_params, tmp_path):
     with pytest.raises(ClipflowError, match="unsupported source"):
         ingest("ftp://somewhere", tmp_path / "x", small_params.data)
+
+
+def test_opt_in_scenes_textures_relations_and_counts(small_params):
+    params = dataclasses.replace(
+        small_params.data,
+        num_train=300,
+        backgrounds=list(builtin.TEXTURES),
+        relation_fraction=0.3,
+        count_fraction=0.3,
+    )
+    samples = list(builtin.generate(params, "train"))
+    assert samples == list(builtin.generate(params, "train"))  # deterministic by seed
+    facts = pd.DataFrame([s.facts | {"caption": s.caption} for s in samples])
+    assert set(facts["background"]) == set(builtin.TEXTURES)
+    relations = facts[facts["relation"].notna()]
+    counts = facts[facts["count"].notna()]
+    assert 60 < len(relations) < 120 and 60 < len(counts) < 120
+    assert set(relations["relation"]) == set(builtin.RELATION_WORDS)
+    for row in relations.itertuples():
+        assert row.label in row.caption and row.second_label in row.caption and row.label != row.second_label
+        assert any(word in row.caption for word in builtin.RELATION_WORDS[row.relation])
+    assert set(counts["count"]) == {2, 3, 4}
+    for row in counts.itertuples():
+        assert builtin.NUMBER_WORDS[int(row.count) - 1] in row.caption
+    heldout = set(params.heldout)
+    assert not (set(facts["label"]) | set(relations["second_label"])) & heldout
+    # the default keeps the single-object scenes exactly as they were
+    plain = dataclasses.replace(small_params.data, num_train=20)
+    assert all(
+        set(s.facts) == {"label", "color", "shape", "size", "position"} for s in builtin.generate(plain, "train")
+    )
+    assert all(s.image.getpixel((0, 0))[0] == s.image.getpixel((0, 0))[2] for s in builtin.generate(plain, "train"))
+
+
+def test_unknown_texture_is_a_clear_error(small_params, tmp_path):
+    params = dataclasses.replace(small_params.data, backgrounds=["plaid"])
+    with pytest.raises(ClipflowError, match="data.backgrounds must name textures"):
+        ingest("builtin", tmp_path / "x", params)

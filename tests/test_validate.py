@@ -103,7 +103,9 @@ def test_corrupt_rows_are_quarantined(data_dir: Path, tmp_path: Path, small_para
     message = str(failure.value)
     assert "\n" not in message
     rows = len(pd.read_parquet(data_dir / "metadata.parquet"))
-    assert message.startswith(f"validation failed: 8 of {rows} rows ({8 / rows:.2%}) break expectations")
+    assert message.startswith(
+        f"validation failed: 8 of {rows} input rows ({8 / rows:.2%}) quarantined (0 at ingest, 8 by expectations)"
+    )
     assert "validate.max_bad_fraction=0.0" in message and message.endswith(result["report"])
     check_passed(result, dataclasses.replace(small_params.validate, max_bad_fraction=0.01))
 
@@ -128,3 +130,27 @@ def test_malformed_metadata_is_a_user_error(
     change(_metadata_copy(data_dir, bad_dir)).to_parquet(bad_dir / "metadata.parquet", index=False)
     with pytest.raises(ClipflowError, match=message):
         validate(bad_dir, tmp_path / "report", small_params.validate)
+
+
+def test_report_is_logged_to_mlflow_with_the_data_lineage(data_dir: Path, tmp_path: Path, small_params: Params) -> None:
+    import mlflow
+
+    from clipflow.data.ingest import dvc_md5, read_summary
+    from clipflow.params import TrackingParams
+    from clipflow.validate.tracking import log_report
+
+    report = tmp_path / "report"
+    result = validate(data_dir, report, small_params.validate)
+    tracking = TrackingParams(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="validate-test")
+    run_id = log_report(report, result, tracking, data_dir)
+
+    run = mlflow.MlflowClient().get_run(run_id)
+    assert run.data.tags["clipflow.step"] == "validate"
+    assert run.data.tags["data_version"] == read_summary(data_dir)["data_version"]
+    assert run.data.tags["data_dvc_md5"] == dvc_md5(data_dir)
+    assert run.data.metrics["validation_rows"] == result["rows"]
+    logged = tmp_path / "logged"
+    mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="validation", dst_path=str(logged))
+    assert (logged / "validation" / "index.html").is_file()
+    assert (logged / "validation" / "data_docs" / "index.html").is_file()
+    assert (logged / "validation" / "quarantine.parquet").is_file()

@@ -69,8 +69,12 @@ def run(
 
 @app.command()
 def ingest(
-    output: Annotated[Path, typer.Option(help="The data directory to write.")] = Path("data/builtin"),
-    source: Annotated[str, typer.Option(help="What to ingest: builtin.")] = "builtin",
+    output: Annotated[str, typer.Option(help="The data directory to write: a folder or s3://bucket/prefix.")] = (
+        "data/builtin"
+    ),
+    source: Annotated[
+        str, typer.Option(help="What to ingest: builtin, a CSV/Parquet/JSONL manifest, or WebDataset shards.")
+    ] = "builtin",
     params_file: ParamsOption = DEFAULT_PARAMS,
     overrides: SetOption = None,
     profile: ProfileOption = None,
@@ -78,13 +82,17 @@ def ingest(
     """Write WebDataset shards, metadata.parquet and sizes.json from a source."""
     from clipflow.data.ingest import ingest as run_ingest
 
-    _print_json(run_ingest(source, output, _params(params_file, overrides, profile).data))
+    params = _params(params_file, overrides, profile)
+    _print_json(run_ingest(source, output, params.data, params.validate))
 
 
 @app.command()
 def validate(
     data: Annotated[Path, typer.Option(help="An ingested data directory.")] = Path("data/builtin"),
     report: Annotated[Path, typer.Option(help="Where to write the validation report.")] = Path("outputs/validation"),
+    mlflow: Annotated[
+        bool, typer.Option("--mlflow", help="Also log the report (data docs, quarantine) as an MLflow run.")
+    ] = False,
     params_file: ParamsOption = DEFAULT_PARAMS,
     overrides: SetOption = None,
     profile: ProfileOption = None,
@@ -96,6 +104,10 @@ def validate(
     params = _params(params_file, overrides, profile)
     _require_dir(data, "data directory")
     result = run_validate(data, report, params.validate)
+    if mlflow:
+        from clipflow.validate.tracking import log_report
+
+        result["mlflow_run_id"] = log_report(report, result, params.tracking, data)
     _print_json(result)
     check_passed(result, params.validate)
 

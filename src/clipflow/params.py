@@ -39,6 +39,16 @@ class DataParams:
     colors: list[str]
     shapes: list[str]
     heldout: list[str]
+    image_column: str
+    caption_column: str
+    split_fractions: dict[str, float]
+    workers: int
+    http_timeout_s: float
+    http_retries: int
+    max_image_bytes: int
+    backgrounds: list[str]
+    relation_fraction: float
+    count_fraction: float
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,8 @@ class ValidateParams:
     caption_max_chars: int
     min_side: int
     max_side: int
+    max_image_pixels: int
+    image_formats: list[str]
     splits: list[str]
     max_bad_fraction: float
 

@@ -5,6 +5,11 @@ any sample can be rendered alone. Compositions listed in `data.heldout` ("red st
 never rendered into `train` or `test`; the `heldout` split holds only them, so zero-shot
 accuracy there measures whether the model composes a colour and a shape it saw apart.
 
+Train scenes can also be harder, each kind drawn from its own random stream so that the
+default output stays the same: background textures (`data.backgrounds`), two objects in a
+spatial relation (`data.relation_fraction`, relation words with synonyms) and two to four
+copies of one object (`data.count_fraction`).
+
 The `probe` split tests CLIP's known weak spots. Each probe scene comes with candidate
 captions, exactly one of them true: counting ("three red circles" among one to four),
 spatial relations ("left of" against "right of") and attribute binding ("a red circle and a
@@ -56,6 +61,28 @@ TEMPLATES = (
     "{color} {shape}, {size}, {position}",
     "a picture showing one {color} {shape}",
 )
+TEXTURES = ("plain", "stripes", "checker", "noise")
+RELATION_WORDS = {
+    "left": ("to the left of", "left of", "on the left of"),
+    "right": ("to the right of", "right of", "on the right of"),
+    "above": ("above", "over", "on top of"),
+    "below": ("below", "under", "beneath"),
+}
+# Where the first object sits, then the second, as fractions of the side.
+RELATION_PLACES = {
+    "left": ((0.25, 0.5), (0.75, 0.5)),
+    "right": ((0.75, 0.5), (0.25, 0.5)),
+    "above": ((0.5, 0.25), (0.5, 0.75)),
+    "below": ((0.5, 0.75), (0.5, 0.25)),
+}
+RELATION_TEMPLATES = (
+    "a {a} {rel} a {b}",
+    "{a} {rel} {b}",
+    "there is a {a} {rel} a {b}",
+    "a picture of a {a} {rel} a {b}",
+)
+COUNT_TEMPLATES = ("{n} {color} {shape}s", "a picture of {n} {color} {shape}s", "there are {n} {color} {shape}s")
+COUNT_TEMPLATES += ("{n} {shape}s, all {color}", "{color} {shape}s, {n} of them")
 
 
 @dataclass(frozen=True)
@@ -68,6 +95,7 @@ class Scene:
     row: str
     column: str
     background: int
+    texture: str = "plain"
 
     @property
     def label(self) -> str:
@@ -122,6 +150,15 @@ def generate(params: DataParams, split: str) -> Iterator[Sample]:
 
 
 def render_sample(params: DataParams, split: str, index: int, pairs: list[tuple[str, str]]) -> Sample:
+    # The opt-in extras draw from streams of their own: the default dataset stays byte-identical.
+    extra = random.Random(f"{params.seed}/{split}/{index}/extra")
+    texture = extra.choice(params.backgrounds) if params.backgrounds != ["plain"] else "plain"
+    if split == "train":
+        kind = extra.random()
+        if kind < params.relation_fraction:
+            return _relation_sample(params, split, index, pairs, texture, extra)
+        if kind < params.relation_fraction + params.count_fraction:
+            return _count_sample(params, split, index, pairs, texture, extra)
     rng = random.Random(f"{params.seed}/{split}/{index}")
     color, shape = rng.choice(pairs)
     scene = Scene(
@@ -131,12 +168,76 @@ def render_sample(params: DataParams, split: str, index: int, pairs: list[tuple[
         row=rng.choice(ROWS),
         column=rng.choice(COLUMNS),
         background=rng.randrange(90, 170),
+        texture=texture,
     )
     caption = rng.choice(TEMPLATES).format(
         size=rng.choice(SIZE_WORDS[scene.size]), color=color, shape=shape, position=scene.position
     )
-    image = render(scene, params.image_size, rng)
-    return Sample(f"{split}-{index:07d}", split, image, caption, _scene_facts(scene))
+    image = render(scene, params.image_size, rng, extra)
+    facts = _scene_facts(scene) | ({"background": texture} if params.backgrounds != ["plain"] else {})
+    return Sample(f"{split}-{index:07d}", split, image, caption, facts)
+
+
+def _relation_sample(
+    params: DataParams, split: str, index: int, pairs: list[tuple[str, str]], texture: str, rng: random.Random
+) -> Sample:
+    """Two different seen compositions, the first left of, right of, above or below the second."""
+    side = params.image_size
+    first, second = rng.sample(pairs, 2)
+    relation = rng.choice(tuple(RELATION_WORDS))
+    image = background(side, rng.randrange(90, 170), texture, rng)
+    draw = ImageDraw.Draw(image)
+    for (color, shape), (x, y) in zip((first, second), RELATION_PLACES[relation], strict=True):
+        jitter = side * 0.05
+        cx, cy = x * side + rng.uniform(-jitter, jitter), y * side + rng.uniform(-jitter, jitter)
+        _draw_shape(draw, shape, cx, cy, side * 0.15, RGB[color])
+    a, b = f"{first[0]} {first[1]}", f"{second[0]} {second[1]}"
+    caption = rng.choice(RELATION_TEMPLATES).format(a=a, rel=rng.choice(RELATION_WORDS[relation]), b=b)
+    facts = {"label": a, "color": first[0], "shape": first[1], "relation": relation, "second_label": b}
+    return Sample(f"{split}-{index:07d}", split, image, caption, facts | {"background": texture})
+
+
+def _count_sample(
+    params: DataParams, split: str, index: int, pairs: list[tuple[str, str]], texture: str, rng: random.Random
+) -> Sample:
+    """Two to four copies of one seen composition in distinct cells of a 3x3 grid."""
+    side = params.image_size
+    color, shape = rng.choice(pairs)
+    count = rng.randint(2, len(NUMBER_WORDS))
+    image = background(side, rng.randrange(90, 170), texture, rng)
+    draw = ImageDraw.Draw(image)
+    for row, col in rng.sample([(row, col) for row in range(3) for col in range(3)], count):
+        _draw_shape(draw, shape, (col + 0.5) * side / 3, (row + 0.5) * side / 3, side * 0.1, RGB[color])
+    caption = rng.choice(COUNT_TEMPLATES).format(n=NUMBER_WORDS[count - 1], color=color, shape=shape)
+    facts = {"label": f"{color} {shape}", "color": color, "shape": shape, "count": count}
+    return Sample(f"{split}-{index:07d}", split, image, caption, facts | {"background": texture})
+
+
+def background(side: int, shade: int, texture: str, rng: random.Random) -> Image.Image:
+    """A gray background, plain or textured; textures stay gray so colour words keep their meaning."""
+    image = Image.new("RGB", (side, side), (shade,) * 3)
+    if texture == "plain":
+        return image
+    if texture not in TEXTURES:
+        raise ValueError(f"unknown background texture {texture!r}")
+    draw = ImageDraw.Draw(image)
+    other = (min(255, shade + rng.randint(25, 45)),) * 3
+    step = max(4, side // rng.choice((6, 8, 10)))
+    if texture == "stripes":
+        vertical = rng.random() < 0.5
+        for start in range(0, side, step):
+            box = (start, 0, start + step // 2 - 1, side) if vertical else (0, start, side, start + step // 2 - 1)
+            draw.rectangle(box, fill=other)
+    elif texture == "checker":
+        for y in range(0, side, step):
+            for x in range(0, side, step):
+                if (x // step + y // step) % 2:
+                    draw.rectangle((x, y, x + step - 1, y + step - 1), fill=other)
+    else:
+        noise = random.Random(rng.random())
+        pixels = [min(255, max(0, shade + noise.randint(-25, 25))) for _ in range(side * side)]
+        image = Image.frombytes("L", (side, side), bytes(pixels)).convert("RGB")
+    return image
 
 
 def render_probe(params: DataParams, split: str, index: int, pairs: list[tuple[str, str]]) -> Sample:
@@ -184,9 +285,9 @@ def _distinct_pair(pairs: list[tuple[str, str]], rng: random.Random) -> tuple[tu
                 return first, second
 
 
-def render(scene: Scene, side: int, rng: random.Random) -> Image.Image:
+def render(scene: Scene, side: int, rng: random.Random, texture_rng: random.Random | None = None) -> Image.Image:
     """Draw the scene; small jitter in colour, size and position keeps renders distinct."""
-    image = Image.new("RGB", (side, side), (scene.background,) * 3)
+    image = background(side, scene.background, scene.texture, texture_rng or rng)
     draw = ImageDraw.Draw(image)
     radius = side * (0.12 if scene.size == "small" else 0.22) * rng.uniform(0.9, 1.1)
     cell = side / 3

@@ -53,9 +53,7 @@ class ShardWriter:
             self._tar = tarfile.open(self._tmp, "w")
             self._count = 0
         shard = self.current_shard
-        _add(self._tar, f"{record.key}.{record.image_ext}", record.image)
-        _add(self._tar, f"{record.key}.txt", record.caption.encode())
-        _add(self._tar, f"{record.key}.json", json.dumps(record.meta, sort_keys=True).encode())
+        add_record(self._tar, record)
         self._count += 1
         if self._count == self.shard_size:
             self._commit()
@@ -88,6 +86,13 @@ class ShardWriter:
             self._tar.close()
             assert self._tmp is not None
             self._tmp.unlink(missing_ok=True)
+
+
+def add_record(tar: tarfile.TarFile, record: ShardRecord) -> None:
+    """Append one sample's three members to an open tar."""
+    _add(tar, f"{record.key}.{record.image_ext}", record.image)
+    _add(tar, f"{record.key}.txt", record.caption.encode())
+    _add(tar, f"{record.key}.json", json.dumps(record.meta, sort_keys=True).encode())
 
 
 def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from clipflow import model as clip_model
 from clipflow import tracking
-from clipflow.data.ingest import read_summary
+from clipflow.data.ingest import lineage, read_summary
 from clipflow.errors import ClipflowError
 from clipflow.params import Params
 from clipflow.registry.models import log_clip_model
@@ -60,7 +60,8 @@ def train(
     tracking.setup(params.tracking)
     with mlflow.start_run() as run:
         mlflow.log_params({**params.flat(), "train.nproc": nproc})
-        mlflow.set_tags({"data_version": data_version, "clipflow.step": "train", "profile": params.profile or ""})
+        tags = {**lineage(data_dir), "clipflow.step": "train", "profile": params.profile or ""}
+        mlflow.set_tags(tags)
         run_id = run.info.run_id
 
     job = {

@@ -5,7 +5,12 @@ Output layout (a report directory):
     index.html           a one-page summary linking into the data docs; open this one
     data_docs/           the Great Expectations data docs site for this run
     validation.json      the summary that `validate` returns, with per-expectation results
-    quarantine.parquet   one row per rejected metadata row: row, key, split, reason
+    quarantine.parquet   one row per rejected input row: stage, row, key, split, source, reason
+
+Rows rejected by ingest's per-row checks (the data directory's own `quarantine.parquet`: the
+image did not fetch or decode, a bad caption, a duplicate) come first, with stage `ingest` and
+their input row; rows of the metadata table that break an expectation follow, with stage
+`validate` and their metadata row. Input rows = kept rows + quarantined rows.
 
 `validate` always writes the whole report and returns the summary; `check_passed` turns a
 summary over the `validate.max_bad_fraction` threshold into a one-line `ClipflowError`.
@@ -27,6 +32,7 @@ import pandas as pd
 
 from clipflow.errors import ClipflowError
 from clipflow.params import ValidateParams
+from clipflow.validate.rows import reason_counts
 
 METADATA_FILE = "metadata.parquet"
 SUMMARY_FILE = "validation.json"
@@ -93,7 +99,8 @@ def validate(data_dir: str | Path, report_dir: str | Path, params: ValidateParam
     """
     started = time.perf_counter()
     _check_params(params)
-    metadata = _read_metadata(Path(data_dir))
+    rejected_at_ingest = _read_ingest_quarantine(Path(data_dir))
+    metadata = _read_metadata(Path(data_dir), len(rejected_at_ingest))
     report_dir = Path(report_dir)
     suite = checks(params)
     docs_dir = report_dir / DOCS_DIR
@@ -123,22 +130,29 @@ def validate(data_dir: str | Path, report_dir: str | Path, params: ValidateParam
         )
 
     bad_rows = sorted(reasons)
-    quarantine = pd.DataFrame(
+    broke_suite = pd.DataFrame(
         {
+            "stage": "validate",
             ROW: pd.Series(bad_rows, dtype="int64"),
             "key": metadata["key"].iloc[bad_rows].to_numpy(),
             "split": metadata["split"].iloc[bad_rows].to_numpy(),
+            "source": _column_or_none(metadata, "source", bad_rows),
             "reason": ["; ".join(reasons[row]) for row in bad_rows],
         }
     )
-    quarantine.to_parquet(report_dir / QUARANTINE_FILE, index=False)
+    quarantine = pd.concat([rejected_at_ingest, broke_suite], ignore_index=True)
+    quarantine.astype({ROW: "int64"}).to_parquet(report_dir / QUARANTINE_FILE, index=False)
 
-    bad_fraction = len(bad_rows) / len(metadata)
+    input_rows = len(metadata) + len(rejected_at_ingest)
+    bad_fraction = len(quarantine) / input_rows
     summary = {
         "success": bad_fraction <= params.max_bad_fraction,
-        "rows": len(metadata),
+        "rows": input_rows,
         "kept": len(metadata) - len(bad_rows),
-        "quarantined": len(bad_rows),
+        "quarantined": len(quarantine),
+        "quarantined_at_ingest": len(rejected_at_ingest),
+        "quarantined_by_suite": len(bad_rows),
+        "quarantine_reasons": reason_counts(quarantine["reason"]),
         "bad_fraction": bad_fraction,
         "max_bad_fraction": params.max_bad_fraction,
         "expectations": expectations,
@@ -159,9 +173,11 @@ def check_passed(result: dict[str, Any], params: ValidateParams) -> None:
     """
     if result["bad_fraction"] <= params.max_bad_fraction:
         return
+    share = _percent(result["bad_fraction"])
     raise ClipflowError(
-        f"validation failed: {result['quarantined']} of {result['rows']} rows ({_percent(result['bad_fraction'])}) "
-        f"break expectations, above validate.max_bad_fraction={params.max_bad_fraction}; see {result['report']}"
+        f"validation failed: {result['quarantined']} of {result['rows']} input rows ({share}) "
+        f"quarantined ({result['quarantined_at_ingest']} at ingest, {result['quarantined_by_suite']} by expectations), "
+        f"above validate.max_bad_fraction={params.max_bad_fraction}; see {result['report']}"
     )
 
 
@@ -181,7 +197,24 @@ def _check_params(params: ValidateParams) -> None:
         raise ClipflowError(f"validate.max_bad_fraction must be between 0 and 1, got {params.max_bad_fraction}")
 
 
-def _read_metadata(data_dir: Path) -> pd.DataFrame:
+def _read_ingest_quarantine(data_dir: Path) -> pd.DataFrame:
+    """Rows ingest rejected, in this report's quarantine columns; none for a source without them."""
+    columns = ["stage", ROW, "key", "split", "source", "reason"]
+    path = data_dir / QUARANTINE_FILE
+    if not path.is_file():
+        return pd.DataFrame(columns=columns)
+    try:
+        rejected = pd.read_parquet(path)
+    except Exception as exc:  # pyarrow raises several unrelated types for a damaged file
+        raise ClipflowError(f"cannot read {path}: {exc}") from None
+    return rejected.assign(stage="ingest", split=None).reindex(columns=columns)
+
+
+def _column_or_none(frame: pd.DataFrame, column: str, rows: list[int]) -> list:
+    return frame[column].iloc[rows].tolist() if column in frame.columns else [None] * len(rows)
+
+
+def _read_metadata(data_dir: Path, rejected_at_ingest: int) -> pd.DataFrame:
     path = data_dir / METADATA_FILE
     if not path.is_file():
         raise ClipflowError(f"not an ingested data directory (no {METADATA_FILE}): {data_dir}")
@@ -201,6 +234,11 @@ def _read_metadata(data_dir: Path) -> pd.DataFrame:
         dtype = metadata[column].dtype
         if not pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype):
             raise ClipflowError(f"{path}: column {column} must hold numbers, not {dtype}")
+    if metadata.empty and rejected_at_ingest:
+        raise ClipflowError(
+            f"validation failed: all {rejected_at_ingest} input rows were quarantined at ingest; "
+            f"see {data_dir / QUARANTINE_FILE}"
+        )
     if metadata.empty:
         raise ClipflowError(f"{path} has no rows to validate")
     return metadata.reset_index(drop=True)
@@ -275,18 +313,25 @@ def _index_html(summary: dict[str, Any], validation_page: Path) -> str:
         f"<td>{'yes' if e['success'] else 'no'}</td><td>{e['unexpected_count']}</td></tr>"
         for e in summary["expectations"]
     )
+    reasons = "".join(
+        f"<tr><td>{html.escape(reason)}</td><td>{count}</td></tr>"
+        for reason, count in summary["quarantine_reasons"].items()
+    )
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head><meta charset="utf-8"><title>clipflow validation: {status}</title>
 <style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:.2em .8em;text-align:left}}</style></head>
 <body>
 <h1>Validation {status}</h1>
-<p>{summary["quarantined"]} of {summary["rows"]} rows ({_percent(summary["bad_fraction"])}) break expectations;
-allowed: {_percent(summary["max_bad_fraction"])}. Kept {summary["kept"]} rows.
+<p>{summary["quarantined"]} of {summary["rows"]} input rows ({_percent(summary["bad_fraction"])}) quarantined:
+{summary["quarantined_at_ingest"]} by ingest's image and caption checks, {summary["quarantined_by_suite"]} by the
+expectations below; allowed: {_percent(summary["max_bad_fraction"])}. Kept {summary["kept"]} rows.
 Rejected rows and reasons: <code>{QUARANTINE_FILE}</code>.</p>
 <p><a href="{html.escape(validation_page.as_posix())}">Validation result</a> ·
 <a href="{DOCS_DIR}/index.html">Great Expectations data docs</a></p>
 <table><tr><th>expectation</th><th>column</th><th>passed</th><th>unexpected rows</th></tr>{cells}</table>
+<h2>Quarantined rows by reason</h2>
+<table><tr><th>reason</th><th>rows</th></tr>{reasons}</table>
 </body>
 </html>
 """

@@ -1,0 +1,104 @@
+"""Images and servers that real sources hand over: good ones in odd modes, and broken ones."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+from PIL import Image
+
+
+def encoded(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def rgb_png(colour: tuple[int, int, int], size: tuple[int, int] = (96, 80)) -> bytes:
+    return encoded(Image.new("RGB", size, colour), "PNG")
+
+
+def truncated_jpeg() -> bytes:
+    noise = np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    whole = encoded(Image.fromarray(noise), "JPEG", quality=90)
+    return whole[: len(whole) // 2]
+
+
+def random_bytes() -> bytes:
+    return np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+
+
+def huge_png(side: int = 30000) -> bytes:
+    """A real, valid 1-bit PNG of side x side pixels that compresses to about 100 KB."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    compressor = zlib.compressobj(9)
+    row = b"\x00" * (1 + (side + 7) // 8)  # filter byte, then the packed bits of one row
+    body = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+
+
+def cmyk_jpeg() -> bytes:
+    # Pure cyan+yellow ink: green on screen.
+    return encoded(Image.new("CMYK", (64, 64), (255, 0, 255, 0)), "JPEG", quality=95)
+
+
+def palette_png() -> bytes:
+    return encoded(Image.new("RGB", (64, 64), (200, 30, 30)).convert("P", palette=Image.Palette.ADAPTIVE), "PNG")
+
+
+def gray16_png() -> bytes:
+    """16-bit grayscale at 3/4 of full scale: 8-bit 191 after conversion, not clipped to 255."""
+    return encoded(Image.fromarray(np.full((64, 64), 49152, dtype=np.uint16)), "PNG")
+
+
+def rgba_png() -> bytes:
+    """Fully transparent: must come out white, not black."""
+    return encoded(Image.new("RGBA", (64, 64), (0, 0, 0, 0)), "PNG")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    files: dict[str, bytes] = {}
+    delay_s = 0.0
+
+    def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
+        if self.path.startswith("/slow"):
+            time.sleep(self.delay_s)
+        payload = self.files.get(self.path.split("?")[0])
+        if payload is None:
+            self.send_error(404)
+            return
+        # A client that timed out has hung up by now; that is the point of the slow path.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def http_server(files: dict[str, bytes], slow_delay_s: float) -> Iterator[str]:
+    """A real HTTP server on 127.0.0.1: `files` by path, 404 otherwise, `/slow...` answers late."""
+    handler = type("Handler", (_Handler,), {"files": files, "delay_s": slow_delay_s})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
