@@ -138,7 +138,7 @@ def compositions(params: DataParams, split: str) -> list[tuple[str, str]]:
 
 def split_size(params: DataParams, split: str) -> int:
     sizes = {"train": params.num_train, "test": params.num_test, "heldout": params.num_heldout}
-    return sizes[split] if split in sizes else params.num_probe
+    return sizes.get(split, params.num_probe)
 
 
 def generate(params: DataParams, split: str) -> Iterator[Sample]:
@@ -280,9 +280,9 @@ def _distinct_pair(pairs: list[tuple[str, str]], rng: random.Random) -> tuple[tu
     seen = set(pairs)
     while True:
         first, second = rng.sample(pairs, 2)
-        if first[0] != second[0] and first[1] != second[1]:
-            if (second[0], first[1]) in seen and (first[0], second[1]) in seen:
-                return first, second
+        swapped_seen = (second[0], first[1]) in seen and (first[0], second[1]) in seen
+        if first[0] != second[0] and first[1] != second[1] and swapped_seen:
+            return first, second
 
 
 def render(scene: Scene, side: int, rng: random.Random, texture_rng: random.Random | None = None) -> Image.Image:
@@ -313,7 +313,7 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
     elif shape == "star":
         outer = _regular(cx, cy, r, 5, -math.pi / 2)
         inner = _regular(cx, cy, r * 0.42, 5, -math.pi / 2 + math.pi / 5)
-        draw.polygon([p for pair in zip(outer, inner) for p in pair], fill=fill)
+        draw.polygon([p for pair in zip(outer, inner, strict=True) for p in pair], fill=fill)
     elif shape == "cross":
         w = r * 0.35
         draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=fill)

@@ -50,7 +50,7 @@ class ShardWriter:
         """Add a record; returns the name of the shard that holds it."""
         if self._tar is None:
             self._tmp = self.directory / f".{self.current_shard}.tmp"
-            self._tar = tarfile.open(self._tmp, "w")
+            self._tar = tarfile.open(self._tmp, "w")  # noqa: SIM115 - stays open across add() calls, closed by close()
             self._count = 0
         shard = self.current_shard
         add_record(self._tar, record)
@@ -165,5 +165,5 @@ class ShardIndex:
         if self._pid != os.getpid():
             self._handles, self._pid = {}, os.getpid()
         if shard not in self._handles:
-            self._handles[shard] = open(self.shards[shard], "rb")
+            self._handles[shard] = open(self.shards[shard], "rb")  # noqa: SIM115 - a per-process cache of readers
         return self._handles[shard]
