@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: run test serve lint compile clean browser bench-serve
+.PHONY: run test serve lint compile clean browser bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +31,9 @@ lint: $(STAMP)
 browser:
 	test -x /usr/bin/chromium || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium)
 
-bench-serve: $(STAMP)
-	$(BIN)/python benchmarks/bench_serve.py
+# Every benchmark in turn, each writing benchmarks/results/<name>.json (about an hour on 2 cores).
+bench: $(STAMP)
+	for script in benchmarks/bench_*.py; do $(BIN)/python $$script || exit 1; done
 
 serve: $(STAMP)
 	$(BIN)/clipflow serve

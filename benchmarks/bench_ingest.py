@@ -17,18 +17,15 @@ import argparse
 import json
 import multiprocessing
 import os
-import platform
 import random
 import resource
-import subprocess
-import sys
 import threading
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
+from common import case, run_child, write_results
+
 REPO = Path(__file__).resolve().parents[1]
-RESULT = REPO / "benchmarks" / "results" / "bench_ingest.json"
 SOURCE_SIDE = 128
 
 
@@ -115,82 +112,37 @@ def _tree_rss_mb(pid: int) -> float:
     return total + sum(_tree_rss_mb(int(child)) for child in children)
 
 
-def _machine() -> str:
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if "model name" in line
-        ),
-        platform.processor(),
-    )
-    return f"{os.cpu_count()} cores, {cpu}, {memory:.0f} GiB, no GPU"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--work", type=Path, default=Path("/tmp/clipflow-bench-ingest"))
-    parser.add_argument("--case", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.case:
-        print(json.dumps(run_case(args.case, args.work / f"out-{args.case.stem}")))
+    if args.child:
+        manifest, work = args.child
+        print(json.dumps(run_case(manifest, work / f"out-{manifest.stem}")))
         return
 
     args.work.mkdir(parents=True, exist_ok=True)
     results = {}
     for count in sorted(args.sizes):
         manifest = prepare(args.work, count)
-        command = [sys.executable, __file__, "--case", str(manifest), "--work", str(args.work)]
-        done = subprocess.run(command, capture_output=True, text=True, check=True, cwd=REPO)
-        results[count] = json.loads(done.stdout.strip().splitlines()[-1])
+        results[count] = run_child(__file__, str(manifest), str(args.work))
+        if results[count] is None:
+            raise SystemExit(f"ingest of {count} images failed")
         print(count, results[count], flush=True)
 
     smallest = min(results)
     cases = []
     for count, result in sorted(results.items()):
         label = f"{count} images"
-        cases.append(
-            {
-                "case": label,
-                "metric": "images_per_s",
-                "unit": "images/s",
-                "clipflow": round(result["images_per_s"], 1),
-                "peer": None,
-                "peer_value": None,
-                "ratio": None,
-                "note": f"{result['workers']} workers; {result['seconds']:.1f} s for {result['rows']} rows",
-            }
-        )
+        throughput = case(label, "images_per_s", "images/s", round(result["images_per_s"], 1), None, None)
+        throughput["note"] = f"{result['workers']} workers; {result['seconds']:.1f} s for {result['rows']} rows"
+        cases.append(throughput)
         for metric in ("total_peak_mb", "main_peak_mb", "worker_peak_mb"):
-            base = results[smallest][metric]
-            cases.append(
-                {
-                    "case": label,
-                    "metric": metric,
-                    "unit": "MB",
-                    "clipflow": round(result[metric], 1),
-                    "peer": f"clipflow at {smallest} images",
-                    "peer_value": round(base, 1),
-                    "ratio": round(result[metric] / base, 3),
-                }
-            )
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(
-        json.dumps(
-            {
-                "benchmark": "bench_ingest",
-                "date": datetime.now(UTC).strftime("%Y-%m-%d"),
-                "machine": _machine(),
-                "command": "python benchmarks/bench_ingest.py",
-                "cases": cases,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-    print(f"wrote {RESULT}")
+            base = round(results[smallest][metric], 1)
+            cases.append(case(label, metric, "MB", round(result[metric], 1), f"clipflow at {smallest} images", base))
+    print(f"wrote {write_results('bench_ingest', 'python benchmarks/bench_ingest.py', cases)}")
 
 
 if __name__ == "__main__":
