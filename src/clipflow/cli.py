@@ -105,16 +105,26 @@ def train(
     data: Annotated[Path, typer.Option(help="An ingested, validated data directory.")] = Path("data/builtin"),
     output: Annotated[Path, typer.Option(help="Where to write the checkpoint.")] = Path("outputs/model"),
     nproc: Annotated[Optional[int], typer.Option(min=1, help="torchrun processes (default: train.nproc).")] = None,
+    resume: Annotated[
+        Optional[str], typer.Option(help="Resume from 'latest' (the newest checkpoint) or a checkpoint path/URI.")
+    ] = None,
+    nnodes: Annotated[Optional[int], typer.Option(min=1, help="Nodes (default: train.nnodes).")] = None,
+    node_rank: Annotated[Optional[int], typer.Option(min=0, help="This node (default: train.node_rank).")] = None,
+    rdzv_endpoint: Annotated[
+        Optional[str], typer.Option(help="Node 0's host:port for the rendezvous (default: train.rdzv_endpoint).")
+    ] = None,
     params_file: ParamsOption = DEFAULT_PARAMS,
     overrides: SetOption = None,
     profile: ProfileOption = None,
 ) -> None:
-    """Train with torchrun on CPU processes (gloo DDP) and log the run to MLflow."""
+    """Train with torchrun (gloo DDP on CPU, NCCL on GPU), resumably, and log the run to MLflow."""
     from clipflow.train.launch import train as run_train
 
+    nodes = {"nnodes": nnodes, "node_rank": node_rank, "rdzv_endpoint": rdzv_endpoint}
+    overrides = (overrides or []) + [f"train.{key}={value}" for key, value in nodes.items() if value is not None]
     params = _params(params_file, overrides, profile)
     _require_dir(data, "data directory")
-    _print_json(run_train(data, output, params, nproc=nproc))
+    _print_json(run_train(data, output, params, nproc=nproc, resume=resume))
 
 
 @app.command()
