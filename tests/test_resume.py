@@ -114,7 +114,7 @@ def test_a_killed_worker_is_restarted_and_resumes_without_gaps_or_duplicates(wor
     finally:
         if launcher.poll() is None:
             launcher.kill()
-    assert launcher.returncode == 0, stderr[-4000:]
+    assert launcher.returncode == 0, stderr[-20000:]
     assert "resuming at step" in stderr, stderr[-4000:]
     result = json.loads((output / "train.json").read_text())
     _assert_same_weights(Path(result["checkpoint"]), Path(reference["checkpoint"]))
@@ -133,7 +133,7 @@ def _kill_a_worker_after_a_checkpoint(launcher: subprocess.Popen, output: Path) 
                 workers = [
                     child
                     for child in psutil.Process(launcher.pid).children(recursive=True)
-                    if "clipflow.train.worker" in " ".join(child.cmdline())
+                    if "clipflow.train.worker" in child.cmdline() and "torch.distributed.run" not in child.cmdline()
                 ]
                 assert workers, "no worker process found"
                 os.kill(workers[-1].pid, signal.SIGKILL)
