@@ -1,16 +1,20 @@
 """One training process. torchrun starts N of these; `clipflow train` is the launcher.
 
-Single node, 2 CPU processes (what `clipflow train` runs):
+Single node, 2 CPU processes (what `clipflow train` runs; failed workers are restarted and
+resume from the newest checkpoint):
 
-    torchrun --standalone --nproc-per-node 2 -m clipflow.train.worker JOB.json
+    torchrun --standalone --nnodes 1 --nproc-per-node 2 --max-restarts 3 -m clipflow.train.worker JOB.json
 
-Two nodes on one host (c10d rendezvous), one command per node:
+Two nodes (c10d rendezvous at node 0), one command per node, as `clipflow train --nnodes 2
+--node-rank R --rdzv-endpoint HOST:PORT` runs them:
 
-    torchrun --nnodes 2 --nproc-per-node 2 --rdzv-backend c10d \
-        --rdzv-endpoint 127.0.0.1:29400 --rdzv-id clip -m clipflow.train.worker JOB.json
+    torchrun --nnodes 2 --node-rank R --nproc-per-node 2 --max-restarts 3 --rdzv-backend c10d \
+        --rdzv-endpoint HOST:29400 --rdzv-id clipflow --rdzv-conf is_host=(R == 0) \
+        -m clipflow.train.worker JOB.json
 
 JOB.json is written by `clipflow.train.launch`: the resolved params, the data and output
-directories, and the MLflow run that rank 0 logs metrics to.
+directories, the checkpoint to resume from, and (on node 0) the MLflow run the leader logs to.
+With several nodes, `train.checkpoint_dir` must be storage every node reads (S3 or a shared volume).
 """
 
 from __future__ import annotations
