@@ -64,10 +64,10 @@ class TrainParams:
     accum_freq: int
     grad_checkpointing: bool
     lock_image: bool
-    pretrained: str
+    pretrained: str | None
     checkpoint_every: int
     keep_checkpoints: int
-    checkpoint_dir: str
+    checkpoint_dir: str | None
     max_restarts: int
     nnodes: int
     node_rank: int
