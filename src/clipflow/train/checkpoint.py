@@ -148,10 +148,10 @@ def fetch(uri: str, folder: Path) -> Path:
 
 
 def rng_state() -> dict[str, Any]:
-    """This process's torch, numpy and Python RNG states, as tensors and plain types."""
+    """This process's torch (CPU and its GPU), numpy and Python RNG states, as tensors and plain types."""
     numpy_state = np.random.get_state()
     python_version, python_words, python_gauss = random.getstate()
-    return {
+    state = {
         "torch": torch.get_rng_state(),
         "numpy": {
             "keys": torch.from_numpy(numpy_state[1].astype(np.int64)),
@@ -161,11 +161,16 @@ def rng_state() -> dict[str, Any]:
         },
         "python": {"version": python_version, "words": torch.tensor(python_words), "gauss": python_gauss},
     }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what `rng_state` captured."""
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
     numpy_state = state["numpy"]
     keys = numpy_state["keys"].numpy().astype(np.uint32)
     np.random.set_state(("MT19937", keys, numpy_state["pos"], numpy_state["has_gauss"], numpy_state["gauss"]))
