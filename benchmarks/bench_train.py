@@ -6,13 +6,16 @@ and weight decay, on the CPUs of this machine. Measured for each:
 
 - samples_per_s: samples trained / wall time of the whole training command (start-up, data
   loading and decoding, checkpoint writing included; clipflow's also logs to MLflow);
+- samples_per_cpu_s: samples trained / CPU seconds of the command's whole process tree, a figure
+  that other jobs on a shared machine disturb far less than wall time;
 - zeroshot_top1: held-out zero-shot top-1 of the resulting checkpoint, by `clipflow evaluate`'s code.
 
-Each side runs at its best precision: clipflow bf16 autocast (2 gloo processes x 1 thread, its
-default), open_clip_train once per `--peer-precisions` (one process, 2 threads, 1 data-loader
-worker: its standard single-device setup) and the faster one is reported.
+Each side runs at its best precision, picked in the same run by a short probe (`--probe-steps`)
+of each candidate: clipflow with bf16 autocast or fp32 (2 gloo processes x 1 thread, its
+default layout), open_clip_train with `--precision amp_bf16` or `fp32` (one process, 2 threads,
+1 data-loader worker: its standard single-device setup).
 
-    python benchmarks/bench_train.py [--steps 100] [--batch-size 256]
+    python benchmarks/bench_train.py [--steps 100] [--batch-size 256] [--probe-steps 10]
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -37,7 +41,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--peer-precisions", default="amp_bf16,fp32")
+    parser.add_argument("--probe-steps", type=int, default=10, help="steps of each precision probe")
+    parser.add_argument("--precisions", default="bf16,fp32", help="clipflow's candidate precisions")
+    parser.add_argument("--peer-precisions", default="amp_bf16,fp32", help="open_clip_train's candidates")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder")
     args = parser.parse_args(argv)
 
@@ -50,7 +56,6 @@ def main(argv: list[str] | None = None) -> dict:
     overrides = [
         f"data.num_train={samples}",  # exactly one epoch: both trainers see every sample once
         f"train.batch_size={args.batch_size}",
-        f"train.steps={args.steps}",
         "train.checkpoint_every=0",
         "train.log_every=10",
         f"tracking.uri=sqlite:///{work / 'mlflow.db'}",
@@ -60,17 +65,28 @@ def main(argv: list[str] | None = None) -> dict:
     if not (data / "ingest.json").is_file():
         ingest("builtin", data, params.data)
 
-    runs = [_clipflow(work, data, overrides)]
-    runs += [_open_clip(work, data, params.train, precision) for precision in args.peer_precisions.split(",")]
+    def ours(precision: str, steps: int) -> dict:
+        return _clipflow(work, data, overrides, precision, steps, args.batch_size)
+
+    def peers(precision: str, steps: int) -> dict:
+        return _open_clip(work, data, params.train, precision, steps, args.batch_size)
+
+    # Within one trainer start-up costs the same at every precision, so short probes rank them.
+    probes = [ours(p, args.probe_steps) for p in args.precisions.split(",")]
+    probes += [peers(p, args.probe_steps) for p in args.peer_precisions.split(",")]
+    best = {
+        trainer: max((run for run in probes if run["trainer"] == trainer), key=lambda run: run["samples_per_s"])
+        for trainer in ("clipflow", "open_clip")
+    }
+    runs = [ours(best["clipflow"]["precision"], args.steps), peers(best["open_clip"]["precision"], args.steps)]
     for run in runs:
         run["zeroshot_top1"] = _zeroshot(run["checkpoint"], data, work / f"eval-{run['name']}", params)
-        print(json.dumps(run), file=sys.stderr)
+        print(json.dumps(run, default=str), file=sys.stderr)
 
-    ours = runs[0]
-    peer = max(runs[1:], key=lambda run: run["samples_per_s"])
     cases = [
-        _case("samples_per_s", "samples/s", ours, peer),
-        _case("zeroshot_top1", "fraction", ours, peer),
+        _case("samples_per_s", "samples/s", *runs),
+        _case("samples_per_cpu_s", "samples/CPU-s", *runs),
+        _case("zeroshot_top1", "fraction", *runs),
     ]
     result = {
         "benchmark": "bench_train",
@@ -85,6 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
             "schedule": f"lr {params.train.lr}, warmup {params.train.warmup_steps}, cosine, AdamW wd "
             f"{params.train.weight_decay}, betas (0.9, 0.98), eps 1e-6",
         },
+        "probes": [{key: value for key, value in run.items() if key != "checkpoint"} for run in probes],
         "runs": [{key: value for key, value in run.items() if key != "checkpoint"} for run in runs],
         "cases": cases,
         "note": "Wall-clock numbers on a 2-core machine shared with other jobs: compare the ratio within one run.",
@@ -96,76 +113,67 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _case(metric: str, unit: str, ours: dict, peer: dict) -> dict:
+    """A result row in the design's format; `ratio` is clipflow over open_clip."""
     return {
         "case": MODEL,
         "metric": metric,
         "unit": unit,
         "clipflow": round(ours[metric], 4),
-        "peer": f"open_clip_train --precision {peer['precision']}",
+        "peer": f"open_clip_train --precision {peer['precision']} (clipflow: {ours['precision']})",
         "peer_value": round(peer[metric], 4),
         "ratio": round(ours[metric] / peer[metric], 4) if peer[metric] else None,
     }
 
 
-def _clipflow(work: Path, data: Path, overrides: list[str]) -> dict:
-    output = work / "clipflow"
+def _clipflow(work: Path, data: Path, overrides: list[str], precision: str, steps: int, batch: int) -> dict:
+    name = f"clipflow-{precision}-{steps}"
+    output = work / name
     command = [str(Path(sys.executable).with_name("clipflow")), "train", "--data", str(data), "--output", str(output)]
     command += ["--params", str(REPO / "params.yaml")]
-    for item in overrides:
+    for item in [*overrides, f"train.precision={precision}", f"train.steps={steps}"]:
         command += ["--set", item]
-    seconds = _timed(command, work / "clipflow.log")
-    steps, batch = _setting(overrides, "train.steps"), _setting(overrides, "train.batch_size")
-    return {
-        "name": "clipflow",
-        "precision": "bf16",
-        "seconds": round(seconds, 1),
-        "samples_per_s": steps * batch / seconds,
-        "checkpoint": output / "checkpoint.pt",
-    }
+    return _timed("clipflow", name, precision, steps * batch, command, work, output / "checkpoint.pt")
 
 
-def _open_clip(work: Path, data: Path, train, precision: str) -> dict:
+def _open_clip(work: Path, data: Path, train, precision: str, steps: int, batch: int) -> dict:
     shards = sorted(json.loads((data / "train" / "sizes.json").read_text()))
     pattern = str(data / "train" / f"train-{{{shards[0][6:12]}..{shards[-1][6:12]}}}.tar")
-    samples = train.steps * train.batch_size
-    name = f"open_clip-{precision}"
+    name = f"open_clip-{precision}-{steps}"
     command = [sys.executable, str(REPO / "benchmarks" / "open_clip_train_clipflow.py")]
     command += ["--model", MODEL, "--train-data", pattern, "--dataset-type", "webdataset"]
-    command += ["--train-num-samples", str(samples), "--batch-size", str(train.batch_size), "--epochs", "1"]
+    command += ["--train-num-samples", str(steps * batch), "--batch-size", str(batch), "--epochs", "1"]
     command += ["--lr", str(train.lr), "--warmup", str(train.warmup_steps), "--wd", str(train.weight_decay)]
     command += ["--beta1", "0.9", "--beta2", "0.98", "--eps", "1e-6", "--precision", precision, "--seed", "0"]
     command += ["--workers", "1", "--device", "cpu", "--logs", str(work / "open_clip"), "--name", name]
     command += ["--save-frequency", "1", "--log-every-n-steps", "10", "--report-to", ""]
-    seconds = _timed(command, work / f"{name}.log")
-    return {
-        "name": name,
-        "precision": precision,
-        "seconds": round(seconds, 1),
-        "samples_per_s": samples / seconds,
-        "checkpoint": work / "open_clip" / name / "checkpoints" / "epoch_1.pt",
-    }
+    checkpoint = work / "open_clip" / name / "checkpoints" / "epoch_1.pt"
+    return _timed("open_clip", name, precision, steps * batch, command, work, checkpoint)
 
 
-def _timed(command: list[str], log: Path) -> float:
+def _timed(trainer: str, name: str, precision: str, samples: int, command: list[str], work: Path, checkpoint: Path):
+    """Run a training command; wall and CPU time of its process tree (every process is waited for)."""
     path = os.pathsep.join([str(REPO / "src"), str(REPO), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "PYTHONPATH": path}
+    log = work / f"{name}.log"
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     with log.open("w") as out:
-        result = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        result = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": path})
     seconds = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if result.returncode != 0:
-        raise SystemExit(f"{command[1]} failed ({result.returncode}); see {log}:\n{log.read_text()[-3000:]}")
-    return seconds
+        raise SystemExit(f"{name} failed ({result.returncode}); see {log}:\n{log.read_text()[-3000:]}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    run = {"trainer": trainer, "name": name, "precision": precision, "samples": samples}
+    run |= {"seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1), "samples_per_s": samples / seconds}
+    run |= {"samples_per_cpu_s": samples / cpu, "checkpoint": checkpoint}
+    print(json.dumps(run, default=str), file=sys.stderr, flush=True)
+    return run
 
 
 def _zeroshot(checkpoint: Path, data: Path, output: Path, params) -> float:
     from clipflow.evaluate.step import evaluate
 
     return evaluate(checkpoint, data, output, params, model_config=MODEL)["metrics"]["zeroshot_top1_heldout"]
-
-
-def _setting(overrides: list[str], key: str) -> int:
-    return int(next(item.partition("=")[2] for item in overrides if item.startswith(key + "=")))
 
 
 if __name__ == "__main__":
