@@ -85,6 +85,7 @@ class CheckpointStore:
             tmp.write(payload)
             tmp.flush()
             os.fsync(tmp.fileno())
+        os.chmod(tmp.name, 0o644)  # mkstemp's 0600 would hide checkpoints from other nodes' users
         os.replace(tmp.name, folder / name)
 
     def _read(self, name: str) -> bytes | None:
