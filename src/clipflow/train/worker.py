@@ -79,7 +79,16 @@ def train(
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if distributed:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # torchrun keeps one store across restarts; a restarted group that read the dead attempt's
+        # keys (gloo peer addresses) failed to connect or hung here. Each attempt gets its own keys.
+        store, rank, world_size = next(dist.rendezvous("env://"))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            store=dist.PrefixStore(f"clipflow/attempt-{attempt}", store),
+            rank=rank,
+            world_size=world_size,
+        )
     rank = dist.get_rank() if distributed else 0
     world_size = dist.get_world_size() if distributed else 1
     leader = _leader_rank(params.node_rank == 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0, device, distributed)
