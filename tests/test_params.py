@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -51,5 +52,8 @@ def test_missing_file_and_unknown_profile():
 
 def test_flat_keys_round_trip_through_set():
     params = load_params(PARAMS, profile="test")
-    again = load_params(PARAMS, [f"{key}={value}" for key, value in params.flat().items() if key.startswith("train.")])
+    # JSON is YAML: null, strings and lists round-trip as the values they are.
+    again = load_params(
+        PARAMS, [f"{key}={json.dumps(value)}" for key, value in params.flat().items() if key.startswith("train.")]
+    )
     assert again.train == params.train

@@ -124,13 +124,23 @@ def train(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="With trainjob: print the TrainJob as YAML and create nothing.")
     ] = False,
+    resume: Annotated[
+        Optional[str], typer.Option(help="Resume from 'latest' (the newest checkpoint) or a checkpoint path/URI.")
+    ] = None,
+    nnodes: Annotated[Optional[int], typer.Option(min=1, help="Nodes (default: train.nnodes).")] = None,
+    node_rank: Annotated[Optional[int], typer.Option(min=0, help="This node (default: train.node_rank).")] = None,
+    rdzv_endpoint: Annotated[
+        Optional[str], typer.Option(help="Node 0's host:port for the rendezvous (default: train.rdzv_endpoint).")
+    ] = None,
     params_file: ParamsOption = DEFAULT_PARAMS,
     overrides: SetOption = None,
     profile: ProfileOption = None,
 ) -> None:
-    """Train with torchrun on CPU processes (gloo DDP), or on a cluster as a TrainJob; log the run to MLflow."""
+    """Train with torchrun (gloo DDP on CPU, NCCL on GPU), resumably, or on a cluster as a TrainJob; log to MLflow."""
     from clipflow.train.launch import train as run_train
 
+    nodes = {"nnodes": nnodes, "node_rank": node_rank, "rdzv_endpoint": rdzv_endpoint}
+    overrides = (overrides or []) + [f"train.{key}={value}" for key, value in nodes.items() if value is not None]
     params = _params(params_file, overrides, profile)
     if launcher not in {"torchrun", "trainjob"}:
         raise ClipflowError(f"--launcher must be torchrun or trainjob, got {launcher!r}")
@@ -142,7 +152,7 @@ def train(
         typer.echo(dry_run_manifest(params, data_uri), nl=False)
         return
     _require_dir(data, "data directory")
-    _print_json(run_train(data, output, params, nproc=nproc, launcher=launcher, data_uri=data_uri))
+    _print_json(run_train(data, output, params, nproc=nproc, resume=resume, launcher=launcher, data_uri=data_uri))
 
 
 @app.command()

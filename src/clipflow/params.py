@@ -77,6 +77,17 @@ class TrainParams:
     precision: str
     seed: int
     log_every: int
+    accum_freq: int
+    grad_checkpointing: bool
+    lock_image: bool
+    pretrained: str | None
+    checkpoint_every: int
+    keep_checkpoints: int
+    checkpoint_dir: str | None
+    max_restarts: int
+    nnodes: int
+    node_rank: int
+    rdzv_endpoint: str
 
 
 @dataclass(frozen=True)
@@ -195,6 +206,9 @@ class Params:
             "train.batch_size": self.train.batch_size,
             "train.steps": self.train.steps,
             "train.nproc": self.train.nproc,
+            "train.accum_freq": self.train.accum_freq,
+            "train.nnodes": self.train.nnodes,
+            "train.keep_checkpoints": self.train.keep_checkpoints,
             "data.num_train": self.data.num_train,
             "data.shard_size": self.data.shard_size,
         }
@@ -207,6 +221,13 @@ class Params:
             raise ClipflowError(f"cluster.launcher must be torchrun or trainjob, got {self.cluster.launcher!r}")
         if self.cluster.nodes < 1 or self.cluster.gpus_per_node < 0:
             raise ClipflowError("cluster.nodes must be at least 1 and cluster.gpus_per_node not negative")
+        if (self.train.batch_size // self.train.nproc) % self.train.accum_freq:
+            raise ClipflowError(
+                f"train.accum_freq ({self.train.accum_freq}) must divide the per-process batch"
+                f" ({self.train.batch_size // self.train.nproc})"
+            )
+        if not 0 <= self.train.node_rank < self.train.nnodes:
+            raise ClipflowError(f"train.node_rank ({self.train.node_rank}) must be in [0, train.nnodes)")
         known = {f"{c} {s}" for c in self.data.colors for s in self.data.shapes}
         unknown = sorted(set(self.data.heldout) - known)
         if unknown:

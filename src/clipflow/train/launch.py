@@ -15,10 +15,10 @@ from clipflow import model as clip_model
 from clipflow import tracking
 from clipflow.data.ingest import lineage, read_summary
 from clipflow.errors import ClipflowError
-from clipflow.params import Params
+from clipflow.params import Params, TrainParams
 from clipflow.registry.models import log_clip_model
+from clipflow.train.checkpoint import CheckpointStore, load_state
 
-JOB_FILE = "job.json"
 RESULT_FILE = "train.json"
 
 
@@ -27,25 +27,32 @@ def train(
     output_dir: str | Path,
     params: Params,
     nproc: int | None = None,
+    resume: str | None = None,
     launcher: str = "torchrun",
     data_uri: str | None = None,
 ) -> dict[str, Any]:
     """Train a model on `data_dir`'s train split with torchrun and log it to MLflow.
 
+    Node 0 (`train.node_rank`) owns the MLflow run and logs the model; with `train.nnodes` > 1
+    every other node runs the same command with its own node rank. torchrun restarts failed
+    workers up to `train.max_restarts` times; they resume from the newest checkpoint.
+
     Args:
         data_dir: an ingested data directory.
         output_dir: where the checkpoint (`checkpoint.pt`) is written.
         params: all params; `train` drives the loop, the rest is logged with the run.
-        nproc: processes to launch; defaults to `train.nproc`.
+        nproc: processes to launch on this node; defaults to `train.nproc`.
+        resume: `latest` (the newest checkpoint in the checkpoint folder) or a checkpoint path/URI.
+            The run continues the MLflow run that wrote the checkpoint when the store has it.
         launcher: `torchrun` on this machine, or `trainjob`: a Kubeflow Trainer v2 TrainJob on `cluster.nodes`
             nodes, which reads the data from `data_uri` (the same data in S3).
 
     Returns:
         `mlflow_run_id`, `model_uri` (the logged MLflow model), `checkpoint`, `data_version`, `seconds`;
-        the same is written to `train.json` in `output_dir`.
+        the same is written to `train.json` in `output_dir`. Nodes other than 0 return `node_rank` and `seconds`.
 
     Raises:
-        ClipflowError: missing data, or a worker that exited with an error.
+        ClipflowError: missing data or checkpoint, or a worker that exited with an error.
     """
     import mlflow
 
@@ -53,25 +60,30 @@ def train(
     data_dir, output_dir = Path(data_dir), Path(output_dir)
     data_version = read_summary(data_dir)["data_version"]
     nproc = nproc or params.train.nproc
-    if params.train.batch_size % nproc:
-        raise ClipflowError(f"train.batch_size ({params.train.batch_size}) must be a multiple of --nproc ({nproc})")
+    world_size = nproc * params.train.nnodes
+    if params.train.batch_size % (world_size * params.train.accum_freq):
+        raise ClipflowError(
+            f"train.batch_size ({params.train.batch_size}) must be a multiple of the processes ({world_size})"
+            f" times train.accum_freq ({params.train.accum_freq})"
+        )
     output_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_dir = params.train.checkpoint_dir or str(output_dir.resolve() / "checkpoints")
+    start_from = _resolve_resume(resume, checkpoint_dir) if resume else None
+    leads = params.train.node_rank == 0
 
-    tracking.setup(params.tracking)
-    with mlflow.start_run() as run:
-        mlflow.log_params({**params.flat(), "train.nproc": nproc})
-        tags = {**lineage(data_dir), "clipflow.step": "train", "profile": params.profile or ""}
-        mlflow.set_tags(tags)
-        run_id = run.info.run_id
-
+    run_id = None
+    if leads:
+        tracking.setup(params.tracking)
+        run_id = _open_run(params, nproc, data_dir, start_from)
     job = {
-        "params": {**asdict(params.train), "nproc": nproc},
+        "params": {**asdict(params.train), "nproc": nproc, "checkpoint_dir": checkpoint_dir},
         "data_dir": str(data_dir.resolve()),
         "output_dir": str(output_dir.resolve()),
         "mlflow_run_id": run_id,
+        "resume": start_from,
         "checkpoint_extra": {"params": params.to_dict(), "data_version": data_version, "mlflow_run_id": run_id},
     }
-    job_file = output_dir / JOB_FILE
+    job_file = output_dir / f"job-node{params.train.node_rank}.json"
     job_file.write_text(json.dumps(job, indent=2))
     try:
         if launcher == "trainjob":
@@ -81,10 +93,13 @@ def train(
             spec = trainjob.job_spec(params, name, data_uri or "", run_id, data_version)
             trainjob.run_trainjob(params, spec, name, output_dir)
         else:
-            _torchrun(job_file, nproc, params)
+            _torchrun(params.train, nproc, job_file, with_tracking=leads)
     except BaseException:
-        mlflow.MlflowClient().set_terminated(run_id, status="FAILED")
+        if run_id:
+            mlflow.MlflowClient().set_terminated(run_id, status="FAILED")
         raise
+    if not leads:
+        return {"node_rank": params.train.node_rank, "seconds": round(time.perf_counter() - started, 2)}
 
     with mlflow.start_run(run_id=run_id):
         model_uri = log_clip_model(output_dir)
@@ -99,23 +114,60 @@ def train(
     return result
 
 
-def _torchrun(job_file: Path, nproc: int, params: Params) -> None:
-    """Run the workers on this machine: `nproc` CPU processes under torchrun."""
+def _torchrun(params: TrainParams, nproc: int, job_file: Path, with_tracking: bool) -> None:
+    """Run this node's workers under torchrun; the node that leads also gives them the tracking URI."""
     import mlflow
 
-    command = [
-        sys.executable, "-m", "torch.distributed.run",
-        "--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc),
-        "-m", "clipflow.train.worker", str(job_file),
-    ]  # fmt: skip
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(),
-        "OMP_NUM_THREADS": str(params.train.threads_per_proc),
-    }
-    result = subprocess.run(command, env=env)
+    env = {**os.environ, "OMP_NUM_THREADS": str(params.threads_per_proc)}
+    if with_tracking:
+        env["MLFLOW_TRACKING_URI"] = mlflow.get_tracking_uri()
+    result = subprocess.run(torchrun_command(params, nproc, job_file), env=env)
     if result.returncode != 0:
         raise ClipflowError(f"training failed: torchrun exited with code {result.returncode} (see the log above)")
+
+
+def torchrun_command(params: TrainParams, nproc: int, job_file: Path) -> list[str]:
+    """The torchrun command line of this node: standalone, or one of `params.nnodes` nodes meeting at c10d."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
+    command += ["--max-restarts", str(params.max_restarts)]
+    if params.nnodes == 1:
+        command += ["--standalone", "--nnodes", "1"]
+    else:
+        command += ["--nnodes", str(params.nnodes), "--node-rank", str(params.node_rank)]
+        command += ["--rdzv-backend", "c10d", "--rdzv-endpoint", params.rdzv_endpoint, "--rdzv-id", "clipflow"]
+        # Node 0 hosts the rendezvous store; on one host every node would otherwise try to.
+        command += ["--rdzv-conf", f"is_host={str(params.node_rank == 0).lower()}"]
+    return command + ["-m", "clipflow.train.worker", str(job_file)]
+
+
+def _resolve_resume(resume: str, checkpoint_dir: str) -> str:
+    """A checkpoint location for `--resume`: `latest` is the newest complete one in `checkpoint_dir`."""
+    if resume != "latest":
+        return resume
+    latest = CheckpointStore(checkpoint_dir).latest()
+    if latest is None:
+        raise ClipflowError(f"--resume latest: no checkpoint in {checkpoint_dir}")
+    return latest.location
+
+
+def _open_run(params: Params, nproc: int, data_dir: Path, start_from: str | None) -> str:
+    """The MLflow run to train in: the one that wrote `start_from` if this store has it, else a new one."""
+    import mlflow
+
+    if start_from:
+        previous = load_state(start_from)["clipflow"].get("mlflow_run_id")
+        if previous:
+            try:
+                return mlflow.MlflowClient().get_run(previous).info.run_id
+            except mlflow.exceptions.MlflowException:
+                pass  # trained against another tracking store: start a run of its own here
+    with mlflow.start_run() as run:
+        mlflow.log_params({**params.flat(), "train.nproc": nproc})
+        tags = {**lineage(data_dir), "clipflow.step": "train", "profile": params.profile or ""}
+        if start_from:
+            tags["resumed_from"] = start_from
+        mlflow.set_tags(tags)
+        return run.info.run_id
 
 
 def read_result(output_dir: str | Path) -> dict[str, Any]:

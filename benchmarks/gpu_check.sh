@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# GPU check of clipflow's training loop: ViT-B-32, bf16 autocast, the tiled loss, one GPU.
+# Runs in under 5 minutes on one H100-class GPU and writes JSON (default
+# benchmarks/results/gpu_check.json; set GPU_CHECK_OUT to change it) with:
+#   step:       the training step alone (clipflow.train.worker.backward + AdamW on batches
+#               already on the GPU): samples/s, model TFLOP/s counted by torch's FlopCounterMode,
+#               and that as a fraction of the GPU's dense bf16 peak;
+#   end_to_end: `clipflow train` (torchrun, NCCL, MLflow) on built-in data: samples/s from the
+#               run's samples_per_second metric, which includes decoding and augmenting on the CPU.
+# Usage: bash benchmarks/gpu_check.sh   (from the repository root, in the project's environment)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true
+OUT_JSON="${GPU_CHECK_OUT:-benchmarks/results/gpu_check.json}"
+WORK="$(mktemp -d)"
+BATCH="${GPU_CHECK_BATCH:-256}"
+
+python - "$WORK" "$OUT_JSON" "$BATCH" <<'EOF'
+import json, subprocess, sys, time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from clipflow import model as clip_model
+from clipflow.params import load_params
+from clipflow.train.loss import build_loss
+from clipflow.train.worker import _param_groups, backward
+
+work, out_json, batch = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+assert torch.cuda.is_available(), "no GPU visible"
+device = torch.device("cuda")
+name = torch.cuda.get_device_name()
+# Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets.
+PEAKS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0,
+         "H100": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0}
+peak = next((value for key, value in PEAKS.items() if key in name), None)
+
+# 1. The step alone.
+torch.manual_seed(0)
+module = clip_model.create("ViT-B-32").model.to(device).train()
+optimizer = torch.optim.AdamW(_param_groups(module, 0.1), lr=1e-4, betas=(0.9, 0.98), eps=1e-6)
+loss_fn = build_loss("tiled", 0, 1)
+images = torch.randn(batch, 3, 224, 224, device=device)
+tokens = torch.randint(1, 49000, (batch, 77), device=device)
+autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+
+def step():
+    optimizer.zero_grad(set_to_none=True)
+    loss = backward(module, loss_fn, images, tokens, 1, autocast)
+    optimizer.step()
+    return loss
+
+with FlopCounterMode(display=False) as counter:
+    step()
+flops_per_step = counter.get_total_flops()
+for _ in range(5):
+    step()
+torch.cuda.synchronize()
+steps, started = 30, time.perf_counter()
+for _ in range(steps):
+    step()
+torch.cuda.synchronize()
+seconds = time.perf_counter() - started
+tflops = flops_per_step * steps / seconds / 1e12
+step_result = {
+    "batch": batch, "steps": steps, "samples_per_s": round(batch * steps / seconds, 1),
+    "tflops": round(tflops, 1), "peak_bf16_tflops": peak,
+    "fraction_of_bf16_peak": round(tflops / peak, 4) if peak else None,
+    "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+}
+print(json.dumps(step_result), flush=True)
+del module, optimizer
+torch.cuda.empty_cache()
+
+# 2. clipflow train end to end (one torchrun process on this GPU).
+repo = Path.cwd()
+overrides = ["train.model=ViT-B-32", "train.loss=tiled", "train.precision=bf16", f"train.batch_size={batch}",
+             "train.steps=40", "train.warmup_steps=5", "train.log_every=10", "train.checkpoint_every=0",
+             "train.nproc=1", "train.threads_per_proc=8", "data.num_train=10240", "data.shard_size=2048",
+             f"tracking.uri=sqlite:///{work / 'mlflow.db'}"]
+sets = [arg for item in overrides for arg in ("--set", item)]
+clipflow = [sys.executable, "-m", "clipflow.cli"]
+subprocess.run(clipflow + ["ingest", "--output", str(work / "data"), "--params", str(repo / "params.yaml")] + sets,
+               check=True, stdout=subprocess.DEVNULL)
+started = time.perf_counter()
+subprocess.run(clipflow + ["train", "--data", str(work / "data"), "--output", str(work / "model"),
+                           "--params", str(repo / "params.yaml")] + sets, check=True, stdout=subprocess.DEVNULL)
+wall = time.perf_counter() - started
+import mlflow
+mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
+run_id = json.loads((work / "model" / "train.json").read_text())["mlflow_run_id"]
+rates = [m.value for m in mlflow.MlflowClient().get_metric_history(run_id, "samples_per_second")][1:]  # first: warm-up
+end_to_end = {"steps": 40, "batch": batch, "wall_s": round(wall, 1),
+              "samples_per_s": round(sum(rates) / len(rates), 1) if rates else None}
+
+result = {"check": "gpu_check", "date": time.strftime("%Y-%m-%d"), "device": name,
+          "model": "ViT-B-32", "precision": "bf16 autocast", "loss": "tiled",
+          "torch": torch.__version__, "step": step_result, "end_to_end": end_to_end}
+out_json.parent.mkdir(parents=True, exist_ok=True)
+out_json.write_text(json.dumps(result, indent=2) + "\n")
+print(json.dumps(result, indent=2))
+EOF

@@ -1,0 +1,201 @@
+"""Resumable training checkpoints, every N steps, in a local folder or under an `s3://` prefix.
+
+A checkpoint is one file, `step-000200.pt`: the open_clip `state_dict` (so open_clip and
+`clipflow.model.load` read it as a plain checkpoint), the optimizer and schedule, each rank's
+RNG states and the data position. Everything in it is tensors and plain types, so it loads
+with `torch.load(..., weights_only=True)`.
+
+Writes are atomic: a local file is written under a temporary name and renamed; an S3 object
+appears whole when its PUT completes. Only then is the small `latest` pointer replaced, so
+whoever follows the pointer always finds a complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from clipflow.errors import ClipflowError
+
+POINTER = "latest"
+_NAME = re.compile(r"^step-(\d{6,})\.pt$")
+
+
+@dataclass(frozen=True)
+class Pointer:
+    """What `latest` says: the newest complete checkpoint, its step and the MLflow run that wrote it."""
+
+    location: str
+    step: int
+    run_id: str | None
+
+
+class CheckpointStore:
+    """The resumable checkpoints of one training job: a local folder or `s3://bucket/prefix`."""
+
+    def __init__(self, location: str | Path):
+        self.location = str(location).rstrip("/")
+        self._s3 = _split_s3(self.location) if is_s3(self.location) else None
+
+    def save(self, step: int, state: dict[str, Any], run_id: str | None) -> str:
+        """Write `state` as the checkpoint of `step`, then point `latest` at it; returns its location."""
+        name = f"step-{step:06d}.pt"
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        self._write(name, buffer.getvalue())
+        pointer = {"checkpoint": name, "step": step, "run_id": run_id}
+        self._write(POINTER, json.dumps(pointer).encode())
+        return self._join(name)
+
+    def latest(self) -> Pointer | None:
+        """The newest complete checkpoint, or None when the store holds none."""
+        raw = self._read(POINTER)
+        if raw is None:
+            return None
+        pointer = json.loads(raw)
+        return Pointer(self._join(pointer["checkpoint"]), pointer["step"], pointer.get("run_id"))
+
+    def prune(self, keep: int) -> None:
+        """Delete all but the `keep` newest checkpoints."""
+        names = sorted(name for name in self._list() if _NAME.match(name))
+        for name in names[:-keep]:
+            self._delete(name)
+
+    def _join(self, name: str) -> str:
+        return f"{self.location}/{name}"
+
+    def _write(self, name: str, payload: bytes) -> None:
+        if self._s3:
+            bucket, prefix = self._s3
+            _s3_client().put_object(Bucket=bucket, Key=_key(prefix, name), Body=payload)
+            return
+        folder = Path(self.location)
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{name}.", delete=False) as tmp:
+            tmp.write(payload)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.chmod(tmp.name, 0o644)  # mkstemp's 0600 would hide checkpoints from other nodes' users
+        os.replace(tmp.name, folder / name)
+
+    def _read(self, name: str) -> bytes | None:
+        if self._s3:
+            bucket, prefix = self._s3
+            client = _s3_client()
+            try:
+                return client.get_object(Bucket=bucket, Key=_key(prefix, name))["Body"].read()
+            except client.exceptions.NoSuchKey:
+                return None
+        path = Path(self.location) / name
+        return path.read_bytes() if path.is_file() else None
+
+    def _list(self) -> list[str]:
+        if self._s3:
+            bucket, prefix = self._s3
+            pages = _s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=_key(prefix, ""))
+            return [item["Key"].rsplit("/", 1)[-1] for page in pages for item in page.get("Contents", [])]
+        folder = Path(self.location)
+        return [path.name for path in folder.iterdir()] if folder.is_dir() else []
+
+    def _delete(self, name: str) -> None:
+        if self._s3:
+            bucket, prefix = self._s3
+            _s3_client().delete_object(Bucket=bucket, Key=_key(prefix, name))
+        else:
+            (Path(self.location) / name).unlink(missing_ok=True)
+
+
+def load_state(location: str | Path) -> dict[str, Any]:
+    """Read a checkpoint file or `s3://` object with `weights_only=True` (no code is unpickled)."""
+    location = str(location)
+    if is_s3(location):
+        bucket, key = _split_s3(location)
+        client = _s3_client()
+        try:
+            payload = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except client.exceptions.NoSuchKey:
+            raise ClipflowError(f"checkpoint not found: {location}") from None
+        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    if not Path(location).is_file():
+        raise ClipflowError(f"checkpoint not found: {location}")
+    return torch.load(location, map_location="cpu", weights_only=True)
+
+
+def fetch(uri: str, folder: Path) -> Path:
+    """A local copy of a file given as a path or an `s3://` URI (downloaded once, atomically)."""
+    if not is_s3(uri):
+        if not Path(uri).is_file():
+            raise ClipflowError(f"pretrained checkpoint not found: {uri}")
+        return Path(uri)
+    bucket, key = _split_s3(uri)
+    target = folder / f"{bucket}-{key.replace('/', '-')}"
+    if not target.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        # Every process of a node may fetch at once: each downloads to its own name, the rename is atomic.
+        tmp = folder / f".{target.name}.{os.getpid()}"
+        _s3_client().download_file(bucket, key, str(tmp))
+        os.replace(tmp, target)
+    return target
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's torch (CPU and its GPU), numpy and Python RNG states, as tensors and plain types."""
+    numpy_state = np.random.get_state()
+    python_version, python_words, python_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(numpy_state[1].astype(np.int64)),
+            "pos": int(numpy_state[2]),
+            "has_gauss": int(numpy_state[3]),
+            "gauss": float(numpy_state[4]),
+        },
+        "python": {"version": python_version, "words": torch.tensor(python_words), "gauss": python_gauss},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` captured."""
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    numpy_state = state["numpy"]
+    keys = numpy_state["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, numpy_state["pos"], numpy_state["has_gauss"], numpy_state["gauss"]))
+    python_state = state["python"]
+    random.setstate((python_state["version"], tuple(python_state["words"].tolist()), python_state["gauss"]))
+
+
+def is_s3(location: str) -> bool:
+    return location.startswith("s3://")
+
+
+def _split_s3(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    if not bucket:
+        raise ClipflowError(f"not an s3://bucket/key URI: {uri}")
+    return bucket, key
+
+
+def _key(prefix: str, name: str) -> str:
+    return f"{prefix}/{name}" if prefix else name
+
+
+def _s3_client():
+    import boto3
+
+    # boto3 reads AWS_ENDPOINT_URL (MinIO, SeaweedFS) and the credentials from the environment.
+    return boto3.client("s3")

@@ -1,0 +1,128 @@
+"""The training step in one process: accumulation, checkpointing, LiT, pretrained weights, RNG, S3 store."""
+
+import copy
+import random
+from contextlib import nullcontext
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from clipflow import model as clip_model
+from clipflow.data.ingest import ingest
+from clipflow.train import worker
+from clipflow.train.checkpoint import CheckpointStore, fetch, load_state, rng_state, set_rng_state
+from clipflow.train.loss import build_loss
+from tests.servers import seaweedfs
+
+BATCH = 16
+
+
+@pytest.fixture(scope="module")
+def batch():
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(BATCH, 3, 64, 64, generator=generator)
+    tokens = torch.randint(1, 49000, (BATCH, 20), generator=generator)
+    return images, tokens
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return clip_model.create("CLIP-Tiny").model
+
+
+def _gradients(model, images, tokens, accum_freq, loss_kind="clip"):
+    model = copy.deepcopy(model)
+    loss = worker.backward(model, build_loss(loss_kind, 0, 1), images, tokens, accum_freq, nullcontext())
+    return loss, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("loss_kind", ["clip", "tiled"])
+def test_accumulated_micro_batches_give_the_full_batch_gradient(tiny, batch, loss_kind):
+    full_loss, full = _gradients(tiny, *batch, accum_freq=1, loss_kind=loss_kind)
+    for accum_freq in (2, 4):
+        loss, accumulated = _gradients(tiny, *batch, accum_freq=accum_freq, loss_kind=loss_kind)
+        torch.testing.assert_close(loss, full_loss, rtol=1e-5, atol=1e-6)
+        assert accumulated.keys() == full.keys()
+        for name in full:
+            torch.testing.assert_close(accumulated[name], full[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_micro_batches_alone_would_lose_negatives(tiny, batch):
+    """The check above can fail: averaging two half-batch losses is a different gradient."""
+    images, tokens = batch
+    _, full = _gradients(tiny, images, tokens, accum_freq=1)
+    model = copy.deepcopy(tiny)
+    loss_fn = build_loss("clip", 0, 1)
+    for chunk_images, chunk_tokens in zip(images.chunk(2), tokens.chunk(2), strict=True):
+        (loss_fn(*model(chunk_images, chunk_tokens)) / 2).backward()
+    name = "visual.proj"
+    assert not torch.allclose(dict(model.named_parameters())[name].grad, full[name], rtol=1e-3, atol=1e-5)
+
+
+def test_gradient_checkpointing_keeps_the_gradients(tiny, batch):
+    _, plain = _gradients(tiny, *batch, accum_freq=1)
+    checkpointed = copy.deepcopy(tiny)
+    checkpointed.set_grad_checkpointing(True)
+    _, recomputed = _gradients(checkpointed, *batch, accum_freq=1)
+    for name in plain:
+        torch.testing.assert_close(recomputed[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
+    torch.manual_seed(3)
+    np.random.seed(3)
+    random.seed(3)
+    torch.save({"rng": rng_state()}, tmp_path / "rng.pt")
+    expected = (torch.rand(4), np.random.rand(4), [random.random() for _ in range(4)])
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"])
+    again = (torch.rand(4), np.random.rand(4), [random.random() for _ in range(4)])
+    assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1]) and expected[2] == again[2]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    with seaweedfs(tmp_path_factory.mktemp("weed")) as server:
+        server.client().create_bucket(Bucket="ckpt")
+        yield server
+
+
+def test_checkpoint_store_on_s3_points_at_the_newest_and_prunes(s3, monkeypatch):
+    for key, value in s3.env.items():
+        monkeypatch.setenv(key, value)
+    store = CheckpointStore("s3://ckpt/run-a")
+    assert store.latest() is None
+    for step in (2, 4, 6):
+        store.save(step, {"step": step, "weights": torch.full((3,), float(step))}, run_id="r1")
+    store.prune(keep=2)
+    latest = store.latest()
+    assert (latest.location, latest.step, latest.run_id) == ("s3://ckpt/run-a/step-000006.pt", 6, "r1")
+    assert torch.equal(load_state(latest.location)["weights"], torch.full((3,), 6.0))
+    keys = sorted(obj["Key"] for obj in s3.client().list_objects_v2(Bucket="ckpt")["Contents"])
+    assert keys == ["run-a/latest", "run-a/step-000004.pt", "run-a/step-000006.pt"]
+
+
+def test_training_from_s3_pretrained_weights_with_a_locked_image_tower(s3, monkeypatch, tmp_path, small_params):
+    """LiT through the real loop: the image tower keeps the pretrained weights, the text tower learns."""
+    for key, value in s3.env.items():
+        monkeypatch.setenv(key, value)
+    torch.manual_seed(42)  # not the training seed: weights that a random init could not reproduce
+    pretrained = clip_model.create("CLIP-Tiny").model
+    clip_model.save_checkpoint(tmp_path / "pretrained.pt", pretrained, "CLIP-Tiny", {})
+    s3.client().upload_file(str(tmp_path / "pretrained.pt"), "ckpt", "models/tiny.pt")
+    fetched = fetch("s3://ckpt/models/tiny.pt", tmp_path / "cache")
+    assert fetched.read_bytes() == (tmp_path / "pretrained.pt").read_bytes()
+
+    ingest("builtin", tmp_path / "data", small_params.data)
+    params = replace(
+        small_params.train, steps=2, pretrained="s3://ckpt/models/tiny.pt", lock_image=True, checkpoint_every=0
+    )
+    worker.train(params, tmp_path / "data", tmp_path / "out", {}, mlflow_run_id=None)
+
+    trained = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)["state_dict"]
+    start = pretrained.state_dict()
+    visual = [name for name in start if name.startswith("visual.")]
+    assert visual and all(torch.equal(trained[name], start[name]) for name in visual)
+    assert not torch.equal(trained["text_projection"], start["text_projection"])
