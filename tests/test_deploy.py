@@ -62,7 +62,8 @@ def test_generated_trainjob_matches_the_crd_schema(trainjob_schema, nodes, gpus)
     trainer = job["spec"]["trainer"]
     assert job["spec"]["runtimeRef"]["name"] == "torch-distributed"
     assert trainer["image"] == "ghcr.io/clipflow/clipflow-train:abc123"
-    assert trainer["command"] == ["torchrun"] and trainer["args"] == ["-m", "clipflow.deploy.node"]
+    assert trainer["command"] == ["torchrun"]
+    assert trainer["args"] == ["--max-restarts", str(params.train.max_restarts), "-m", "clipflow.deploy.node"]
     assert trainer["numNodes"] == nodes
     assert trainer["numProcPerNode"] == (gpus or params.train.nproc)
     requests = trainer["resourcesPerNode"]["requests"]
@@ -72,6 +73,11 @@ def test_generated_trainjob_matches_the_crd_schema(trainjob_schema, nodes, gpus)
     assert shipped["params"]["nproc"] == nodes * (gpus or params.train.nproc)
     assert shipped["data_uri"] == DATA_URI
     assert shipped["output_uri"] == f"{params.cluster.scratch_uri}/clipflow-train-0123456789ab/model"
+    # Restarts on any node resume from checkpoints every node reads.
+    assert (
+        shipped["params"]["checkpoint_dir"] == f"{params.cluster.scratch_uri}/clipflow-train-0123456789ab/checkpoints"
+    )
+    assert shipped["params"]["nnodes"] == nodes
     assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
         "name": "clipflow-s3",
         "key": "AWS_SECRET_ACCESS_KEY",

@@ -28,8 +28,10 @@ def main() -> None:
         ready.touch()
     while not ready.exists():
         time.sleep(1)
+    # The torch runtime numbers the nodes (PET_NODE_RANK); node 0's first process leads.
+    params = TrainParams(**{**job["params"], "node_rank": int(os.environ.get("PET_NODE_RANK", "0"))})
     worker.train(
-        TrainParams(**job["params"]),
+        params,
         data_dir=data_dir,
         output_dir=output_dir,
         checkpoint_extra=job["checkpoint_extra"],

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from clipflow.data.storage import s3_client, split_s3
 from clipflow.errors import ClipflowError
 
 
-def split_uri(uri: str) -> tuple[str, str]:
-    """`s3://bucket/key/prefix` -> (`bucket`, `key/prefix`), without a trailing slash."""
-    if not uri.startswith("s3://"):
-        raise ClipflowError(f"not an s3:// URI: {uri!r}")
-    bucket, _, prefix = uri[len("s3://") :].partition("/")
+def _folder(uri: str) -> tuple[str, str]:
+    bucket, prefix = split_s3(uri)
     return bucket, prefix.rstrip("/")
 
 
@@ -21,10 +19,8 @@ def download(uri: str, dest: str | Path) -> int:
     Raises:
         ClipflowError: nothing is stored under `uri`.
     """
-    import boto3
-
-    bucket, prefix = split_uri(uri)
-    s3 = boto3.client("s3")
+    bucket, prefix = _folder(uri)
+    s3 = s3_client()
     count = 0
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/"):
         for item in page.get("Contents", []):
@@ -39,10 +35,8 @@ def download(uri: str, dest: str | Path) -> int:
 
 def upload(src: str | Path, uri: str) -> int:
     """Copy every file under the folder `src` to `uri`; returns the file count."""
-    import boto3
-
-    bucket, prefix = split_uri(uri)
-    s3 = boto3.client("s3")
+    bucket, prefix = _folder(uri)
+    s3 = s3_client()
     files = [path for path in sorted(Path(src).rglob("*")) if path.is_file()]
     for path in files:
         s3.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(src).as_posix()}")

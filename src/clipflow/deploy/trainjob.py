@@ -71,10 +71,18 @@ def job_spec(params: Params, name: str, data_uri: str, mlflow_run_id: str | None
             f"train.batch_size ({params.train.batch_size}) must be a multiple of the {world} training processes"
             " (cluster.nodes x processes per node)"
         )
+    scratch = f"{params.cluster.scratch_uri.rstrip('/')}/{name}"
+    # Every node must read the checkpoints a restarted job resumes from: they live in S3.
+    checkpoints = params.train.checkpoint_dir or f"{scratch}/checkpoints"
     return {
-        "params": {**asdict(params.train), "nproc": world},
+        "params": {
+            **asdict(params.train),
+            "nproc": world,
+            "nnodes": params.cluster.nodes,
+            "checkpoint_dir": checkpoints,
+        },
         "data_uri": data_uri,
-        "output_uri": f"{params.cluster.scratch_uri.rstrip('/')}/{name}/model",
+        "output_uri": f"{scratch}/model",
         "mlflow_run_id": mlflow_run_id,
         "checkpoint_extra": {"params": params.to_dict(), "data_version": data_version, "mlflow_run_id": mlflow_run_id},
     }
@@ -107,7 +115,8 @@ def manifest(params: Params, name: str, namespace: str, job: dict[str, Any], tag
                 "image": image(cluster, TRAIN_IMAGE, tag),
                 # The torch runtime sets PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR...: torchrun reads them.
                 "command": ["torchrun"],
-                "args": ["-m", "clipflow.deploy.node"],
+                # A restarted attempt resumes from the newest checkpoint in S3 (train.checkpoint_dir).
+                "args": ["--max-restarts", str(params.train.max_restarts), "-m", "clipflow.deploy.node"],
                 "numNodes": cluster.nodes,
                 "numProcPerNode": procs_per_node(params),
                 "resourcesPerNode": resources,

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from clipflow.data.storage import s3_client, split_s3
 from clipflow.errors import ClipflowError
 
 POINTER = "latest"
@@ -45,7 +46,7 @@ class CheckpointStore:
 
     def __init__(self, location: str | Path):
         self.location = str(location).rstrip("/")
-        self._s3 = _split_s3(self.location) if is_s3(self.location) else None
+        self._s3 = split_s3(self.location) if is_s3(self.location) else None
 
     def save(self, step: int, state: dict[str, Any], run_id: str | None) -> str:
         """Write `state` as the checkpoint of `step`, then point `latest` at it; returns its location."""
@@ -77,7 +78,7 @@ class CheckpointStore:
     def _write(self, name: str, payload: bytes) -> None:
         if self._s3:
             bucket, prefix = self._s3
-            _s3_client().put_object(Bucket=bucket, Key=_key(prefix, name), Body=payload)
+            s3_client().put_object(Bucket=bucket, Key=_key(prefix, name), Body=payload)
             return
         folder = Path(self.location)
         folder.mkdir(parents=True, exist_ok=True)
@@ -91,7 +92,7 @@ class CheckpointStore:
     def _read(self, name: str) -> bytes | None:
         if self._s3:
             bucket, prefix = self._s3
-            client = _s3_client()
+            client = s3_client()
             try:
                 return client.get_object(Bucket=bucket, Key=_key(prefix, name))["Body"].read()
             except client.exceptions.NoSuchKey:
@@ -102,7 +103,7 @@ class CheckpointStore:
     def _list(self) -> list[str]:
         if self._s3:
             bucket, prefix = self._s3
-            pages = _s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=_key(prefix, ""))
+            pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=_key(prefix, ""))
             return [item["Key"].rsplit("/", 1)[-1] for page in pages for item in page.get("Contents", [])]
         folder = Path(self.location)
         return [path.name for path in folder.iterdir()] if folder.is_dir() else []
@@ -110,7 +111,7 @@ class CheckpointStore:
     def _delete(self, name: str) -> None:
         if self._s3:
             bucket, prefix = self._s3
-            _s3_client().delete_object(Bucket=bucket, Key=_key(prefix, name))
+            s3_client().delete_object(Bucket=bucket, Key=_key(prefix, name))
         else:
             (Path(self.location) / name).unlink(missing_ok=True)
 
@@ -119,8 +120,8 @@ def load_state(location: str | Path) -> dict[str, Any]:
     """Read a checkpoint file or `s3://` object with `weights_only=True` (no code is unpickled)."""
     location = str(location)
     if is_s3(location):
-        bucket, key = _split_s3(location)
-        client = _s3_client()
+        bucket, key = split_s3(location)
+        client = s3_client()
         try:
             payload = client.get_object(Bucket=bucket, Key=key)["Body"].read()
         except client.exceptions.NoSuchKey:
@@ -137,13 +138,13 @@ def fetch(uri: str, folder: Path) -> Path:
         if not Path(uri).is_file():
             raise ClipflowError(f"pretrained checkpoint not found: {uri}")
         return Path(uri)
-    bucket, key = _split_s3(uri)
+    bucket, key = split_s3(uri)
     target = folder / f"{bucket}-{key.replace('/', '-')}"
     if not target.is_file():
         folder.mkdir(parents=True, exist_ok=True)
         # Every process of a node may fetch at once: each downloads to its own name, the rename is atomic.
         tmp = folder / f".{target.name}.{os.getpid()}"
-        _s3_client().download_file(bucket, key, str(tmp))
+        s3_client().download_file(bucket, key, str(tmp))
         os.replace(tmp, target)
     return target
 
@@ -183,19 +184,6 @@ def is_s3(location: str) -> bool:
     return location.startswith("s3://")
 
 
-def _split_s3(uri: str) -> tuple[str, str]:
-    bucket, _, key = uri[len("s3://") :].partition("/")
-    if not bucket:
-        raise ClipflowError(f"not an s3://bucket/key URI: {uri}")
-    return bucket, key
-
-
 def _key(prefix: str, name: str) -> str:
     return f"{prefix}/{name}" if prefix else name
 
-
-def _s3_client():
-    import boto3
-
-    # boto3 reads AWS_ENDPOINT_URL (MinIO, SeaweedFS) and the credentials from the environment.
-    return boto3.client("s3")
