@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import mlflow
+import pytest
 import torch
 
 from clipflow import model as clip_model
@@ -44,26 +45,40 @@ def test_learning_rate_warms_up_then_decays_to_zero():
     assert factor(100) == 0.0
 
 
-def test_clipflow_train_with_the_tiled_loss_on_two_processes(tmp_path, small_params):
+def _clipflow_train(folder: Path, *overrides: str) -> subprocess.CompletedProcess:
+    command = [str(Path(sys.executable).with_name("clipflow")), "train", "--data", "data", "--output", "model"]
+    command += ["--profile", "test", "--nproc", "2"]
+    for override in overrides:
+        command += ["--set", override]
+    return subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize(("loss", "model"), [("tiled", "CLIP-Tiny"), ("siglip", "CLIP-Tiny-Sigmoid")])
+def test_clipflow_train_with_a_tiled_loss_on_two_processes(tmp_path, small_params, loss, model):
     """`clipflow train` as a user runs it: torchrun, 2 gloo processes, a checkpoint and an MLflow run."""
     ingest("builtin", tmp_path / "data", small_params.data)
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
-    result = subprocess.run(
-        [str(Path(sys.executable).with_name("clipflow")), "train", "--data", "data", "--output", "model"]
-        + ["--profile", "test", "--set", "train.loss=tiled", "--nproc", "2"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = _clipflow_train(tmp_path, f"train.loss={loss}", f"train.model={model}")
     assert result.returncode == 0, result.stderr[-3000:]
     trained = json.loads((tmp_path / "model/train.json").read_text())
     assert clip_model.read_checkpoint_info(trained["checkpoint"])["clipflow"]["step"] == small_params.train.steps
+    weights = clip_model.load(trained["checkpoint"]).model
+    if loss == "siglip":  # the bias is trained, from the config's -10
+        assert weights.logit_bias.item() != -10.0
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     try:
         run = mlflow.get_run(trained["mlflow_run_id"])
-        assert run.data.params["train.loss"] == "tiled" and run.data.params["train.nproc"] == "2"
+        assert run.data.params["train.loss"] == loss and run.data.params["train.nproc"] == "2"
         history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "train_loss")
         assert [m.step for m in history] == list(range(4, small_params.train.steps + 1, 4))
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_the_sigmoid_loss_refuses_a_model_without_a_logit_bias(tmp_path, small_params):
+    ingest("builtin", tmp_path / "data", small_params.data)
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    result = _clipflow_train(tmp_path, "train.loss=siglip", "train.model=CLIP-Tiny")
+    assert result.returncode != 0
+    assert "train.loss=siglip needs a model with a logit bias" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "model").exists()

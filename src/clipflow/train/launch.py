@@ -66,6 +66,7 @@ def train(
             f"train.batch_size ({params.train.batch_size}) must be a multiple of the processes ({world_size})"
             f" times train.accum_freq ({params.train.accum_freq})"
         )
+    _check_loss_fits_model(params.train)
     output_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_dir = params.train.checkpoint_dir or str(output_dir.resolve() / "checkpoints")
     start_from = _resolve_resume(resume, checkpoint_dir) if resume else None
@@ -112,6 +113,18 @@ def train(
     }
     (output_dir / RESULT_FILE).write_text(json.dumps(result, indent=2))
     return result
+
+
+def _check_loss_fits_model(params: TrainParams) -> None:
+    """The sigmoid loss trains a logit bias: only a model built with one can take it."""
+    import open_clip
+
+    clip_model.register_configs()
+    if params.loss == "siglip" and "init_logit_bias" not in (open_clip.get_model_config(params.model) or {}):
+        raise ClipflowError(
+            f"train.loss=siglip needs a model with a logit bias; {params.model!r} has none"
+            " (use CLIP-Tiny-Sigmoid, or a config with init_logit_bias)"
+        )
 
 
 def _torchrun(params: TrainParams, nproc: int, job_file: Path, with_tracking: bool) -> None:
