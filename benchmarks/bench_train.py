@@ -23,10 +23,8 @@ longer than 10 steps.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -34,12 +32,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import case, write_results
+
 REPO = Path(__file__).resolve().parents[1]
-RESULT = REPO / "benchmarks" / "results" / "bench_train.json"
 MODEL = "CLIP-Tiny"
+# Lets open_clip_train 3.3 read WebDataset shards with webdataset 1.0 (see its docstring).
+OPEN_CLIP_COMPAT = REPO / "tests" / "open_clip_compat"
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=256)
@@ -78,16 +79,16 @@ def main(argv: list[str] | None = None) -> dict:
         run["zeroshot_top1"] = _zeroshot(run["checkpoint"], data, work / f"eval-{run['name']}", params)
         print(json.dumps(run, default=str), file=sys.stderr)
 
+    peer = f"open_clip_train --precision {runs[1]['precision']} (clipflow: {runs[0]['precision']})"
     cases = [
-        _case("samples_per_s", "samples/s", *runs),
-        _case("samples_per_cpu_s", "samples/CPU-s", *runs),
-        _case("zeroshot_top1", "fraction", *runs),
+        case(MODEL, metric, unit, round(runs[0][metric], 4), peer, round(runs[1][metric], 4))
+        for metric, unit in (
+            ("samples_per_s", "samples/s"),
+            ("samples_per_cpu_s", "samples/CPU-s"),
+            ("zeroshot_top1", "fraction"),
+        )
     ]
     result = {
-        "benchmark": "bench_train",
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{os.cpu_count()} cores, {platform.machine()}, no GPU",
-        "command": "python benchmarks/bench_train.py" + (" " + " ".join(argv) if argv else ""),
         "setup": {
             "model": MODEL,
             "steps": args.steps,
@@ -97,26 +98,11 @@ def main(argv: list[str] | None = None) -> dict:
             f"{params.train.weight_decay}, betas (0.9, 0.98), eps 1e-6",
         },
         "runs": [{key: value for key, value in run.items() if key != "checkpoint"} for run in candidates],
-        "cases": cases,
-        "note": "Wall-clock numbers on a 2-core machine shared with other jobs: compare the ratio within one run.",
+        "note": f"1-minute load average {os.getloadavg()[0]:.1f} at the end (2 cores: above 2 means other work"
+        " shared the machine); compare the ratios within one run.",
     }
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    return result
-
-
-def _case(metric: str, unit: str, ours: dict, peer: dict) -> dict:
-    """A result row in the design's format; `ratio` is clipflow over open_clip."""
-    return {
-        "case": MODEL,
-        "metric": metric,
-        "unit": unit,
-        "clipflow": round(ours[metric], 4),
-        "peer": f"open_clip_train --precision {peer['precision']} (clipflow: {ours['precision']})",
-        "peer_value": round(peer[metric], 4),
-        "ratio": round(ours[metric] / peer[metric], 4) if peer[metric] else None,
-    }
+    command = "python benchmarks/bench_train.py" + (" " + " ".join(argv) if argv else "")
+    print(write_results("bench_train", command, cases, **result).read_text())
 
 
 def _clipflow(work: Path, data: Path, overrides: list[str], precision: str, steps: int, batch: int) -> dict:
@@ -141,12 +127,21 @@ def _open_clip(work: Path, data: Path, train, precision: str, steps: int, batch:
     command += ["--workers", "1", "--device", "cpu", "--logs", str(work / "open_clip"), "--name", name]
     command += ["--save-frequency", "1", "--log-every-n-steps", "10", "--report-to", ""]
     checkpoint = work / "open_clip" / name / "checkpoints" / "epoch_1.pt"
-    return _timed("open_clip", name, precision, steps * batch, command, work, checkpoint)
+    return _timed("open_clip", name, precision, steps * batch, command, work, checkpoint, OPEN_CLIP_COMPAT)
 
 
-def _timed(trainer: str, name: str, precision: str, samples: int, command: list[str], work: Path, checkpoint: Path):
+def _timed(
+    trainer: str,
+    name: str,
+    precision: str,
+    samples: int,
+    command: list[str],
+    work: Path,
+    checkpoint: Path,
+    *extra_path: Path,
+):
     """Run a training command; wall and CPU time of its process tree (every process is waited for)."""
-    path = os.pathsep.join([str(REPO / "src"), str(REPO), os.environ.get("PYTHONPATH", "")])
+    path = os.pathsep.join([*map(str, extra_path), str(REPO / "src"), str(REPO), os.environ.get("PYTHONPATH", "")])
     log = work / f"{name}.log"
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
