@@ -5,14 +5,15 @@ from __future__ import annotations
 import contextlib
 import io
 import struct
-import threading
 import time
 import zlib
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import numpy as np
 from PIL import Image
+
+from tests.servers import local_http_server
 
 
 def encoded(image: Image.Image, fmt: str, **options) -> bytes:
@@ -93,12 +94,5 @@ class _Handler(BaseHTTPRequestHandler):
 def http_server(files: dict[str, bytes], slow_delay_s: float) -> Iterator[str]:
     """A real HTTP server on 127.0.0.1: `files` by path, 404 otherwise, `/slow...` answers late."""
     handler = type("Handler", (_Handler,), {"files": files, "delay_s": slow_delay_s})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with local_http_server(handler) as url:
+        yield url

@@ -2,14 +2,14 @@
 
 import contextlib
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import yaml
 
 from clipflow.cli import main
+from tests.servers import local_http_server
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,13 +62,8 @@ def serve(fake: FakeKfp):
         def log_message(self, *args) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with local_http_server(Handler) as url:
+        yield url
 
 
 def printed_json(stdout: str) -> dict:

@@ -186,4 +186,3 @@ def is_s3(location: str) -> bool:
 
 def _key(prefix: str, name: str) -> str:
     return f"{prefix}/{name}" if prefix else name
-

@@ -55,44 +55,39 @@ def _gather_texts(text_features: torch.Tensor) -> tuple[torch.Tensor, int, bool]
     return text_features, 0, False
 
 
-class TiledClipLoss(torch.nn.Module):
+class _TiledLoss(torch.nn.Module):
+    """A loss over this rank's images against every rank's texts, `tile` rows of logits at a time."""
+
+    def __init__(self, tile: int = DEFAULT_TILE):
+        super().__init__()
+        self.tile = tile
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        all_texts, offset, distributed = _gather_texts(text_features)
+        return self._apply(image_features, all_texts, logit_scale, logit_bias, offset, distributed)
+
+
+class TiledClipLoss(_TiledLoss):
     """CLIP's symmetric InfoNCE over the global batch, in O(tile x B) memory."""
 
-    def __init__(self, tile: int = DEFAULT_TILE):
-        super().__init__()
-        self.tile = tile
-
-    def forward(
-        self,
-        image_features: torch.Tensor,
-        text_features: torch.Tensor,
-        logit_scale: torch.Tensor,
-        logit_bias: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def _apply(self, images, all_texts, logit_scale, logit_bias, offset, distributed):
         # A bias shifts every logit of a softmax alike: it changes neither the loss nor any gradient.
-        del logit_bias
-        all_texts, offset, distributed = _gather_texts(text_features)
-        return _TiledInfoNCE.apply(image_features, all_texts, logit_scale, offset, self.tile, distributed)
+        return _TiledInfoNCE.apply(images, all_texts, logit_scale, offset, self.tile, distributed)
 
 
-class TiledSigLipLoss(torch.nn.Module):
+class TiledSigLipLoss(_TiledLoss):
     """SigLIP: -sum log sigmoid(+-(scale * a.c + bias)) / local batch, in O(tile x B) memory."""
 
-    def __init__(self, tile: int = DEFAULT_TILE):
-        super().__init__()
-        self.tile = tile
-
-    def forward(
-        self,
-        image_features: torch.Tensor,
-        text_features: torch.Tensor,
-        logit_scale: torch.Tensor,
-        logit_bias: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def _apply(self, images, all_texts, logit_scale, logit_bias, offset, distributed):
         if logit_bias is None:
             raise ValueError("the sigmoid loss needs the model's logit_bias (create the model with init_logit_bias)")
-        all_texts, offset, _ = _gather_texts(text_features)
-        return _TiledSigmoid.apply(image_features, all_texts, logit_scale, logit_bias, offset, self.tile)
+        return _TiledSigmoid.apply(images, all_texts, logit_scale, logit_bias, offset, self.tile)
 
 
 def _row_tiles(rows: torch.Tensor, tile: int):
