@@ -20,7 +20,7 @@ from clipflow.params import load_params, parse_params
 from tests.fake_k8s import FakeKubernetes, serve
 
 REPO = Path(__file__).resolve().parents[1]
-CRD = REPO.parent / "shared/k8s/trainer.kubeflow.org_trainjobs.v2.3.0.yaml"
+CRD = REPO / "deploy/k8s/kubeflow-trainer/trainer.kubeflow.org_trainjobs.v2.3.0.yaml"
 DATA_URI = "s3://clipflow-runs/pipeline/ingest/data"
 
 
