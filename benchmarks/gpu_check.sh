@@ -2,7 +2,7 @@
 # GPU check of clipflow's training loop: ViT-B-32, bf16 autocast, the tiled loss, one GPU.
 # Runs in under 5 minutes on one H100-class GPU and writes JSON (default
 # benchmarks/results/gpu_check.json; set GPU_CHECK_OUT to change it) with:
-#   step:       the training step alone (clipflow.train.worker.backward + AdamW on batches
+#   step:       the training step alone, at the batch and at 4x it (clipflow.train.worker.backward + AdamW on batches
 #               already on the GPU): samples/s, model TFLOP/s counted by torch's FlopCounterMode,
 #               and that as a fraction of the GPU's dense bf16 peak;
 #   end_to_end: `clipflow train` (torchrun, NCCL, MLflow) on built-in data: samples/s from the
@@ -16,7 +16,7 @@ OUT_JSON="${GPU_CHECK_OUT:-benchmarks/results/gpu_check.json}"
 WORK="$(mktemp -d)"
 BATCH="${GPU_CHECK_BATCH:-256}"
 
-python - "$WORK" "$OUT_JSON" "$BATCH" <<'EOF'
+python3 - "$WORK" "$OUT_JSON" "$BATCH" <<'EOF'
 import json, subprocess, sys, time
 from pathlib import Path
 
@@ -37,42 +37,49 @@ PEAKS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 NVL": 
          "H100": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0}
 peak = next((value for key, value in PEAKS.items() if key in name), None)
 
-# 1. The step alone.
-torch.manual_seed(0)
-module = clip_model.create("ViT-B-32").model.to(device).train()
-optimizer = torch.optim.AdamW(_param_groups(module, 0.1), lr=1e-4, betas=(0.9, 0.98), eps=1e-6)
-loss_fn = build_loss("tiled", 0, 1)
-images = torch.randn(batch, 3, 224, 224, device=device)
-tokens = torch.randint(1, 49000, (batch, 77), device=device)
-autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+# 1. The step alone, at the end-to-end batch and at a larger one that fills the GPU better.
+def measure_step(batch_size):
+    torch.manual_seed(0)
+    module = clip_model.create("ViT-B-32").model.to(device).train()
+    # fused=True as in the worker's optimizer.
+    optimizer = torch.optim.AdamW(_param_groups(module, 0.1), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, fused=True)
+    loss_fn = build_loss("tiled", 0, 1)
+    size = module.visual.image_size
+    size = size if isinstance(size, int) else size[0]
+    images = torch.randn(batch_size, 3, size, size, device=device)
+    tokens = torch.randint(1, module.vocab_size - 1, (batch_size, module.context_length), device=device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16)
 
-def step():
-    optimizer.zero_grad(set_to_none=True)
-    loss = backward(module, loss_fn, images, tokens, 1, autocast)
-    optimizer.step()
-    return loss
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        backward(module, loss_fn, images, tokens, 1, autocast)
+        optimizer.step()
 
-with FlopCounterMode(display=False) as counter:
-    step()
-flops_per_step = counter.get_total_flops()
-for _ in range(5):
-    step()
-torch.cuda.synchronize()
-steps, started = 30, time.perf_counter()
-for _ in range(steps):
-    step()
-torch.cuda.synchronize()
-seconds = time.perf_counter() - started
-tflops = flops_per_step * steps / seconds / 1e12
-step_result = {
-    "batch": batch, "steps": steps, "samples_per_s": round(batch * steps / seconds, 1),
-    "tflops": round(tflops, 1), "peak_bf16_tflops": peak,
-    "fraction_of_bf16_peak": round(tflops / peak, 4) if peak else None,
-    "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-}
-print(json.dumps(step_result), flush=True)
-del module, optimizer
-torch.cuda.empty_cache()
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops_per_step = counter.get_total_flops()
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    steps, started = 30, time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    tflops = flops_per_step * steps / seconds / 1e12
+    result = {
+        "batch": batch_size, "steps": steps, "samples_per_s": round(batch_size * steps / seconds, 1),
+        "tflops": round(tflops, 1), "peak_bf16_tflops": peak,
+        "fraction_of_bf16_peak": round(tflops / peak, 4) if peak else None,
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+    }
+    print(json.dumps(result), flush=True)
+    del module, optimizer, images, tokens
+    torch.cuda.empty_cache()
+    return result
+
+step_results = [measure_step(size) for size in (batch, 4 * batch)]
 
 # 2. clipflow train end to end (one torchrun process on this GPU).
 repo = Path.cwd()
@@ -97,7 +104,7 @@ end_to_end = {"steps": 40, "batch": batch, "wall_s": round(wall, 1),
 
 result = {"check": "gpu_check", "date": time.strftime("%Y-%m-%d"), "device": name,
           "model": "ViT-B-32", "precision": "bf16 autocast", "loss": "tiled",
-          "torch": torch.__version__, "step": step_result, "end_to_end": end_to_end}
+          "torch": torch.__version__, "step": step_results, "end_to_end": end_to_end}
 out_json.parent.mkdir(parents=True, exist_ok=True)
 out_json.write_text(json.dumps(result, indent=2) + "\n")
 print(json.dumps(result, indent=2))
