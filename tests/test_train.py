@@ -1,16 +1,21 @@
 import json
+import random
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import mlflow
 import pytest
 import torch
+from PIL import Image
+from torchvision import transforms
 
 from clipflow import model as clip_model
 from clipflow.data.ingest import ingest
-from clipflow.train.data import global_batch_indices
+from clipflow.data.pairs import ShardPairs
+from clipflow.train.data import RankBatches, TrainAugment, crop_box, global_batch_indices, rank_loader
 from clipflow.train.worker import _cosine_with_warmup, _param_groups
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,6 +28,52 @@ def test_an_epoch_visits_each_sample_at_most_once_and_steps_are_reproducible():
     assert torch.equal(global_batch_indices(100, 16, 4, seed=3), global_batch_indices(100, 16, 4, seed=3))
     # the next epoch is a new order, not a repeat
     assert not torch.equal(global_batch_indices(100, 16, 0, seed=3), global_batch_indices(100, 16, steps_per_epoch, 3))
+
+
+@pytest.mark.parametrize("size", [(64, 64), (97, 41), (23, 80)])
+def test_the_batched_augmentation_equals_open_clips_transform_for_the_same_crop(size):
+    clip = clip_model.create("CLIP-Tiny")
+    augment = TrainAugment(clip.preprocess_train)
+    pixels = torch.randint(0, 256, (size[1], size[0], 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    image = Image.fromarray(pixels.numpy())
+    for seed in range(5):
+        left, top, width, height = crop_box(*size, augment.scale, augment.ratio, random.Random(seed))
+        ours = augment.normalize(torch.tensor(augment.crop(image, seed)).permute(2, 0, 1)[None])[0]
+        with mock.patch.object(transforms.RandomResizedCrop, "get_params", return_value=(top, left, height, width)):
+            reference = clip.preprocess_train(image)
+        assert torch.equal(ours, reference)
+
+
+def test_crop_boxes_keep_to_the_scale_and_ratio_bounds():
+    scale, ratio = (0.3, 1.0), (3 / 4, 4 / 3)
+    for seed in range(200):
+        left, top, width, height = crop_box(120, 90, scale, ratio, random.Random(seed))
+        assert 0 <= left and left + width <= 120 and 0 <= top and top + height <= 90
+        assert scale[0] - 0.05 <= width * height / (120 * 90) <= scale[1]
+        assert ratio[0] - 0.05 <= width / height <= ratio[1] + 0.05
+    # No box of this ratio fits a 1000 x 10 strip: the fallback is its central crop at the widest ratio.
+    assert crop_box(1000, 10, scale, ratio, random.Random(0)) == (493, 0, 13, 10)
+
+
+def test_a_batch_is_the_same_whatever_the_process_layout_workers_or_resume_point(tmp_path, small_params):
+    ingest("builtin", tmp_path / "data", small_params.data)
+    clip = clip_model.create("CLIP-Tiny")
+    augment = TrainAugment(clip.preprocess_train)
+    pairs = ShardPairs(tmp_path / "data", "train", clip.preprocess_train, clip.tokenizer)
+
+    def batches(rank, world_size, start_step, workers):
+        loader = rank_loader(RankBatches(pairs, augment, 16, 7, rank, world_size, start_step, 5), workers, False)
+        return list(loader)
+
+    one_process = batches(0, 1, 0, 0)
+    assert one_process[0][0].dtype == torch.uint8 and one_process[0][0].shape == (16, 3, 64, 64)
+    assert one_process[0][1].shape == (16, clip.model.context_length)
+    two_processes = list(zip(batches(0, 2, 0, 0), batches(1, 2, 0, 2), strict=True))
+    for (images, tokens), ((images_0, tokens_0), (images_1, tokens_1)) in zip(one_process, two_processes, strict=True):
+        assert torch.equal(images, torch.cat([images_0, images_1]))
+        assert torch.equal(tokens, torch.cat([tokens_0, tokens_1]))
+    resumed = batches(0, 1, 3, 0)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(one_process[3:], resumed, strict=True))
 
 
 def test_weight_decay_skips_gains_biases_embeddings_and_logit_scale():

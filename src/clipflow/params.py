@@ -68,6 +68,7 @@ class TrainParams:
     model: str
     nproc: int
     threads_per_proc: int
+    data_workers: int
     batch_size: int
     loss: str
     steps: int
@@ -219,6 +220,8 @@ class Params:
                 raise ClipflowError(f"{key} must be positive, got {value}")
         if self.cluster.launcher not in {"torchrun", "trainjob"}:
             raise ClipflowError(f"cluster.launcher must be torchrun or trainjob, got {self.cluster.launcher!r}")
+        if self.train.data_workers < 0:
+            raise ClipflowError(f"train.data_workers must not be negative, got {self.train.data_workers}")
         if self.cluster.nodes < 1 or self.cluster.gpus_per_node < 0:
             raise ClipflowError("cluster.nodes must be at least 1 and cluster.gpus_per_node not negative")
         if (self.train.batch_size // self.train.nproc) % self.train.accum_freq:

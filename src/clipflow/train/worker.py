@@ -38,7 +38,7 @@ from clipflow import model as clip_model
 from clipflow.params import TrainParams
 from clipflow.progress import progress
 from clipflow.train.checkpoint import CheckpointStore, fetch, load_state, rng_state, set_rng_state
-from clipflow.train.data import ShardPairs, rank_batches
+from clipflow.train.data import RankBatches, ShardPairs, TrainAugment, rank_loader
 from clipflow.train.loss import build_loss
 
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -115,17 +115,23 @@ def train(
             print(f"clipflow train: resuming at step {start_step} from {start_from}", file=sys.stderr, flush=True)
     model = DistributedDataParallel(module) if distributed else module
     loss_fn = build_loss(params.loss, rank, world_size)
-    dataset = ShardPairs(data_dir, "train", clip.preprocess_train, clip.tokenizer)
+    augment = TrainAugment(clip.preprocess_train)
+    pairs = ShardPairs(data_dir, "train", clip.preprocess_train, clip.tokenizer)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if params.precision == "bf16" else nullcontext()
 
     logger = _MetricLogger(mlflow_run_id) if rank == leader and mlflow_run_id else None
-    batches = rank_batches(dataset, params.batch_size, params.seed, rank, world_size, start_step, params.steps)
+    batches = rank_loader(
+        RankBatches(pairs, augment, params.batch_size, params.seed, rank, world_size, start_step, params.steps),
+        params.data_workers,
+        pin_memory=device.type == "cuda",
+    )
     window_start, window_samples = time.perf_counter(), 0
     model.train()
     steps = progress(batches, total=params.steps - start_step, desc=f"train from step {start_step}", enabled=rank == 0)
     for step, (images, tokens) in enumerate(steps, start=start_step + 1):
         optimizer.zero_grad(set_to_none=True)
-        loss = backward(model, loss_fn, images.to(device), tokens.to(device), params.accum_freq, autocast)
+        images = augment.normalize(images.to(device, non_blocking=True))
+        loss = backward(model, loss_fn, images, tokens.to(device, non_blocking=True), params.accum_freq, autocast)
         optimizer.step()
         scheduler.step()
         with torch.no_grad():
