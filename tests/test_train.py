@@ -48,7 +48,7 @@ def test_crop_boxes_keep_to_the_scale_and_ratio_bounds():
     scale, ratio = (0.3, 1.0), (3 / 4, 4 / 3)
     for seed in range(200):
         left, top, width, height = crop_box(120, 90, scale, ratio, random.Random(seed))
-        assert 0 <= left and left + width <= 120 and 0 <= top and top + height <= 90
+        assert left >= 0 and top >= 0 and left + width <= 120 and top + height <= 90
         assert scale[0] - 0.05 <= width * height / (120 * 90) <= scale[1]
         assert ratio[0] - 0.05 <= width / height <= ratio[1] + 0.05
     # No box of this ratio fits a 1000 x 10 strip: the fallback is its central crop at the widest ratio.
