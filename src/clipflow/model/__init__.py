@@ -9,13 +9,14 @@ rebuilt and traced.
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import open_clip
 import torch
 
 from clipflow.errors import ClipflowError
@@ -25,12 +26,28 @@ CHECKPOINT_FILE = "checkpoint.pt"
 _registered = False
 
 
+# open_clip is imported where a model is built, not here: importing it takes seconds (it pulls in
+# torchvision and timm), and the training launcher, which imports this module, never builds one.
+
+
 def register_configs() -> None:
     """Make the configs shipped with clipflow (CLIP-Tiny) known to open_clip by name."""
+    import open_clip
+
     global _registered
     if not _registered:
         open_clip.add_model_config(CONFIG_DIR)
         _registered = True
+
+
+def model_config(name: str) -> dict[str, Any] | None:
+    """The config of a model name, clipflow's or one open_clip ships, read without importing open_clip."""
+    open_clip_configs = Path(importlib.util.find_spec("open_clip").submodule_search_locations[0]) / "model_configs"
+    for folder in (CONFIG_DIR, open_clip_configs):
+        path = folder / f"{name}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+    return None
 
 
 @dataclass
@@ -79,6 +96,8 @@ def create(name: str, pretrained: str | None = None) -> ClipModel:
         name: an open_clip config name, such as `CLIP-Tiny` or `ViT-B-32`.
         pretrained: a checkpoint file to load, or None for random init.
     """
+    import open_clip
+
     register_configs()
     if name not in open_clip.list_models():
         raise ClipflowError(f"unknown model config {name!r}")

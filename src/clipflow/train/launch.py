@@ -117,10 +117,7 @@ def train(
 
 def _check_loss_fits_model(params: TrainParams) -> None:
     """The sigmoid loss trains a logit bias: only a model built with one can take it."""
-    import open_clip
-
-    clip_model.register_configs()
-    if params.loss == "siglip" and "init_logit_bias" not in (open_clip.get_model_config(params.model) or {}):
+    if params.loss == "siglip" and "init_logit_bias" not in (clip_model.model_config(params.model) or {}):
         raise ClipflowError(
             f"train.loss=siglip needs a model with a logit bias; {params.model!r} has none"
             " (use CLIP-Tiny-Sigmoid, or a config with init_logit_bias)"
