@@ -33,6 +33,7 @@ def clipflow_pipeline(
     overrides: list = [],  # noqa: B006 - KFP pipeline defaults are compiled into the spec, never mutated
     profile: str = "",
     params: str = DEFAULT_PARAMS,
+    resume: str = "",
 ) -> NamedTuple(
     "ClipflowOutputs",
     [
@@ -51,11 +52,18 @@ def clipflow_pipeline(
         overrides: params overrides, `section.key=value` strings, as `clipflow --set` takes them.
         profile: a params profile (`test` for the small one), or empty.
         params: the content of params.yaml as JSON; defaults to the repository's params.yaml.
+        resume: empty to train from scratch; `latest` (the newest checkpoint in `train.checkpoint_dir`)
+            or a checkpoint location to continue a stopped training. A new pipeline run sees an
+            earlier run's checkpoints only where `train.checkpoint_dir` is shared storage (`s3://`).
     """
     common = {"params": params, "overrides": overrides, "profile": profile}
     ingest = ingest_component(source=source, **common).set_display_name("Ingest")
     validate = validate_component(data=ingest.outputs["data"], **common).set_display_name("Validate")
-    train = train_component(data=ingest.outputs["data"], **common).set_display_name("Train").after(validate)
+    train = (
+        train_component(data=ingest.outputs["data"], resume=resume, **common)
+        .set_display_name("Train")
+        .after(validate)
+    )
     evaluate = evaluate_component(
         data=ingest.outputs["data"],
         model=train.outputs["model"],

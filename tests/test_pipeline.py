@@ -33,6 +33,9 @@ def test_compiled_pipeline_has_six_tasks_in_dag_order(tmp_path):
     inputs = spec["root"]["inputDefinitions"]["parameters"]
     assert inputs["source"]["defaultValue"] == "builtin"
     assert json.loads(inputs["params"]["defaultValue"])["train"]["model"] == "CLIP-Tiny"
+    # A stopped training resumes from the UI: the pipeline's `resume` reaches the train step.
+    assert inputs["resume"]["defaultValue"] == ""
+    assert names["train"]["inputs"]["parameters"]["resume"]["componentInputParameter"] == "resume"
 
 
 @pytest.fixture(scope="module")
