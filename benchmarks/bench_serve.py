@@ -35,9 +35,11 @@ import torch
 from common import case, write_results
 from PIL import Image
 
+from clipflow.serving_model import Encoder
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-BATCH_SIZES = (1, 4, 16, 32, 64, 128)
+BATCH_SIZES = (1, 4, 8, 16, 32, 64, 128)
 TEXT = "two small purple stars at the top left"
 COMMAND = "python benchmarks/bench_serve.py"
 UNBATCHED = "the same service with batching off"
@@ -53,28 +55,41 @@ def sample_png(side: int) -> bytes:
 
 
 def ceiling(clip, png: bytes, seconds: float) -> dict[str, dict]:
-    """Items/s of the in-process encoders at each batch size; returns the best per encoder."""
+    """Items/s of the in-process encoders at each batch size, both with torch's own intra-op
+    threads and in the service's per-core lanes; returns the best per encoder."""
     image = Image.open(io.BytesIO(png)).convert("RGB")
-    work = {
-        "encode_text": lambda n: clip.encode_text([TEXT] * n),
-        "encode_image": lambda n: clip.encode_images(torch.stack([clip.preprocess(image)] * n)),
-    }
+    threads = torch.get_num_threads()
+    # per_core() sets torch to one thread for the process, so it is built after the other is timed.
+    modes = {f"{threads} intra-op threads": lambda: Encoder(clip), "per-core lanes": lambda: Encoder.per_core(clip)}
+    budget = seconds / len(BATCH_SIZES) / len(modes)
+    rates: dict[str, dict[str, dict[int, float]]] = {"encode_text": {}, "encode_image": {}}
+    for mode, make in modes.items():
+        encoder = make()
+        rates["encode_text"][mode] = batch_rates(lambda n, e=encoder: e.texts([TEXT] * n), budget)
+        # One decoded image n times: each copy is preprocessed, as n uploads would be.
+        rates["encode_image"][mode] = batch_rates(lambda n, e=encoder: e.images([image] * n), budget)
+    torch.set_num_threads(threads)
     best = {}
-    for name, run in work.items():
-        rates = {}
-        for n in BATCH_SIZES:
-            run(n)  # warm-up
-            # The median call of at least three: one slow call on a shared machine moves it little.
-            durations, budget_end = [], time.perf_counter() + seconds / len(BATCH_SIZES)
-            while len(durations) < 3 or time.perf_counter() < budget_end:
-                start = time.perf_counter()
-                run(n)
-                durations.append(time.perf_counter() - start)
-            rates[n] = n / statistics.median(durations)
-        size = max(rates, key=rates.get)
-        best[name] = {"items_per_s": rates[size], "batch_size": size, "by_batch_size": rates}
+    for name, by_mode in rates.items():
+        mode, size = max(((m, n) for m in by_mode for n in by_mode[m]), key=lambda key: by_mode[key[0]][key[1]])
+        best[name] = {"items_per_s": by_mode[mode][size], "batch_size": size, "mode": mode, "by_batch_size": by_mode}
         print(json.dumps({"ceiling": name, **best[name]}), flush=True)
     return best
+
+
+def batch_rates(run, seconds: float) -> dict[int, float]:
+    """Items/s of `run(n)` at each batch size n of BATCH_SIZES, timing each for about `seconds`."""
+    rates = {}
+    for n in BATCH_SIZES:
+        run(n)  # warm-up
+        # The median call of at least three: one slow call on a shared machine moves it little.
+        durations, budget_end = [], time.perf_counter() + seconds
+        while len(durations) < 3 or time.perf_counter() < budget_end:
+            start = time.perf_counter()
+            run(n)
+            durations.append(time.perf_counter() - start)
+        rates[n] = n / statistics.median(durations)
+    return rates
 
 
 async def load(url: str, endpoint: str, png: bytes, clients: int, seconds: float) -> dict:
@@ -191,7 +206,8 @@ def main(argv: list[str] | None = None) -> None:
     for model, (best, batched, unbatched) in measured.items():
         for endpoint in ("encode_image", "encode_text"):
             name = endpoint if model == args.models[0] else f"{endpoint}@{model}"
-            ceiling_name = f"in-process {model} at its best batch size ({best[endpoint]['batch_size']})"
+            size, mode = best[endpoint]["batch_size"], best[endpoint]["mode"]
+            ceiling_name = f"in-process {model} at its best batch size ({size}, {mode})"
             ceiling_rate = round(best[endpoint]["items_per_s"], 1)
             on, off = batched[endpoint], unbatched[endpoint]
             rows = [

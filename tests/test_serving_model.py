@@ -1,0 +1,36 @@
+"""The served model calls: lanes split a batch across threads without changing any embedding."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from bentoml._internal.marshal.dispatcher import CorkDispatcher
+from PIL import Image
+
+from clipflow import model as clip_model
+from clipflow.serving_model import Encoder, usable_cores
+
+
+def test_lanes_give_the_embeddings_of_one_call_in_request_order():
+    clip = clip_model.create("CLIP-Tiny")
+    clip.model.eval()
+    texts = ["a red circle", "two blue squares", "a green star", "one purple triangle", "a small red square"]
+    images = [Image.new("RGB", (40, 40), color) for color in ("red", "blue", "green", "purple", "white")]
+    threads = torch.get_num_threads()
+    try:
+        one, lanes = Encoder(clip), Encoder(clip, lanes=3)  # 5 items: parts of 2, 2 and 1
+        torch.testing.assert_close(lanes.texts(texts), one.texts(texts), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lanes.images(images), one.images(images), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lanes.texts(texts[:1]), one.texts(texts[:1]), rtol=1e-5, atol=1e-5)
+        labels = lanes.labels(["red", "blue"], ["a {}.", "a drawing of a {}."])
+        torch.testing.assert_close(labels, clip.encode_labels(["red", "blue"], ["a {}.", "a drawing of a {}."]))
+        assert Encoder.per_core(clip).lanes == usable_cores() and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_bentoml_dispatcher_still_polls_at_the_interval_the_service_sets():
+    # serving/service.py lengthens CorkDispatcher.TICKET_INTERVAL; were BentoML to stop reading
+    # it, that setting would silently do nothing.
+    assert "self.TICKET_INTERVAL" in inspect.getsource(CorkDispatcher.controller)
