@@ -292,7 +292,8 @@ def _restore(location: str, module, optimizer, scheduler, rank: int, world_size:
     if len(state["rng"]) == world_size:
         set_rng_state(state["rng"][rank])
     elif rank == 0:
-        # Augmentations then differ from an uninterrupted run; the data order does not.
+        # Only randomness inside the model (dropout) then differs from an uninterrupted run: the data
+        # order and the crops are functions of the step, not of these states.
         print(
             f"clipflow train: checkpoint has RNG states of {len(state['rng'])} ranks, not {world_size}; reseeding",
             file=sys.stderr,
