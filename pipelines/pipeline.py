@@ -60,9 +60,7 @@ def clipflow_pipeline(
     ingest = ingest_component(source=source, **common).set_display_name("Ingest")
     validate = validate_component(data=ingest.outputs["data"], **common).set_display_name("Validate")
     train = (
-        train_component(data=ingest.outputs["data"], resume=resume, **common)
-        .set_display_name("Train")
-        .after(validate)
+        train_component(data=ingest.outputs["data"], resume=resume, **common).set_display_name("Train").after(validate)
     )
     evaluate = evaluate_component(
         data=ingest.outputs["data"],
