@@ -69,13 +69,13 @@ def train(
     _check_loss_fits_model(params.train)
     output_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_dir = params.train.checkpoint_dir or str(output_dir.resolve() / "checkpoints")
-    start_from = _resolve_resume(resume, checkpoint_dir) if resume else None
+    start_from, previous_run_id = _resolve_resume(resume, checkpoint_dir) if resume else (None, None)
     leads = params.train.node_rank == 0
 
     run_id = None
     if leads:
         tracking.setup(params.tracking)
-        run_id = _open_run(params, nproc, data_dir, start_from)
+        run_id = _open_run(params, nproc, data_dir, start_from, previous_run_id)
     job = {
         "params": {**asdict(params.train), "nproc": nproc, "checkpoint_dir": checkpoint_dir},
         "data_dir": str(data_dir.resolve()),
@@ -150,27 +150,29 @@ def torchrun_command(params: TrainParams, nproc: int, job_file: Path) -> list[st
     return command + ["-m", "clipflow.train.worker", str(job_file)]
 
 
-def _resolve_resume(resume: str, checkpoint_dir: str) -> str:
-    """A checkpoint location for `--resume`: `latest` is the newest complete one in `checkpoint_dir`."""
+def _resolve_resume(resume: str, checkpoint_dir: str) -> tuple[str, str | None]:
+    """The checkpoint location for `--resume` and the MLflow run that wrote it.
+
+    `latest` is the newest complete checkpoint in `checkpoint_dir`; its pointer names the run,
+    so the launcher need not read the whole checkpoint, which the workers load anyway.
+    """
     if resume != "latest":
-        return resume
+        return resume, load_state(resume)["clipflow"].get("mlflow_run_id")
     latest = CheckpointStore(checkpoint_dir).latest()
     if latest is None:
         raise ClipflowError(f"--resume latest: no checkpoint in {checkpoint_dir}")
-    return latest.location
+    return latest.location, latest.run_id
 
 
-def _open_run(params: Params, nproc: int, data_dir: Path, start_from: str | None) -> str:
+def _open_run(params: Params, nproc: int, data_dir: Path, start_from: str | None, previous_run_id: str | None) -> str:
     """The MLflow run to train in: the one that wrote `start_from` if this store has it, else a new one."""
     import mlflow
 
-    if start_from:
-        previous = load_state(start_from)["clipflow"].get("mlflow_run_id")
-        if previous:
-            try:
-                return mlflow.MlflowClient().get_run(previous).info.run_id
-            except mlflow.exceptions.MlflowException:
-                pass  # trained against another tracking store: start a run of its own here
+    if previous_run_id:
+        try:
+            return mlflow.MlflowClient().get_run(previous_run_id).info.run_id
+        except mlflow.exceptions.MlflowException:
+            pass  # trained against another tracking store: start a run of its own here
     with mlflow.start_run() as run:
         mlflow.log_params({**params.flat(), "train.nproc": nproc})
         tags = {**lineage(data_dir), "clipflow.step": "train", "profile": params.profile or ""}
