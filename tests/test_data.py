@@ -1,5 +1,7 @@
 import dataclasses
+import io
 import json
+import tarfile
 
 import pandas as pd
 import pytest
@@ -7,7 +9,7 @@ import webdataset as wds
 
 from clipflow.data import builtin
 from clipflow.data.ingest import data_version, ingest
-from clipflow.data.shards import split_shards
+from clipflow.data.shards import split_shards, tar_members
 from clipflow.errors import ClipflowError
 
 
@@ -68,6 +70,60 @@ def test_webdataset_reads_the_shards_as_they_are(dataset):
     key, image, caption, meta = samples[0]
     assert image.size == (meta["width"], meta["height"])
     assert meta["color"] in caption and meta["shape"] in caption
+
+
+def _tarfile_members(path):
+    with tarfile.open(path) as tar:
+        return [(info.name, info.offset_data, info.size) for info in tar if info.isfile()]
+
+
+def test_shard_members_are_where_tarfile_finds_them(dataset):
+    out, summary = dataset
+    shards = split_shards(out, "train")
+    members = [member for shard in shards for member in tar_members(shard)]
+    assert members == [member for shard in shards for member in _tarfile_members(shard)]
+    assert len(members) == 3 * summary["counts"]["train"]
+    with shards[0].open("rb") as file:
+        name, offset, size = tar_members(shards[0])[1]
+        file.seek(offset)
+        assert name.endswith(".txt") and file.read(size).decode().strip()
+
+
+@pytest.mark.parametrize("layout", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tar_members_match_tarfile_for_other_writers(tmp_path, layout):
+    path = tmp_path / "other.tar"
+    long_name = "/".join(["folder"] * 20) + "/sample.png"  # a ustar prefix, a GNU or a pax long name
+    with tarfile.open(path, "w", format=layout, encoding="utf-8") as tar:
+        folder = tarfile.TarInfo("folder")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        for name, payload in [
+            ("folder/a.txt", b"red"),
+            (long_name, b"x" * 700),
+            ("empty.json", b""),
+            ("naïve.txt", b"ok"),
+        ]:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+        link = tarfile.TarInfo("link.txt")
+        link.type, link.linkname = tarfile.SYMTYPE, "folder/a.txt"
+        tar.addfile(link)
+    members = tar_members(path)
+    assert members == _tarfile_members(path)
+    assert [name for name, _, _ in members] == ["folder/a.txt", long_name, "empty.json", "naïve.txt"]
+
+
+def test_a_damaged_tar_header_is_refused_like_tarfile_does(dataset, tmp_path):
+    out, _ = dataset
+    damaged = tmp_path / "damaged.tar"
+    data = bytearray(split_shards(out, "train")[0].read_bytes())
+    data[5] ^= 0xFF  # the first member's name: its checksum no longer matches
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(tarfile.ReadError):
+        _tarfile_members(damaged)
+    with pytest.raises(tarfile.ReadError):
+        tar_members(damaged)
 
 
 def test_generation_is_deterministic_by_seed(small_params, tmp_path):

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import io
 import json
+import mmap
 import os
 import tarfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
 
 SIZES_FILE = "sizes.json"
 
@@ -110,11 +114,84 @@ def split_shards(data_dir: Path, split: str) -> list[Path]:
     return [sizes_file.parent / name for name in sorted(json.loads(sizes_file.read_text()))]
 
 
-@dataclass(frozen=True)
-class _Member:
+class _Member(NamedTuple):
     shard: int
     offset: int
     size: int
+
+
+TAR_BLOCK = 512
+_END_BLOCK = bytes(TAR_BLOCK)
+_FILE_TYPES = (b"0", b"\0")
+_DIRECTORY_TYPE = b"5"
+
+
+def tar_members(path: Path) -> list[tuple[str, int, int]]:
+    """(name, offset of the data, size) of each regular file in a tar, in the archive's order.
+
+    A plain ustar archive (what `ShardWriter`, webdataset and GNU tar write for short ASCII
+    names) is walked header by header in a memory map: tarfile, which builds a TarInfo per
+    member, took 1.8 s per training process for the 76,800 headers of 25,600 samples. Anything
+    else (pax or GNU long-name headers, links, a bad checksum, a missing end) goes to tarfile,
+    which reads it or raises `tarfile.ReadError`.
+    """
+    with open(path, "rb") as file:
+        if os.fstat(file.fileno()).st_size >= TAR_BLOCK:
+            with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as view:
+                members = _ustar_members(view)
+            if members is not None:
+                return members
+    with tarfile.open(path, "r") as tar:
+        return [(info.name, info.offset_data, info.size) for info in tar if info.isfile()]
+
+
+def _ustar_members(view: mmap.mmap) -> list[tuple[str, int, int]] | None:
+    """The members of a plain ustar archive, or None at the first header this walk does not handle."""
+    members = []
+    headers, checksums = [], []
+    position, end = 0, len(view)
+    while position + TAR_BLOCK <= end:
+        header = view[position : position + TAR_BLOCK]
+        if header == _END_BLOCK:
+            return members if _checksums_match(view, headers, checksums) else None
+        size = _octal(header[124:136])
+        checksum = _octal(header[148:156])
+        if header[257:262] != b"ustar" or size is None or checksum is None:
+            return None
+        headers.append(position)
+        checksums.append(checksum)
+        kind = header[156:157]
+        name = header[:100].split(b"\0", 1)[0]
+        # tarfile's rules: an untyped member named with a trailing slash is an old-style directory,
+        # and a non-empty prefix field holds the start of a long name.
+        if kind in _FILE_TYPES and not (kind == b"\0" and name.endswith(b"/")):
+            prefix = header[345:500].split(b"\0", 1)[0]
+            if prefix:
+                name = prefix + b"/" + name
+            members.append((name.decode("utf-8", "surrogateescape"), position + TAR_BLOCK, size))
+        elif kind not in (_DIRECTORY_TYPE, b"\0"):
+            return None
+        position += TAR_BLOCK + -(-size // TAR_BLOCK) * TAR_BLOCK
+    return None
+
+
+def _checksums_match(view: mmap.mmap, headers: list[int], checksums: list[int]) -> bool:
+    """Each header's checksum: the sum of its bytes with the checksum field read as 8 spaces.
+
+    Summed for all headers at once: a Python sum per header cost more than the walk itself.
+    """
+    blocks = np.frombuffer(view, dtype=np.uint8, count=len(view) // TAR_BLOCK * TAR_BLOCK).reshape(-1, TAR_BLOCK)
+    header_blocks = blocks[np.asarray(headers, dtype=np.int64) // TAR_BLOCK]  # headers start on block bounds
+    computed = header_blocks.sum(1, dtype=np.int64) - header_blocks[:, 148:156].sum(1, dtype=np.int64) + 8 * ord(" ")
+    return bool(np.array_equal(computed, np.asarray(checksums, dtype=np.int64)))
+
+
+def _octal(field: bytes) -> int | None:
+    digits = field.split(b"\0", 1)[0].strip()
+    try:
+        return int(digits or b"0", 8)
+    except ValueError:  # base-256 sizes of huge members, or garbage
+        return None
 
 
 class ShardIndex:
@@ -130,15 +207,12 @@ class ShardIndex:
         self.keys: list[str] = []
         by_key: dict[str, dict[str, _Member]] = {}
         for shard_number, shard in enumerate(self.shards):
-            with tarfile.open(shard, "r") as tar:
-                for info in tar:
-                    if not info.isfile():
-                        continue
-                    key, _, ext = info.name.rpartition(".")
-                    if key not in by_key:
-                        by_key[key] = {}
-                        self.keys.append(key)
-                    by_key[key][ext] = _Member(shard_number, info.offset_data, info.size)
+            for name, offset, size in tar_members(shard):
+                key, _, ext = name.rpartition(".")
+                if key not in by_key:
+                    by_key[key] = {}
+                    self.keys.append(key)
+                by_key[key][ext] = _Member(shard_number, offset, size)
         self._members: list[dict[str, _Member]] = [by_key[k] for k in self.keys]
         self._handles: dict[int, object] = {}
         self._pid = os.getpid()

@@ -15,19 +15,21 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from clipflow.errors import ClipflowError
+
+if TYPE_CHECKING:
+    import torch
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 CHECKPOINT_FILE = "checkpoint.pt"
 _registered = False
 
 
-# open_clip is imported where a model is built, not here: importing it takes seconds (it pulls in
-# torchvision and timm), and the training launcher, which imports this module, never builds one.
+# torch and open_clip are imported where a model is built or a checkpoint read, not here: they
+# take seconds to import (open_clip pulls in torchvision and timm), and the training launcher,
+# which imports this module, never builds a model.
 
 
 def register_configs() -> None:
@@ -60,16 +62,20 @@ class ClipModel:
     preprocess: Callable
     tokenizer: Callable
 
-    @torch.no_grad()
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         """L2-normalised text embeddings, (N, D) float32."""
-        tokens = self.tokenizer(texts)
-        return torch.nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1)
+        import torch
 
-    @torch.no_grad()
+        tokens = self.tokenizer(texts)
+        with torch.no_grad():
+            return torch.nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1)
+
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised image embeddings of preprocessed images (N, 3, H, W), (N, D) float32."""
-        return torch.nn.functional.normalize(self.model.encode_image(images).float(), dim=-1)
+        import torch
+
+        with torch.no_grad():
+            return torch.nn.functional.normalize(self.model.encode_image(images).float(), dim=-1)
 
     def encode_labels(self, labels: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
         """Zero-shot classifier weights for `labels`, (L, D): see `prompt_ensemble`."""
@@ -84,6 +90,8 @@ def prompt_ensemble(
     This is the CLIP paper's prompt ensembling ("a photo of a {}."); evaluation and serving
     both classify through it, so served probabilities match the evaluated accuracy.
     """
+    import torch
+
     prompts = [template.format(label) for label in labels for template in templates]
     per_prompt = encode_text(prompts).reshape(len(labels), len(templates), -1)
     return torch.nn.functional.normalize(per_prompt.mean(dim=1), dim=-1)
@@ -120,6 +128,8 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, name: str, extra: 
     if path.suffix != ".pt":
         path = path / CHECKPOINT_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
+    import torch
+
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save({"name": name, "state_dict": model.state_dict(), "clipflow": extra}, tmp)
     tmp.replace(path)
@@ -128,6 +138,8 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, name: str, extra: 
 
 def read_checkpoint_info(path: str | Path) -> dict[str, Any]:
     """The non-weight fields of a clipflow checkpoint (`name`, `clipflow`)."""
+    import torch
+
     state = torch.load(resolve_checkpoint(path), map_location="cpu", weights_only=True)
     return {key: value for key, value in state.items() if key != "state_dict"}
 

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from clipflow.data.storage import s3_client, split_s3
 from clipflow.errors import ClipflowError
+
+# torch and numpy are imported where a checkpoint is written or read: the training launcher
+# only follows `latest` pointers, and importing torch would add seconds to every run's start.
 
 POINTER = "latest"
 _NAME = re.compile(r"^step-(\d{6,})\.pt$")
@@ -50,6 +50,8 @@ class CheckpointStore:
 
     def save(self, step: int, state: dict[str, Any], run_id: str | None) -> str:
         """Write `state` as the checkpoint of `step`, then point `latest` at it; returns its location."""
+        import torch
+
         name = f"step-{step:06d}.pt"
         buffer = io.BytesIO()
         torch.save(state, buffer)
@@ -118,6 +120,8 @@ class CheckpointStore:
 
 def load_state(location: str | Path) -> dict[str, Any]:
     """Read a checkpoint file or `s3://` object with `weights_only=True` (no code is unpickled)."""
+    import torch
+
     location = str(location)
     if is_s3(location):
         bucket, key = split_s3(location)
@@ -151,6 +155,9 @@ def fetch(uri: str, folder: Path) -> Path:
 
 def rng_state() -> dict[str, Any]:
     """This process's torch (CPU and its GPU), numpy and Python RNG states, as tensors and plain types."""
+    import numpy as np
+    import torch
+
     numpy_state = np.random.get_state()
     python_version, python_words, python_gauss = random.getstate()
     state = {
@@ -170,6 +177,9 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what `rng_state` captured."""
+    import numpy as np
+    import torch
+
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])

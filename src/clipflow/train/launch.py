@@ -18,6 +18,8 @@ from clipflow.errors import ClipflowError
 from clipflow.params import Params, TrainParams
 from clipflow.registry.models import log_clip_model
 from clipflow.train.checkpoint import CheckpointStore, load_state
+from clipflow.train.metrics import FILE_NAME as METRICS_FILE
+from clipflow.train.metrics import MetricsRelay
 
 RESULT_FILE = "train.json"
 
@@ -82,6 +84,8 @@ def train(
         "output_dir": str(output_dir.resolve()),
         "mlflow_run_id": run_id,
         "resume": start_from,
+        # On this node the launcher relays the leader's step metrics to MLflow; a TrainJob's leader logs them.
+        "metrics_file": str(output_dir.resolve() / METRICS_FILE) if leads and launcher == "torchrun" else None,
         "checkpoint_extra": {"params": params.to_dict(), "data_version": data_version, "mlflow_run_id": run_id},
     }
     job_file = output_dir / f"job-node{params.train.node_rank}.json"
@@ -94,7 +98,7 @@ def train(
             spec = trainjob.job_spec(params, name, data_uri or "", run_id, data_version)
             trainjob.run_trainjob(params, spec, name, output_dir)
         else:
-            _torchrun(params.train, nproc, job_file, with_tracking=leads)
+            _torchrun(params.train, nproc, job_file, job["metrics_file"], run_id)
     except BaseException:
         if run_id:
             mlflow.MlflowClient().set_terminated(run_id, status="FAILED")
@@ -124,14 +128,15 @@ def _check_loss_fits_model(params: TrainParams) -> None:
         )
 
 
-def _torchrun(params: TrainParams, nproc: int, job_file: Path, with_tracking: bool) -> None:
-    """Run this node's workers under torchrun; the node that leads also gives them the tracking URI."""
-    import mlflow
-
+def _torchrun(params: TrainParams, nproc: int, job_file: Path, metrics_file: str | None, run_id: str | None) -> None:
+    """Run this node's workers under torchrun; on the node that leads, relay their step metrics to the run."""
     env = {**os.environ, "OMP_NUM_THREADS": str(params.threads_per_proc)}
-    if with_tracking:
-        env["MLFLOW_TRACKING_URI"] = mlflow.get_tracking_uri()
-    result = subprocess.run(torchrun_command(params, nproc, job_file), env=env)
+    relay = MetricsRelay(metrics_file, run_id) if metrics_file and run_id else None
+    try:
+        result = subprocess.run(torchrun_command(params, nproc, job_file), env=env)
+    finally:
+        if relay:
+            relay.close()
     if result.returncode != 0:
         raise ClipflowError(f"training failed: torchrun exited with code {result.returncode} (see the log above)")
 

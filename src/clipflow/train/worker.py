@@ -19,6 +19,7 @@ With several nodes, `train.checkpoint_dir` must be storage every node reads (S3 
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -40,6 +41,7 @@ from clipflow.progress import progress
 from clipflow.train.checkpoint import CheckpointStore, fetch, load_state, rng_state, set_rng_state
 from clipflow.train.data import RankBatches, ShardPairs, TrainAugment, rank_loader
 from clipflow.train.loss import build_loss
+from clipflow.train.metrics import MetricsFile, RunMetrics
 
 MAX_LOGIT_SCALE = math.log(100.0)
 
@@ -56,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         checkpoint_extra=job["checkpoint_extra"],
         mlflow_run_id=job.get("mlflow_run_id"),
         resume=job.get("resume"),
+        metrics_file=job.get("metrics_file"),
     )
 
 
@@ -66,12 +69,15 @@ def train(
     checkpoint_extra: dict[str, Any],
     mlflow_run_id: str | None,
     resume: str | None = None,
+    metrics_file: str | None = None,
 ) -> None:
     """Train under the process group torchrun set up.
 
-    The leader (local rank 0 of node 0: the node whose launcher owns the MLflow run) logs
-    metrics and writes checkpoints. A restarted job (torchrun's `--max-restarts`) resumes from
-    the newest checkpoint this MLflow run wrote; a first start resumes from `resume` if given.
+    The leader (local rank 0 of node 0: the node whose launcher owns the MLflow run) writes
+    checkpoints and logs the step metrics: to `metrics_file`, which the launcher relays to the
+    MLflow run, or to the run itself when there is no such file. A restarted job (torchrun's
+    `--max-restarts`) resumes from the newest checkpoint this MLflow run wrote; a first start
+    resumes from `resume` if given.
     """
     torch.set_num_threads(params.threads_per_proc)
     distributed = "WORLD_SIZE" in os.environ
@@ -120,7 +126,9 @@ def train(
     pairs = ShardPairs(data_dir, "train", clip.preprocess_train, clip.tokenizer)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if params.precision == "bf16" else nullcontext()
 
-    logger = _MetricLogger(mlflow_run_id) if rank == leader and mlflow_run_id else None
+    logger = None
+    if rank == leader and mlflow_run_id:
+        logger = MetricsFile(metrics_file) if metrics_file else RunMetrics(mlflow_run_id)
     batches = rank_loader(
         RankBatches(pairs, augment, params.batch_size, params.seed, rank, world_size, start_step, params.steps),
         params.data_workers,
@@ -342,35 +350,8 @@ def _cosine_with_warmup(warmup_steps: int, total_steps: int):
     return factor
 
 
-class _MetricLogger:
-    """The leader's handle on the MLflow run: step metrics plus system metrics while it trains.
-
-    Each step's metrics reach MLflow exactly once across restarts: a restarted worker replays
-    the steps after the last checkpoint, some of which the crashed one may already have logged,
-    so a step is only logged past the last step MLflow holds for that metric. A replayed step
-    computes the same values (the run is deterministic given the checkpoint), so nothing is lost.
-    """
-
-    def __init__(self, run_id: str):
-        import mlflow
-
-        self._mlflow = mlflow
-        # Reopening a run makes MLflow continue its system metrics at their last step.
-        self._run = mlflow.start_run(run_id=run_id, log_system_metrics=True)
-        client = mlflow.MlflowClient()
-        self._last = {
-            key: max((m.step for m in client.get_metric_history(run_id, key)), default=0)
-            for key in client.get_run(run_id).data.metrics
-        }
-
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        fresh = {key: value for key, value in metrics.items() if step > self._last.get(key, 0)}
-        if fresh:
-            self._mlflow.log_metrics(fresh, step=step)
-
-    def close(self) -> None:
-        self._mlflow.end_run()
-
-
 if __name__ == "__main__":
     main()
+    # Nothing is left to free: the interpreter's teardown would still walk every object that
+    # torch and open_clip created, 1.6 s per process here; frozen objects are skipped.
+    gc.freeze()
