@@ -7,6 +7,7 @@ from pathlib import Path
 from unittest import mock
 
 import mlflow
+import psutil
 import pytest
 import torch
 from PIL import Image
@@ -124,6 +125,21 @@ def test_clipflow_train_with_a_tiled_loss_on_two_processes(tmp_path, small_param
         assert [m.step for m in history] == list(range(4, small_params.train.steps + 1, 4))
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_a_tracking_store_that_fails_stops_the_started_workers(tmp_path, small_params):
+    """torchrun starts before the MLflow run is opened: when that fails, no worker is left behind."""
+    ingest("builtin", tmp_path / "data", small_params.data)
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    stale_job = tmp_path / "model" / "job-node0.json"  # an earlier run's job: never this run's
+    stale_job.parent.mkdir()
+    stale_job.write_text(json.dumps({"stale": True}))
+    result = _clipflow_train(tmp_path, "tracking.uri=bogus://nowhere")
+    assert result.returncode == 1
+    assert "cannot use the MLflow tracking store bogus://nowhere" in result.stderr.strip().splitlines()[-1]
+    assert not stale_job.exists()
+    workers = [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
+    assert not workers, [p.info["cmdline"] for p in workers]
 
 
 def test_the_sigmoid_loss_refuses_a_model_without_a_logit_bias(tmp_path, small_params):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from clipflow.errors import ClipflowError
 from clipflow.params import TrackingParams
 
 ARTIFACTS_DIR = "mlartifacts"
@@ -29,13 +30,17 @@ def setup(params: TrackingParams) -> str:
 
     uri = absolute_uri(params.uri)
     mlflow.set_tracking_uri(uri)
-    experiment = mlflow.get_experiment_by_name(params.experiment)
-    if experiment is not None:
-        experiment_id = experiment.experiment_id
-    else:
-        location = None
-        if uri.startswith("sqlite:///"):
-            location = (Path(uri[len("sqlite:///") :]).parent / ARTIFACTS_DIR).as_uri()
-        experiment_id = mlflow.create_experiment(params.experiment, artifact_location=location)
-    mlflow.set_experiment(experiment_id=experiment_id)
+    try:
+        experiment = mlflow.get_experiment_by_name(params.experiment)
+        if experiment is not None:
+            experiment_id = experiment.experiment_id
+        else:
+            location = None
+            if uri.startswith("sqlite:///"):
+                location = (Path(uri[len("sqlite:///") :]).parent / ARTIFACTS_DIR).as_uri()
+            experiment_id = mlflow.create_experiment(params.experiment, artifact_location=location)
+        mlflow.set_experiment(experiment_id=experiment_id)
+    except mlflow.exceptions.MlflowException as exc:
+        reason = exc.message.strip().splitlines()[0]
+        raise ClipflowError(f"cannot use the MLflow tracking store {uri}: {reason}") from None
     return experiment_id

@@ -56,8 +56,6 @@ def train(
     Raises:
         ClipflowError: missing data or checkpoint, or a worker that exited with an error.
     """
-    import mlflow
-
     started = time.perf_counter()
     data_dir, output_dir = Path(data_dir), Path(output_dir)
     data_version = read_summary(data_dir)["data_version"]
@@ -74,37 +72,51 @@ def train(
     start_from, previous_run_id = _resolve_resume(resume, checkpoint_dir) if resume else (None, None)
     leads = params.train.node_rank == 0
 
-    run_id = None
-    if leads:
-        tracking.setup(params.tracking)
-        run_id = _open_run(params, nproc, data_dir, start_from, previous_run_id)
-    job = {
-        "params": {**asdict(params.train), "nproc": nproc, "checkpoint_dir": checkpoint_dir},
-        "data_dir": str(data_dir.resolve()),
-        "output_dir": str(output_dir.resolve()),
-        "mlflow_run_id": run_id,
-        "resume": start_from,
-        # On this node the launcher relays the leader's step metrics to MLflow; a TrainJob's leader logs them.
-        "metrics_file": str(output_dir.resolve() / METRICS_FILE) if leads and launcher == "torchrun" else None,
-        "checkpoint_extra": {"params": params.to_dict(), "data_version": data_version, "mlflow_run_id": run_id},
-    }
     job_file = output_dir / f"job-node{params.train.node_rank}.json"
-    job_file.write_text(json.dumps(job, indent=2))
+    # torchrun and its workers import torch for seconds before the workers read their job: the
+    # launcher opens the MLflow run meanwhile, then writes the job, whole, for the workers to find.
+    # An earlier job's file in this folder must not be read as this one's.
+    job_file.unlink(missing_ok=True)
+    workers = _start_torchrun(params.train, nproc, job_file) if launcher == "torchrun" else None
+    run_id = None
     try:
-        if launcher == "trainjob":
+        if leads:
+            tracking.setup(params.tracking)
+            run_id = _open_run(params, nproc, data_dir, start_from, previous_run_id)
+        job = {
+            "params": {**asdict(params.train), "nproc": nproc, "checkpoint_dir": checkpoint_dir},
+            "data_dir": str(data_dir.resolve()),
+            "output_dir": str(output_dir.resolve()),
+            "mlflow_run_id": run_id,
+            "resume": start_from,
+            # On this node the launcher relays the leader's step metrics to MLflow; a TrainJob's leader logs them.
+            "metrics_file": str(output_dir.resolve() / METRICS_FILE) if leads and workers is not None else None,
+            "checkpoint_extra": {"params": params.to_dict(), "data_version": data_version, "mlflow_run_id": run_id},
+        }
+        staged = job_file.with_name(f".{job_file.name}.tmp")
+        staged.write_text(json.dumps(job, indent=2))
+        staged.replace(job_file)
+        if workers is not None:
+            _wait_for_workers(workers, job["metrics_file"], run_id)
+        else:
             from clipflow.deploy import trainjob
 
             name = trainjob.job_name(run_id)
             spec = trainjob.job_spec(params, name, data_uri or "", run_id, data_version)
             trainjob.run_trainjob(params, spec, name, output_dir)
-        else:
-            _torchrun(params.train, nproc, job_file, job["metrics_file"], run_id)
     except BaseException:
+        if workers is not None and workers.poll() is None:
+            workers.terminate()  # torchrun stops its workers
+            workers.wait()
         if run_id:
+            import mlflow
+
             mlflow.MlflowClient().set_terminated(run_id, status="FAILED")
         raise
     if not leads:
         return {"node_rank": params.train.node_rank, "seconds": round(time.perf_counter() - started, 2)}
+
+    import mlflow
 
     with mlflow.start_run(run_id=run_id):
         model_uri = log_clip_model(output_dir)
@@ -128,17 +140,22 @@ def _check_loss_fits_model(params: TrainParams) -> None:
         )
 
 
-def _torchrun(params: TrainParams, nproc: int, job_file: Path, metrics_file: str | None, run_id: str | None) -> None:
-    """Run this node's workers under torchrun; on the node that leads, relay their step metrics to the run."""
+def _start_torchrun(params: TrainParams, nproc: int, job_file: Path) -> subprocess.Popen:
+    """This node's torchrun, whose workers wait for `job_file`."""
     env = {**os.environ, "OMP_NUM_THREADS": str(params.threads_per_proc)}
+    return subprocess.Popen(torchrun_command(params, nproc, job_file), env=env)
+
+
+def _wait_for_workers(workers: subprocess.Popen, metrics_file: str | None, run_id: str | None) -> None:
+    """Wait for torchrun to end; on the node that leads, relay the workers' step metrics to the run meanwhile."""
     relay = MetricsRelay(metrics_file, run_id) if metrics_file and run_id else None
     try:
-        result = subprocess.run(torchrun_command(params, nproc, job_file), env=env)
+        returncode = workers.wait()
     finally:
         if relay:
             relay.close()
-    if result.returncode != 0:
-        raise ClipflowError(f"training failed: torchrun exited with code {result.returncode} (see the log above)")
+    if returncode != 0:
+        raise ClipflowError(f"training failed: torchrun exited with code {returncode} (see the log above)")
 
 
 def torchrun_command(params: TrainParams, nproc: int, job_file: Path) -> list[str]:

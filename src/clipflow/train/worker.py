@@ -44,13 +44,16 @@ from clipflow.train.loss import build_loss
 from clipflow.train.metrics import MetricsFile, RunMetrics
 
 MAX_LOGIT_SCALE = math.log(100.0)
+# The launcher writes the job once the MLflow run is open: seconds, or minutes while a remote
+# tracking server retries. A launcher that died without writing it must not leave workers waiting.
+JOB_WAIT_SECONDS = 600
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     # open_clip's gather calls an API torch has deprecated; one warning per step buries the log.
     warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather", category=FutureWarning)
-    job = json.loads(Path(argv[0]).read_text())
+    job = _read_job(Path(argv[0]))
     train(
         TrainParams(**job["params"]),
         data_dir=Path(job["data_dir"]),
@@ -60,6 +63,16 @@ def main(argv: list[str] | None = None) -> None:
         resume=job.get("resume"),
         metrics_file=job.get("metrics_file"),
     )
+
+
+def _read_job(path: Path) -> dict[str, Any]:
+    """The job file, once the launcher has written it: it opens the MLflow run while torch imports here."""
+    deadline = time.monotonic() + JOB_WAIT_SECONDS
+    while not path.is_file():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"clipflow worker: no job file {path} after {JOB_WAIT_SECONDS} s; is the launcher alive?")
+        time.sleep(0.05)
+    return json.loads(path.read_text())
 
 
 def train(
