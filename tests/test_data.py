@@ -1,6 +1,7 @@
 import dataclasses
 import io
 import json
+import shutil
 import tarfile
 
 import pandas as pd
@@ -9,7 +10,7 @@ import webdataset as wds
 
 from clipflow.data import builtin
 from clipflow.data.ingest import data_version, ingest
-from clipflow.data.shards import split_shards, tar_members
+from clipflow.data.shards import TAR_BLOCK, ShardIndex, split_shards, tar_members
 from clipflow.errors import ClipflowError
 
 
@@ -124,6 +125,20 @@ def test_a_damaged_tar_header_is_refused_like_tarfile_does(dataset, tmp_path):
         _tarfile_members(damaged)
     with pytest.raises(tarfile.ReadError):
         tar_members(damaged)
+
+
+def test_a_shard_that_lost_samples_to_a_damaged_header_is_refused(dataset, tmp_path):
+    out, _ = dataset
+    copy = tmp_path / "copy"
+    shutil.copytree(out / "train", copy / "train")
+    shard = split_shards(copy, "train")[0]
+    data = bytearray(shard.read_bytes())
+    _, second_image_offset, _ = tar_members(shard)[3]
+    data[second_image_offset - TAR_BLOCK + 5] ^= 0xFF  # the second sample's first header
+    shard.write_bytes(bytes(data))
+    assert len(_tarfile_members(shard)) == 3  # tarfile stops there without a word
+    with pytest.raises(ClipflowError, match=r"holds 1 samples where sizes.json lists \d+: it is damaged"):
+        ShardIndex.of_split(copy, "train")
 
 
 def test_generation_is_deterministic_by_seed(small_params, tmp_path):

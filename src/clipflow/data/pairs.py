@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from clipflow.data.shards import ShardIndex, split_shards
+from clipflow.data.shards import ShardIndex
 from clipflow.progress import progress
 
 
@@ -18,7 +18,7 @@ class ShardPairs(torch.utils.data.Dataset):
     """(image tensor, token ids) pairs of one split, read by position from the shards."""
 
     def __init__(self, data_dir: Path, split: str, preprocess: Callable, tokenizer: Callable):
-        self.index = ShardIndex(split_shards(data_dir, split))
+        self.index = ShardIndex.of_split(data_dir, split)
         self.preprocess = preprocess
         self.tokenizer = tokenizer
 

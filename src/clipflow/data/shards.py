@@ -19,6 +19,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from clipflow.errors import ClipflowError
+
 SIZES_FILE = "sizes.json"
 
 
@@ -106,12 +108,18 @@ def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     tar.addfile(info, io.BytesIO(payload))
 
 
-def split_shards(data_dir: Path, split: str) -> list[Path]:
-    """The committed shards of a split, in order, as listed by its `sizes.json`."""
+def split_sizes(data_dir: Path, split: str) -> dict[Path, int]:
+    """The committed shards of a split, in order, with their sample counts, as its `sizes.json` lists them."""
     sizes_file = Path(data_dir) / split / SIZES_FILE
     if not sizes_file.is_file():
         raise FileNotFoundError(f"no {SIZES_FILE} for split {split!r} under {data_dir}")
-    return [sizes_file.parent / name for name in sorted(json.loads(sizes_file.read_text()))]
+    sizes = json.loads(sizes_file.read_text())
+    return {sizes_file.parent / name: sizes[name] for name in sorted(sizes)}
+
+
+def split_shards(data_dir: Path, split: str) -> list[Path]:
+    """The committed shards of a split, in order, as listed by its `sizes.json`."""
+    return list(split_sizes(data_dir, split))
 
 
 class _Member(NamedTuple):
@@ -205,17 +213,37 @@ class ShardIndex:
     def __init__(self, shards: Iterable[Path]):
         self.shards = [Path(s) for s in shards]
         self.keys: list[str] = []
+        self.samples_per_shard: list[int] = []
         by_key: dict[str, dict[str, _Member]] = {}
         for shard_number, shard in enumerate(self.shards):
+            found_before = len(self.keys)
             for name, offset, size in tar_members(shard):
                 key, _, ext = name.rpartition(".")
                 if key not in by_key:
                     by_key[key] = {}
                     self.keys.append(key)
                 by_key[key][ext] = _Member(shard_number, offset, size)
+            self.samples_per_shard.append(len(self.keys) - found_before)
         self._members: list[dict[str, _Member]] = [by_key[k] for k in self.keys]
         self._handles: dict[int, object] = {}
         self._pid = os.getpid()
+
+    @classmethod
+    def of_split(cls, data_dir: Path, split: str) -> ShardIndex:
+        """The index of a split's shards, each holding as many samples as `sizes.json` says it does.
+
+        tarfile ends a listing at a damaged header without an error: a shard that lost samples
+        that way is refused instead of trained or evaluated on short.
+        """
+        sizes = split_sizes(data_dir, split)
+        index = cls(sizes)
+        for shard, found in zip(index.shards, index.samples_per_shard, strict=True):
+            if found != sizes[shard]:
+                raise ClipflowError(
+                    f"shard {shard} holds {found} samples where {SIZES_FILE} lists {sizes[shard]}:"
+                    " it is damaged or was replaced"
+                )
+        return index
 
     def __len__(self) -> int:
         return len(self.keys)
