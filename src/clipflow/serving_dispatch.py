@@ -13,6 +13,7 @@ benchmarks/README.md for the numbers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -46,8 +47,15 @@ class FillingDispatcher(CorkDispatcher):
                 continue
             queued = sum(self.get_batch_size(job.data) for job in self._queue)
             quiet = now - max(self._free_since, self._queue[-1].enqueue_time)
-            if self._sema.is_locked() or (queued < self.max_batch_size and quiet < self.LINGER):
+            if self._sema.is_locked():
                 await asyncio.sleep(self.TICKET_INTERVAL)
+                continue
+            if queued < self.max_batch_size and quiet < self.LINGER:
+                # The model is idle: look again at the next arrival, which may fill the batch, rather
+                # than a poll later.
+                async with self._wake_event:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake_event.wait(), self.LINGER - quiet)
                 continue
             self._sema.acquire()
             self._loop.create_task(self.outbound_call(tuple(self._get_inputs())))
