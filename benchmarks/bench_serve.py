@@ -7,9 +7,17 @@ into a temporary BentoML store, with adaptive batching on (params.yaml's `serve:
 serves each with `bentoml serve` on 127.0.0.1, and sends one-item `encode_text` and
 `encode_image` requests (an image of the model's input size) from `--clients` concurrent
 clients for `--seconds` per case. The peer is the same work in this process without HTTP
-(tokenise and forward for texts; eval preprocess and forward of decoded images), timed at each
-batch size of BATCH_SIZES: its best items/s is the ceiling, and `ratio` is the served
-throughput's fraction of it.
+(tokenise and forward for texts; eval preprocess and forward of decoded images), both with
+torch's own intra-op threads and in the service's per-core lanes.
+
+The ceiling is found in two steps. A sweep times every batch size of BATCH_SIZES in both modes
+and keeps each mode's best. Those two are then timed again in ROUNDS rounds that alternate with
+the batched server's load (the server idles while they run), and the ceiling is the better of
+their rates over all rounds; `ratio` is the served throughput's fraction of it. On a shared
+machine the speed of identical calls drifts by half over seconds, so a served figure and a
+ceiling timed minutes apart differ by that much whatever the server does, and the best of
+fourteen short sweep timings catches the fastest moment; timed in the same rounds, both see the
+same machine. The sweep's best is kept in the results beside the ceiling.
 
 The first model names the cases `encode_image` and `encode_text`; later ones add `@MODEL`.
 ViT-B-32 is the size of model a product serves; CLIP-Tiny (what `make run` trains) is so small
@@ -28,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -40,6 +49,10 @@ from clipflow.serving_model import Encoder
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 BATCH_SIZES = (1, 4, 8, 16, 32, 64, 128)
+ENDPOINTS = ("encode_image", "encode_text")
+# Slices of the served load, each preceded by a slice of the ceiling: the machine's speed drifts
+# over seconds, so more, shorter rounds pair the two more closely.
+ROUNDS = 4
 TEXT = "two small purple stars at the top left"
 COMMAND = "python benchmarks/bench_serve.py"
 UNBATCHED = "the same service with batching off"
@@ -54,27 +67,43 @@ def sample_png(side: int) -> bytes:
     return buffer.getvalue()
 
 
-def ceiling(clip, png: bytes, seconds: float) -> dict[str, dict]:
-    """Items/s of the in-process encoders at each batch size, both with torch's own intra-op
-    threads and in the service's per-core lanes; returns the best per encoder."""
-    image = Image.open(io.BytesIO(png)).convert("RGB")
-    threads = torch.get_num_threads()
-    # per_core() sets torch to one thread for the process, so it is built after the other is timed.
-    modes = {f"{threads} intra-op threads": lambda: Encoder(clip), "per-core lanes": lambda: Encoder.per_core(clip)}
-    budget = seconds / len(BATCH_SIZES) / len(modes)
-    rates: dict[str, dict[str, dict[int, float]]] = {"encode_text": {}, "encode_image": {}}
-    for mode, make in modes.items():
-        encoder = make()
-        rates["encode_text"][mode] = batch_rates(lambda n, e=encoder: e.texts([TEXT] * n), budget)
-        # One decoded image n times: each copy is preprocessed, as n uploads would be.
-        rates["encode_image"][mode] = batch_rates(lambda n, e=encoder: e.images([image] * n), budget)
-    torch.set_num_threads(threads)
-    best = {}
-    for name, by_mode in rates.items():
-        mode, size = max(((m, n) for m in by_mode for n in by_mode[m]), key=lambda key: by_mode[key[0]][key[1]])
-        best[name] = {"items_per_s": by_mode[mode][size], "batch_size": size, "mode": mode, "by_batch_size": by_mode}
-        print(json.dumps({"ceiling": name, **best[name]}), flush=True)
-    return best
+@dataclass
+class Mode:
+    """One way to run the in-process encoders: torch's intra-op threads, or the per-core lanes."""
+
+    name: str
+    threads: int
+    encoder: Encoder
+
+    def encode(self, endpoint: str, image: Image.Image, n: int) -> None:
+        """The work of `n` one-item requests to `endpoint` in one call: for images, n decoded
+        copies, each preprocessed as n uploads would be."""
+        torch.set_num_threads(self.threads)
+        if endpoint == "encode_text":
+            self.encoder.texts([TEXT] * n)
+        else:
+            self.encoder.images([image] * n)
+
+
+def modes(clip, threads: int) -> list[Mode]:
+    """Torch's own `threads` intra-op threads, and the service's per-core lanes."""
+    plain = Encoder(clip)
+    lanes = Encoder.per_core(clip)  # leaves torch at one thread: Mode.encode sets each mode's own
+    return [Mode(f"{threads} intra-op threads", threads, plain), Mode("per-core lanes", 1, lanes)]
+
+
+def sweep(all_modes: list[Mode], image: Image.Image, seconds: float) -> dict[str, dict]:
+    """Items/s of each mode at each batch size, per endpoint, and each mode's best batch size."""
+    budget = seconds / len(BATCH_SIZES) / len(all_modes)
+    results = {}
+    for endpoint in ENDPOINTS:
+        by_mode = {
+            mode.name: batch_rates(lambda n, m=mode, e=endpoint: m.encode(e, image, n), budget) for mode in all_modes
+        }
+        best = {name: max(rates, key=rates.get) for name, rates in by_mode.items()}
+        results[endpoint] = {"by_batch_size": by_mode, "best_batch_size": best}
+        print(json.dumps({"sweep": endpoint, **results[endpoint]}), flush=True)
+    return results
 
 
 def batch_rates(run, seconds: float) -> dict[int, float]:
@@ -92,8 +121,40 @@ def batch_rates(run, seconds: float) -> dict[int, float]:
     return rates
 
 
-async def load(url: str, endpoint: str, png: bytes, clients: int, seconds: float) -> dict:
-    """`clients` concurrent one-item requests for `seconds`: items/s, p50 and p99 latency, statuses."""
+class Ceiling:
+    """Each mode at its best swept batch size, timed a slice at a time between the server's rounds."""
+
+    def __init__(self, all_modes: list[Mode], best_batch_size: dict[str, int], endpoint: str, image: Image.Image):
+        self.runs = [(mode, best_batch_size[mode.name]) for mode in all_modes]
+        self.endpoint, self.image = endpoint, image
+        self.items = {mode.name: 0 for mode in all_modes}
+        self.seconds = {mode.name: 0.0 for mode in all_modes}
+
+    def time_slice(self, seconds: float) -> None:
+        """Run each mode's calls back to back for about `seconds` (at least one call)."""
+        for mode, n in self.runs:
+            start = time.perf_counter()
+            while True:
+                mode.encode(self.endpoint, self.image, n)
+                self.items[mode.name] += n
+                if time.perf_counter() - start >= seconds:
+                    break
+            self.seconds[mode.name] += time.perf_counter() - start
+
+    def best(self) -> dict:
+        rates = {name: self.items[name] / self.seconds[name] for name in self.items}
+        mode, n = max(self.runs, key=lambda run: rates[run[0].name])
+        return {"items_per_s": rates[mode.name], "batch_size": n, "mode": mode.name, "by_mode": rates}
+
+
+async def load(
+    url: str, endpoint: str, png: bytes, clients: int, seconds: float, ceiling: Ceiling | None = None
+) -> dict:
+    """`clients` concurrent one-item requests for `seconds`: items/s, p50 and p99 latency, statuses.
+
+    With a `ceiling`, the load runs in ROUNDS rounds and the ceiling takes a slice before each,
+    while no request is in flight.
+    """
     latencies: list[float] = []
     failures: dict[str, int] = {}
     kwargs = (
@@ -115,9 +176,14 @@ async def load(url: str, endpoint: str, png: bytes, clients: int, seconds: float
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
         await asyncio.gather(*(client(http, time.perf_counter() + 2) for _ in range(clients)))  # warm-up
         latencies.clear()
-        start = time.perf_counter()
-        await asyncio.gather(*(client(http, start + seconds) for _ in range(clients)))
-        elapsed = time.perf_counter() - start
+        rounds = ROUNDS if ceiling else 1
+        elapsed = 0.0
+        for _ in range(rounds):
+            if ceiling:
+                ceiling.time_slice(seconds / rounds)
+            start = time.perf_counter()
+            await asyncio.gather(*(client(http, start + seconds / rounds) for _ in range(clients)))
+            elapsed += time.perf_counter() - start
     cuts = statistics.quantiles(latencies, n=100)
     return {
         "items_per_s": len(latencies) / elapsed,
@@ -161,16 +227,22 @@ def serve(bento_tag: str, port: int, log: Path) -> subprocess.Popen:
     raise SystemExit(f"bentoml serve did not start:\n{log.read_text()[-3000:]}")
 
 
-def served(bento_tag: str, tmp: Path, png: bytes, clients: int, seconds: float) -> dict[str, dict]:
+def served(
+    bento_tag: str, tmp: Path, png: bytes, clients: int, seconds: float, ceilings: dict[str, Ceiling] | None = None
+) -> dict[str, dict]:
+    """Load on each endpoint of the served Bento, its rounds paired with `ceilings` when given."""
     from tests.conftest import free_port
 
     port = free_port()
     process = serve(bento_tag, port, tmp / f"serve-{port}.log")
     try:
         results = {}
-        for endpoint in ("encode_image", "encode_text"):
-            results[endpoint] = asyncio.run(load(f"http://127.0.0.1:{port}", endpoint, png, clients, seconds))
+        for endpoint in ENDPOINTS:
+            ceiling = ceilings[endpoint] if ceilings else None
+            results[endpoint] = asyncio.run(load(f"http://127.0.0.1:{port}", endpoint, png, clients, seconds, ceiling))
             print(json.dumps({"bento": bento_tag, endpoint: results[endpoint]}), flush=True)
+            if ceiling:
+                print(json.dumps({"ceiling": endpoint, **ceiling.best()}), flush=True)
         return results
     finally:
         process.terminate()
@@ -186,6 +258,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from clipflow import model as clip_model
 
+    threads = torch.get_num_threads()
     measured = {}
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as name:
         tmp = Path(name)
@@ -196,15 +269,18 @@ def main(argv: list[str] | None = None) -> None:
             unbatched_tag = package_bento(tmp, model, batching=False)
             clip = clip_model.load(tmp / model / clip_model.CHECKPOINT_FILE)
             png = sample_png(clip.model.visual.image_size[0])
-            best = ceiling(clip, png, args.seconds)
-            del clip
-            batched = served(batched_tag, tmp, png, args.clients, args.seconds)
+            image = Image.open(io.BytesIO(png)).convert("RGB")
+            all_modes = modes(clip, threads)
+            swept = sweep(all_modes, image, args.seconds)
+            ceilings = {e: Ceiling(all_modes, swept[e]["best_batch_size"], e, image) for e in ENDPOINTS}
+            batched = served(batched_tag, tmp, png, args.clients, args.seconds, ceilings)
             unbatched = served(unbatched_tag, tmp, png, args.clients, args.seconds)
-            measured[model] = best, batched, unbatched
+            measured[model] = swept, {e: c.best() for e, c in ceilings.items()}, batched, unbatched
+            del clip, all_modes, ceilings
 
     cases = []
-    for model, (best, batched, unbatched) in measured.items():
-        for endpoint in ("encode_image", "encode_text"):
+    for model, (swept, best, batched, unbatched) in measured.items():
+        for endpoint in ENDPOINTS:
             name = endpoint if model == args.models[0] else f"{endpoint}@{model}"
             size, mode = best[endpoint]["batch_size"], best[endpoint]["mode"]
             ceiling_name = f"in-process {model} at its best batch size ({size}, {mode})"
@@ -218,7 +294,15 @@ def main(argv: list[str] | None = None) -> None:
                 case(name, "p50_ms", "ms", round(on["p50_ms"], 1), UNBATCHED, round(off["p50_ms"], 1)),
                 case(name, "p99_ms", "ms", round(on["p99_ms"], 1), UNBATCHED, round(off["p99_ms"], 1)),
             ]
+            by_mode = swept[endpoint]["by_batch_size"]
             rows[0]["failed_requests"] = {**on["failures"]}
+            rows[0]["ceiling_by_mode"] = {name: round(rate, 1) for name, rate in best[endpoint]["by_mode"].items()}
+            rows[0]["sweep_items_per_s"] = {
+                m: {n: round(r, 1) for n, r in rates.items()} for m, rates in by_mode.items()
+            }
+            sweep_best = max(rate for rates in by_mode.values() for rate in rates.values())
+            rows[0]["sweep_best_items_per_s"] = round(sweep_best, 1)
+            rows[0]["ratio_to_sweep_best"] = round(on["items_per_s"] / sweep_best, 4)
             cases.extend(rows)
     load_average = os.getloadavg()[0]
     path = write_results(
@@ -227,11 +311,13 @@ def main(argv: list[str] | None = None) -> None:
         cases,
         clients=args.clients,
         seconds_per_case=args.seconds,
+        rounds=ROUNDS,
         items_per_request=1,
         models=args.models,
         note=(
             f"1-minute load average {load_average:.1f} on {os.cpu_count()} cores at the end of the run"
             " (above 2 means other work shared the machine). The clients run on the same cores as the server."
+            " The ceiling is timed in the rounds of the batched load; the unbatched load ran after them."
         ),
     )
     print(path.read_text())

@@ -24,7 +24,9 @@ classifies an uploaded image; BentoML's API docs move to /docs.
 
 `encode_text`, `encode_image` and `encode_image_base64` batch adaptively (`serve.batching`):
 concurrent requests are merged into one model call of at most `serve.batch_max_size` items, and
-each client still sends a list and gets its own list back. Every model call splits its items
+each client still sends a list and gets its own list back. Once the model is free, a batch waits
+while requests keep arriving, so clients that ask again as soon as they are answered fill the
+next batch (`clipflow.serving_dispatch`). Every model call splits its items
 across the CPU cores, one lane (thread) per core with one torch thread each
 (`clipflow.serving_model`). Their inputs are checked and decoded
 while the request is parsed, so a bad input fails its own request only, never a batch it would
@@ -51,10 +53,10 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import bentoml
 import PIL.Image
-from bentoml._internal.marshal.dispatcher import CorkDispatcher
 from bentoml.exceptions import InvalidArgument, NotFound
 from pydantic import AfterValidator, BaseModel
 
+from clipflow import serving_dispatch
 from clipflow.serving_http import ApiKeyMiddleware, PageMiddleware, RequestGateMiddleware, strict_request_parsing
 from clipflow.serving_io import (
     Limits,
@@ -115,11 +117,8 @@ BATCHED = {
     "max_batch_size": ARGS.batch_max_size,
     "max_latency_ms": ARGS.batch_max_latency_ms,
 }
-# BentoML's batch dispatcher wakes every TICKET_INTERVAL seconds (1 ms by default) while a batch
-# runs and requests wait; every wake-up takes the GIL from the lanes' forward passes. At 10 ms a
-# ViT-B-32 text batch of 8 took 395 ms in the server against 503 ms at 1 ms; the only cost is up
-# to 10 ms more before the next batch starts, against a batch that takes hundreds.
-CorkDispatcher.TICKET_INTERVAL = 0.01
+# BentoML's own dispatcher splits closed-loop clients into a batch of one and a batch of the rest.
+serving_dispatch.install()
 
 
 @functools.cache

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import inspect
-
 import torch
-from bentoml._internal.marshal.dispatcher import CorkDispatcher
 from PIL import Image
 
 from clipflow import model as clip_model
@@ -28,9 +25,3 @@ def test_lanes_give_the_embeddings_of_one_call_in_request_order():
         assert Encoder.per_core(clip).lanes == usable_cores() and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
-
-
-def test_bentoml_dispatcher_still_polls_at_the_interval_the_service_sets():
-    # serving/service.py lengthens CorkDispatcher.TICKET_INTERVAL; were BentoML to stop reading
-    # it, that setting would silently do nothing.
-    assert "self.TICKET_INTERVAL" in inspect.getsource(CorkDispatcher.controller)

@@ -1,0 +1,71 @@
+"""The served encoders' batch dispatcher: full batches from clients that ask again once answered."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+
+from _bentoml_impl.server import app
+
+from clipflow.serving_dispatch import FillingDispatcher, install
+
+
+def _dispatcher(max_latency_ms: int, linger: float) -> FillingDispatcher:
+    dispatcher = FillingDispatcher(
+        max_latency_in_ms=max_latency_ms, max_batch_size=4, fallback=lambda: "shed", get_batch_size=lambda item: 1
+    )
+    dispatcher.LINGER = linger
+    return dispatcher
+
+
+def test_a_request_that_waited_for_a_busy_model_is_batched_with_those_that_arrive_after_it():
+    async def scenario() -> list[list[str]]:
+        batches: list[list[str]] = []
+        release = asyncio.Event()
+
+        async def model(batch):
+            batches.append(list(batch))
+            if len(batches) == 1:
+                await release.wait()
+            return batch
+
+        # A long linger, so that the test does not depend on how fast this machine answers.
+        call = _dispatcher(60_000, linger=1.0)(model)
+        first = asyncio.ensure_future(call("a"))
+        while not batches:
+            await asyncio.sleep(0.01)
+        waiting = asyncio.ensure_future(call("b"))
+        await asyncio.sleep(0.05)
+        release.set()
+        assert await first == "a"
+        later = [call(item) for item in "cde"]
+        assert await asyncio.gather(waiting, *later) == ["b", "c", "d", "e"]
+        return batches
+
+    # BentoML's own dispatcher sends "b" alone the moment the model is free.
+    assert asyncio.run(scenario()) == [["a"], ["b", "c", "d", "e"]]
+
+
+def test_a_request_queued_longer_than_the_max_latency_is_shed():
+    async def scenario() -> list:
+        release = asyncio.Event()
+
+        async def model(batch):
+            await release.wait()
+            return batch
+
+        call = _dispatcher(300, linger=0.0)(model)
+        first = asyncio.ensure_future(call("a"))
+        await asyncio.sleep(0.05)
+        shed = await call("b")  # queued behind "a", which holds the model until released
+        release.set()
+        return [await first, shed]
+
+    assert asyncio.run(scenario()) == ["a", "shed"]
+
+
+def test_bentoml_builds_the_dispatchers_of_its_service_app_from_the_name_install_replaces():
+    # Were BentoML to build its dispatchers some other way, install() would silently do nothing.
+    assert "CorkDispatcher(" in inspect.getsource(app.ServiceAppFactory.__init__)
+    install()
+    assert app.CorkDispatcher is FillingDispatcher
