@@ -131,31 +131,34 @@ def test_training_from_s3_pretrained_weights_with_a_locked_image_tower(s3, monke
     assert not torch.equal(trained["text_projection"], start["text_projection"])
 
 
-def test_the_metrics_relay_forwards_complete_lines_once_and_reports_a_refusing_store(tmp_path, monkeypatch):
+def test_the_metrics_relay_forwards_complete_lines_once_and_reports_a_refusing_store(tmp_path):
     import mlflow
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 7, "metrics": {"train_loss": 9.0}}\n')  # an earlier job's line: not this run's
-    with mlflow.start_run() as run:
-        pass
-    relay = MetricsRelay(path, run.info.run_id)
-    leader = MetricsFile(path)
-    leader.log(1, {"train_loss": 3.0, "lr": 0.1})
-    with path.open("a") as file:  # a step written in two parts is forwarded once, when complete
-        file.write('{"step": 2, "metrics": {"train_')
-        file.flush()
-        time.sleep(2 * POLL_SECONDS)
-        file.write('loss": 2.0}}\n')
-    leader.log(2, {"train_loss": 2.5})  # a restarted leader replaying a logged step
-    leader.log(3, {"train_loss": 1.0})
-    leader.close()
-    relay.close()
-    client = mlflow.MlflowClient()
-    history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train_loss")}
-    assert history == {1: 3.0, 2: 2.0, 3: 1.0}
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "lr")] == [1]
-
-    relay = MetricsRelay(path, "no-such-run")
-    with pytest.raises(ClipflowError, match="could not log the step metrics to MLflow"):
+    # Other tests in this process may have left MLflow on another store and experiment.
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        client = mlflow.MlflowClient()
+        run_id = client.create_run(experiment_id="0").info.run_id
+        relay = MetricsRelay(path, run_id)
+        leader = MetricsFile(path)
+        leader.log(1, {"train_loss": 3.0, "lr": 0.1})
+        with path.open("a") as file:  # a step written in two parts is forwarded once, when complete
+            file.write('{"step": 2, "metrics": {"train_')
+            file.flush()
+            time.sleep(2 * POLL_SECONDS)
+            file.write('loss": 2.0}}\n')
+        leader.log(2, {"train_loss": 2.5})  # a restarted leader replaying a logged step
+        leader.log(3, {"train_loss": 1.0})
+        leader.close()
         relay.close()
+        history = {m.step: m.value for m in client.get_metric_history(run_id, "train_loss")}
+        assert history == {1: 3.0, 2: 2.0, 3: 1.0}
+        assert [m.step for m in client.get_metric_history(run_id, "lr")] == [1]
+
+        relay = MetricsRelay(path, "no-such-run")
+        with pytest.raises(ClipflowError, match="could not log the step metrics to MLflow"):
+            relay.close()
+    finally:
+        mlflow.set_tracking_uri(None)

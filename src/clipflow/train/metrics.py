@@ -34,12 +34,14 @@ class RunMetrics:
         import mlflow
 
         self._mlflow = mlflow
+        client = mlflow.MlflowClient()
+        run = client.get_run(run_id)
+        # start_run refuses a run outside the active experiment, and a resumed run may be in another.
+        mlflow.set_experiment(experiment_id=run.info.experiment_id)
         # Reopening a run makes MLflow continue its system metrics at their last step.
         self._run = mlflow.start_run(run_id=run_id, log_system_metrics=True)
-        client = mlflow.MlflowClient()
         self._last = {
-            key: max((m.step for m in client.get_metric_history(run_id, key)), default=0)
-            for key in client.get_run(run_id).data.metrics
+            key: max((m.step for m in client.get_metric_history(run_id, key)), default=0) for key in run.data.metrics
         }
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
