@@ -124,12 +124,12 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, name: str, extra: 
         name: its open_clip config name, stored so the checkpoint can be rebuilt.
         extra: plain-data values (params, step, data version) stored beside the weights.
     """
+    import torch
+
     path = Path(path)
     if path.suffix != ".pt":
         path = path / CHECKPOINT_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    import torch
-
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save({"name": name, "state_dict": model.state_dict(), "clipflow": extra}, tmp)
     tmp.replace(path)

@@ -78,6 +78,8 @@ def train(
     # An earlier job's file in this folder must not be read as this one's.
     job_file.unlink(missing_ok=True)
     workers = _start_torchrun(params.train, nproc, job_file) if launcher == "torchrun" else None
+    import mlflow
+
     run_id = None
     try:
         if leads:
@@ -109,14 +111,10 @@ def train(
             workers.terminate()  # torchrun stops its workers
             workers.wait()
         if run_id:
-            import mlflow
-
             mlflow.MlflowClient().set_terminated(run_id, status="FAILED")
         raise
     if not leads:
         return {"node_rank": params.train.node_rank, "seconds": round(time.perf_counter() - started, 2)}
-
-    import mlflow
 
     with mlflow.start_run(run_id=run_id):
         model_uri = log_clip_model(output_dir)

@@ -39,7 +39,7 @@ class RunMetrics:
         # start_run refuses a run outside the active experiment, and a resumed run may be in another.
         mlflow.set_experiment(experiment_id=run.info.experiment_id)
         # Reopening a run makes MLflow continue its system metrics at their last step.
-        self._run = mlflow.start_run(run_id=run_id, log_system_metrics=True)
+        mlflow.start_run(run_id=run_id, log_system_metrics=True)
         self._last = {
             key: max((m.step for m in client.get_metric_history(run_id, key)), default=0) for key in run.data.metrics
         }
