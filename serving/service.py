@@ -22,15 +22,17 @@ Bento keeps what it was built with.
 A browser at http://127.0.0.1:3000/ gets a page (`page.html`) that searches the gallery and
 classifies an uploaded image; BentoML's API docs move to /docs.
 
-`encode_text`, `encode_image` and `encode_image_base64` batch adaptively (`serve.batching`):
-concurrent requests are merged into one model call of at most `serve.batch_max_size` items, and
-each client still sends a list and gets its own list back. Once the model is free, a batch waits
-while requests keep arriving, so clients that ask again as soon as they are answered fill the
-next batch (`clipflow.serving_dispatch`). Every model call splits its items
-across the CPU cores, one lane (thread) per core with one torch thread each
-(`clipflow.serving_model`). Their inputs are checked and decoded
-while the request is parsed, so a bad input fails its own request only, never a batch it would
-have joined; a request that waits more than `serve.batch_max_latency_ms` answers 503.
+The model runs on the CPU cores in lanes, one thread per core with one torch thread each
+(`clipflow.serving_model`). `encode_text`, `encode_image` and `encode_image_base64` batch
+adaptively (`serve.batching`): concurrent requests are merged into model calls of at most
+`serve.batch_max_size` items, each call on one lane, one call per lane at a time, and each
+client still sends a list and gets its own list back. Once a lane is free, its batch waits while
+requests keep arriving, so clients that ask again as soon as they are answered fill the next
+batch; what is queued when requests stop arriving is spread over the free lanes
+(`clipflow.serving_dispatch`). The other endpoints split each model call across the lanes.
+Batched inputs are checked and decoded while the request is parsed, so a bad input fails its own
+request only, never a batch it would have joined; a request that waits more than
+`serve.batch_max_latency_ms` answers 503.
 
 Every embedding is L2-normalised, so a dot product is a cosine. Labels are words ("red circle");
 `classify` turns each into a prompt ensemble (by default `evaluate.templates`), so served
@@ -117,8 +119,9 @@ BATCHED = {
     "max_batch_size": ARGS.batch_max_size,
     "max_latency_ms": ARGS.batch_max_latency_ms,
 }
-# BentoML's own dispatcher splits closed-loop clients into a batch of one and a batch of the rest.
-serving_dispatch.install()
+# BentoML's own dispatcher runs one call at a time and splits closed-loop clients into a batch of
+# one and a batch of the rest.
+serving_dispatch.install(lanes=usable_cores())
 
 
 @functools.cache
@@ -152,8 +155,8 @@ ImageFiles = Annotated[list[Path], AfterValidator(_decoded_files)]
 Base64Images = Annotated[list[str], AfterValidator(_decoded_base64)]
 
 
-# A model call runs on one core per lane (`clipflow.serving_model`), and BentoML runs at most
-# `threads` calls at once: one per core keeps every core busy when calls are not batched.
+# BentoML runs at most `threads` calls at once: one per lane (core) lets the dispatcher run a batch
+# in every lane, and keeps every core busy when calls are not batched.
 @bentoml.service(name="clipflow", http={"host": ARGS.host, "port": ARGS.port}, threads=usable_cores())
 class Clipflow:
     bento_model = BENTO_MODEL
@@ -178,17 +181,17 @@ class Clipflow:
     @bentoml.api(**BATCHED)
     def encode_text(self, texts: Texts) -> list[list[float]]:
         """L2-normalised embeddings of `texts`, one row per text."""
-        return self.encoder.texts(texts).tolist()
+        return self.encoder.texts(texts, one_lane=ARGS.batching).tolist()
 
     @bentoml.api(**BATCHED)
     def encode_image(self, images: ImageFiles) -> list[list[float]]:
         """L2-normalised embeddings of uploaded images (multipart files), one row per image."""
-        return self.encoder.images(images).tolist()
+        return self.encoder.images(images, one_lane=ARGS.batching).tolist()
 
     @bentoml.api(**BATCHED)
     def encode_image_base64(self, images: Base64Images) -> list[list[float]]:
         """`encode_image` for JSON clients: images as base64 strings (or `data:` URLs)."""
-        return self.encoder.images(images).tolist()
+        return self.encoder.images(images, one_lane=ARGS.batching).tolist()
 
     @bentoml.api
     def classify(self, image: Path, labels: list[str], templates: Optional[list[str]] = None) -> list[LabelProbability]:

@@ -550,6 +550,22 @@ def test_concurrent_encode_requests_are_batched_and_each_gets_its_own_rows(serve
     assert float(totals["sum"]) > float(totals["count"]) > 0, totals
 
 
+def test_a_request_larger_than_a_batch_is_split_over_model_calls_and_answered_in_order(server, packaged):
+    batch_max_size = packaged["params"].serve.batch_max_size
+    texts = [f"{n} green triangles" for n in range(2 * batch_max_size + 3)]
+    alone = [httpx.post(f"{server}/encode_text", json={"texts": [t]}, timeout=120).json()[0] for t in texts]
+    pattern = r'bentoml_service_adaptive_batch_size_count\{[^}]*method_name="encode_text"[^}]*\} ([0-9.e+]+)'
+
+    def model_calls() -> float:
+        return float(re.search(pattern, httpx.get(f"{server}/metrics", timeout=60).text).group(1))
+
+    calls_before = model_calls()
+    whole = httpx.post(f"{server}/encode_text", json={"texts": texts}, timeout=120)
+    assert whole.status_code == 200, whole.text
+    assert _flat(whole.json()) == pytest.approx(_flat(alone), abs=1e-5)
+    assert model_calls() - calls_before >= 3
+
+
 def test_a_bad_request_fails_alone_and_not_the_batch_it_arrives_with(server):
     url = f"{server}/encode_text"
     good = [lambda n=n: httpx.post(url, json={"texts": [f"{n} stars"]}, timeout=120) for n in range(8)]

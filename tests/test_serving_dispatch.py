@@ -10,9 +10,13 @@ from _bentoml_impl.server import app
 from clipflow.serving_dispatch import FillingDispatcher, install
 
 
-def _dispatcher(max_latency_ms: int, linger: float) -> FillingDispatcher:
+def _dispatcher(max_latency_ms: int, linger: float, lanes: int = 1, get_batch_size=lambda item: 1) -> FillingDispatcher:
     dispatcher = FillingDispatcher(
-        max_latency_in_ms=max_latency_ms, max_batch_size=4, fallback=lambda: "shed", get_batch_size=lambda item: 1
+        max_latency_in_ms=max_latency_ms,
+        max_batch_size=4,
+        fallback=lambda: "shed",
+        get_batch_size=get_batch_size,
+        lanes=lanes,
     )
     dispatcher.LINGER = linger
     return dispatcher
@@ -64,8 +68,55 @@ def test_a_request_queued_longer_than_the_max_latency_is_shed():
     assert asyncio.run(scenario()) == ["a", "shed"]
 
 
+def test_each_lane_takes_a_full_batch_while_the_others_compute():
+    async def scenario() -> tuple[list[list[str]], int]:
+        batches: list[list[str]] = []
+        running = 0
+        most_running = 0
+        release = asyncio.Event()
+
+        async def model(batch):
+            nonlocal running, most_running
+            batches.append(list(batch))
+            running += 1
+            most_running = max(most_running, running)
+            await release.wait()
+            running -= 1
+            return batch
+
+        call = _dispatcher(60_000, linger=1.0, lanes=2)(model)
+        answers = [asyncio.ensure_future(call(item)) for item in "abcdefghij"]
+        while len(batches) < 2:
+            await asyncio.sleep(0.01)
+        release.set()
+        assert await asyncio.gather(*answers) == list("abcdefghij")
+        return batches, most_running
+
+    batches, most_running = asyncio.run(scenario())
+    # Two full batches at once, without waiting out the linger; the rest spread once the lanes are free.
+    assert batches == [list("abcd"), list("efgh"), ["i"], ["j"]]
+    assert most_running == 2
+
+
+def test_a_lone_request_of_many_items_is_spread_over_the_free_lanes():
+    async def scenario() -> list[list[int]]:
+        batches: list[list[int]] = []
+
+        async def model(batch):  # each request is a list of items; answers one result per item
+            batches.append([item for request in batch for item in request])
+            return [[item * 10 for item in request] for request in batch]
+
+        call = _dispatcher(60_000, linger=0.0, lanes=3, get_batch_size=len)(model)
+        assert await call([1, 2, 3, 4, 5]) == [10, 20, 30, 40, 50]
+        return batches
+
+    assert asyncio.run(scenario()) == [[1, 2], [3, 4], [5]]
+
+
 def test_bentoml_builds_the_dispatchers_of_its_service_app_from_the_name_install_replaces():
     # Were BentoML to build its dispatchers some other way, install() would silently do nothing.
     assert "CorkDispatcher(" in inspect.getsource(app.ServiceAppFactory.__init__)
-    install()
-    assert app.CorkDispatcher is FillingDispatcher
+    install(lanes=3)
+    dispatcher = app.CorkDispatcher(max_latency_in_ms=1000, max_batch_size=4, fallback=lambda: None)
+    assert isinstance(dispatcher, FillingDispatcher)
+    assert dispatcher._sema.sema == 3

@@ -1,6 +1,8 @@
-"""The served model calls: lanes split a batch across threads without changing any embedding."""
+"""The served model calls: lanes split a batch across threads, or keep it whole, without changing any embedding."""
 
 from __future__ import annotations
+
+import threading
 
 import torch
 from PIL import Image
@@ -25,3 +27,23 @@ def test_lanes_give_the_embeddings_of_one_call_in_request_order():
         assert Encoder.per_core(clip).lanes == usable_cores() and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
+
+
+def test_one_lane_keeps_a_call_whole_in_a_lane_thread():
+    clip = clip_model.create("CLIP-Tiny")
+    clip.model.eval()
+    texts = ["a red circle", "two blue squares", "a green star"]
+    calls: list[tuple[str, int]] = []
+    encode_text = clip.encode_text
+
+    def recorded(batch: list[str]) -> torch.Tensor:
+        calls.append((threading.current_thread().name, len(batch)))
+        return encode_text(batch)
+
+    clip.encode_text = recorded
+    lanes = Encoder(clip, lanes=3)
+    torch.testing.assert_close(lanes.texts(texts, one_lane=True), encode_text(texts), rtol=1e-5, atol=1e-5)
+    assert [(name.startswith("clipflow-lane"), size) for name, size in calls] == [(True, 3)]
+    calls.clear()
+    lanes.texts(texts)
+    assert sorted(size for _, size in calls) == [1, 1, 1]

@@ -3,8 +3,10 @@
 On CPU, torch's intra-op threads meet at a barrier after every operator of a forward pass, so
 one batch on N threads keeps N cores busy less than N sub-batches, each in its own thread with
 one intra-op thread. A lane also preprocesses its own images, so PIL's resizing runs on every
-core instead of one. `benchmarks/bench_serve.py` times these same calls for its in-process
-ceiling, both ways; see the bench_serve section of benchmarks/README.md for the numbers.
+core instead of one. A call either splits its items across the lanes or, when its caller already
+runs one call per lane (the batch dispatcher, `clipflow.serving_dispatch`), runs whole on one.
+`benchmarks/bench_serve.py` times these same calls for its in-process ceiling, both ways; see the
+bench_serve section of benchmarks/README.md for the numbers.
 
 torch and the model code are imported where they are used: the service imports this module to
 size its thread pool, and `bentoml build` imports the service only to read its config.
@@ -32,7 +34,11 @@ def usable_cores() -> int:
 
 
 class Encoder:
-    """L2-normalised embeddings of texts and decoded images, a batch split across `lanes` threads."""
+    """L2-normalised embeddings of texts and decoded images, computed in `lanes` threads.
+
+    Every call runs in the lanes, so however many callers there are, at most `lanes` forward
+    passes run at once. `one_lane=True` keeps a call's items together in one lane.
+    """
 
     def __init__(self, clip: ClipModel, lanes: int = 1) -> None:
         self.clip = clip
@@ -47,13 +53,13 @@ class Encoder:
         torch.set_num_threads(1)
         return cls(clip, usable_cores())
 
-    def texts(self, texts: list[str]) -> torch.Tensor:
+    def texts(self, texts: list[str], one_lane: bool = False) -> torch.Tensor:
         """(N, D) embeddings of `texts`."""
-        return self._split(self.clip.encode_text, texts)
+        return self._run(self.clip.encode_text, texts, one_lane)
 
-    def images(self, images: list[PIL.Image.Image]) -> torch.Tensor:
+    def images(self, images: list[PIL.Image.Image], one_lane: bool = False) -> torch.Tensor:
         """(N, D) embeddings of decoded images, through the model's eval preprocess."""
-        return self._split(self._preprocess_and_encode, images)
+        return self._run(self._preprocess_and_encode, images, one_lane)
 
     def labels(self, labels: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
         """Zero-shot classifier weights for `labels`, (L, D): see `clipflow.model.prompt_ensemble`."""
@@ -66,9 +72,11 @@ class Encoder:
 
         return self.clip.encode_images(torch.stack([self.clip.preprocess(image) for image in images]))
 
-    def _split(self, encode: Callable[[list[ItemT]], torch.Tensor], items: list[ItemT]) -> torch.Tensor:
-        if self._pool is None or len(items) < 2:
+    def _run(self, encode: Callable[[list[ItemT]], torch.Tensor], items: list[ItemT], one_lane: bool) -> torch.Tensor:
+        if self._pool is None:
             return encode(items)
+        if one_lane or len(items) < 2:
+            return self._pool.submit(encode, items).result()
         import torch
 
         size = -(-len(items) // self.lanes)
