@@ -1,6 +1,6 @@
 """Throughput and latency of the served encoders over HTTP against the in-process model (the ceiling).
 
-    python benchmarks/bench_serve.py [--seconds 20] [--clients 16] [--models ViT-B-32 CLIP-Tiny]
+    python benchmarks/bench_serve.py [--seconds 30] [--clients 16] [--models ViT-B-32 CLIP-Tiny]
 
 For each model (random init: speed does not depend on the weights), one run packages it twice
 into a temporary BentoML store, with adaptive batching on (params.yaml's `serve:`) and off,
@@ -17,7 +17,8 @@ their rates over all rounds; `ratio` is the served throughput's fraction of it. 
 machine the speed of identical calls drifts by half over seconds, so a served figure and a
 ceiling timed minutes apart differ by that much whatever the server does, and the best of
 fourteen short sweep timings catches the fastest moment; timed in the same rounds, both see the
-same machine. The sweep's best is kept in the results beside the ceiling.
+same machine. The results also hold each round's own fraction (`ratio_by_round`, with its
+median), which shows how much one pairing moves, and the sweep's best beside the ceiling.
 
 The first model names the cases `encode_image` and `encode_text`; later ones add `@MODEL`.
 ViT-B-32 is the size of model a product serves; CLIP-Tiny (what `make run` trains) is so small
@@ -51,8 +52,9 @@ sys.path.insert(0, str(ROOT))
 BATCH_SIZES = (1, 4, 8, 16, 32, 64, 128)
 ENDPOINTS = ("encode_image", "encode_text")
 # Slices of the served load, each preceded by a slice of the ceiling: the machine's speed drifts
-# over seconds, so more, shorter rounds pair the two more closely.
-ROUNDS = 4
+# over seconds, so more, shorter rounds pair the two more closely. A ViT-B-32 slice of 3 s still
+# holds two to four batches.
+ROUNDS = 10
 TEXT = "two small purple stars at the top left"
 COMMAND = "python benchmarks/bench_serve.py"
 UNBATCHED = "the same service with batching off"
@@ -127,30 +129,41 @@ class Ceiling:
     def __init__(self, all_modes: list[Mode], best_batch_size: dict[str, int], endpoint: str, image: Image.Image):
         self.runs = [(mode, best_batch_size[mode.name]) for mode in all_modes]
         self.endpoint, self.image = endpoint, image
-        self.items = {mode.name: 0 for mode in all_modes}
-        self.seconds = {mode.name: 0.0 for mode in all_modes}
+        # Per mode, (items, seconds) of each slice.
+        self.slices: dict[str, list[tuple[int, float]]] = {mode.name: [] for mode in all_modes}
 
     def time_slice(self, seconds: float) -> None:
         """Run each mode's calls back to back for about `seconds` (at least one call)."""
         for mode, n in self.runs:
-            start = time.perf_counter()
+            items, start = 0, time.perf_counter()
             while True:
                 mode.encode(self.endpoint, self.image, n)
-                self.items[mode.name] += n
+                items += n
                 if time.perf_counter() - start >= seconds:
                     break
-            self.seconds[mode.name] += time.perf_counter() - start
+            self.slices[mode.name].append((items, time.perf_counter() - start))
 
     def best(self) -> dict:
-        rates = {name: self.items[name] / self.seconds[name] for name in self.items}
+        """The mode with the best rate over all its slices, that rate, and its rate in each slice."""
+        rates = {
+            name: sum(items for items, _ in slices) / sum(seconds for _, seconds in slices)
+            for name, slices in self.slices.items()
+        }
         mode, n = max(self.runs, key=lambda run: rates[run[0].name])
-        return {"items_per_s": rates[mode.name], "batch_size": n, "mode": mode.name, "by_mode": rates}
+        return {
+            "items_per_s": rates[mode.name],
+            "batch_size": n,
+            "mode": mode.name,
+            "by_mode": rates,
+            "by_round": [items / seconds for items, seconds in self.slices[mode.name]],
+        }
 
 
 async def load(
     url: str, endpoint: str, png: bytes, clients: int, seconds: float, ceiling: Ceiling | None = None
 ) -> dict:
-    """`clients` concurrent one-item requests for `seconds`: items/s, p50 and p99 latency, statuses.
+    """`clients` concurrent one-item requests for `seconds`: items/s (overall and in each round),
+    p50 and p99 latency, statuses.
 
     With a `ceiling`, the load runs in ROUNDS rounds and the ceiling takes a slice before each,
     while no request is in flight.
@@ -177,16 +190,17 @@ async def load(
         await asyncio.gather(*(client(http, time.perf_counter() + 2) for _ in range(clients)))  # warm-up
         latencies.clear()
         rounds = ROUNDS if ceiling else 1
-        elapsed = 0.0
+        by_round = []
         for _ in range(rounds):
             if ceiling:
                 ceiling.time_slice(seconds / rounds)
-            start = time.perf_counter()
+            answered, start = len(latencies), time.perf_counter()
             await asyncio.gather(*(client(http, start + seconds / rounds) for _ in range(clients)))
-            elapsed += time.perf_counter() - start
+            by_round.append((len(latencies) - answered, time.perf_counter() - start))
     cuts = statistics.quantiles(latencies, n=100)
     return {
-        "items_per_s": len(latencies) / elapsed,
+        "items_per_s": len(latencies) / sum(elapsed for _, elapsed in by_round),
+        "by_round": [answered / elapsed for answered, elapsed in by_round],
         "p50_ms": 1000 * cuts[49],
         "p99_ms": 1000 * cuts[98],
         "requests": len(latencies),
@@ -251,7 +265,7 @@ def served(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=20, help="load per endpoint and server")
+    parser.add_argument("--seconds", type=float, default=30, help="load per endpoint and server")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--models", nargs="+", default=["ViT-B-32", "CLIP-Tiny"], help="open_clip configs")
     args = parser.parse_args(argv)
@@ -303,6 +317,12 @@ def main(argv: list[str] | None = None) -> None:
             sweep_best = max(rate for rates in by_mode.values() for rate in rates.values())
             rows[0]["sweep_best_items_per_s"] = round(sweep_best, 1)
             rows[0]["ratio_to_sweep_best"] = round(on["items_per_s"] / sweep_best, 4)
+            # Each round's served rate over the ceiling's in the slice just before it: how far one
+            # round's pairing moves the fraction on this machine.
+            pairs = zip(on["by_round"], best[endpoint]["by_round"], strict=True)
+            by_round = [served / ceiling for served, ceiling in pairs]
+            rows[0]["ratio_by_round"] = [round(ratio, 3) for ratio in by_round]
+            rows[0]["ratio_by_round_median"] = round(statistics.median(by_round), 4)
             cases.extend(rows)
     load_average = os.getloadavg()[0]
     path = write_results(
