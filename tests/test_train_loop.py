@@ -107,6 +107,21 @@ def test_checkpoint_store_on_s3_points_at_the_newest_and_prunes(s3, monkeypatch)
     assert keys == ["run-a/latest", "run-a/step-000004.pt", "run-a/step-000006.pt"]
 
 
+def test_checkpoint_store_in_a_folder_points_at_the_newest_and_prunes(tmp_path):
+    store = CheckpointStore(tmp_path / "run-a")
+    assert store.latest() is None
+    for step in (2, 4, 6):
+        store.save(step, {"step": step, "weights": torch.full((3,), float(step))}, run_id="r1")
+    store.prune(keep=2)
+    latest = store.latest()
+    assert (latest.location, latest.step, latest.run_id) == (f"{tmp_path}/run-a/step-000006.pt", 6, "r1")
+    assert torch.equal(load_state(latest.location)["weights"], torch.full((3,), 6.0))
+    # No temporary file left behind, and readable by the other nodes' users.
+    files = sorted((tmp_path / "run-a").iterdir())
+    assert [path.name for path in files] == ["latest", "step-000004.pt", "step-000006.pt"]
+    assert {path.stat().st_mode & 0o777 for path in files} == {0o644}
+
+
 def test_training_from_s3_pretrained_weights_with_a_locked_image_tower(s3, monkeypatch, tmp_path, small_params):
     """LiT through the real loop: the image tower keeps the pretrained weights, the text tower learns."""
     for key, value in s3.env.items():

@@ -66,14 +66,18 @@ class Store:
             os.replace(local, target)
 
     def put_bytes(self, payload: bytes, name: str) -> None:
+        """Publish `payload` as `name`, durably: a local file is on disk before it takes the name."""
         if self.is_s3:
             s3_client().put_object(Bucket=self.bucket, Key=self._key(name), Body=payload)
             return
         target = Path(self.root) / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.parent / f".{target.name}.tmp"
-        tmp.write_bytes(payload)
-        os.replace(tmp, target)
+        with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", delete=False) as tmp:
+            tmp.write(payload)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.chmod(tmp.name, 0o644)  # mkstemp's 0600 would hide the file from other nodes' users
+        os.replace(tmp.name, target)
 
     @contextmanager
     def scratch(self, name: str) -> Iterator[Path]:
@@ -117,6 +121,13 @@ class Store:
         for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
             names += [item["Key"][len(self.prefix) :].lstrip("/") for item in page.get("Contents", [])]
         return sorted(names)
+
+    def remove(self, name: str) -> None:
+        """Remove one file, if it is there."""
+        if self.is_s3:
+            s3_client().delete_object(Bucket=self.bucket, Key=self._key(name))
+        else:
+            (Path(self.root) / name).unlink(missing_ok=True)
 
     def delete(self, under: str) -> None:
         """Remove a sub-folder and everything in it."""

@@ -17,12 +17,11 @@ import json
 import os
 import random
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clipflow.data.storage import s3_client, split_s3
+from clipflow.data.storage import Store, s3_client, split_s3
 from clipflow.errors import ClipflowError
 
 # torch and numpy are imported where a checkpoint is written or read: the training launcher
@@ -46,7 +45,7 @@ class CheckpointStore:
 
     def __init__(self, location: str | Path):
         self.location = str(location).rstrip("/")
-        self._s3 = split_s3(self.location) if is_s3(self.location) else None
+        self._files = Store(self.location)
 
     def save(self, step: int, state: dict[str, Any], run_id: str | None) -> str:
         """Write `state` as the checkpoint of `step`, then point `latest` at it; returns its location."""
@@ -55,67 +54,24 @@ class CheckpointStore:
         name = f"step-{step:06d}.pt"
         buffer = io.BytesIO()
         torch.save(state, buffer)
-        self._write(name, buffer.getvalue())
+        self._files.put_bytes(buffer.getvalue(), name)
         pointer = {"checkpoint": name, "step": step, "run_id": run_id}
-        self._write(POINTER, json.dumps(pointer).encode())
-        return self._join(name)
+        self._files.put_bytes(json.dumps(pointer).encode(), POINTER)
+        return self._files.uri(name)
 
     def latest(self) -> Pointer | None:
         """The newest complete checkpoint, or None when the store holds none."""
-        raw = self._read(POINTER)
-        if raw is None:
+        # The pointer is only ever replaced whole, never removed, so it cannot vanish in between.
+        if not self._files.exists(POINTER):
             return None
-        pointer = json.loads(raw)
-        return Pointer(self._join(pointer["checkpoint"]), pointer["step"], pointer.get("run_id"))
+        pointer = json.loads(self._files.get_bytes(POINTER))
+        return Pointer(self._files.uri(pointer["checkpoint"]), pointer["step"], pointer.get("run_id"))
 
     def prune(self, keep: int) -> None:
         """Delete all but the `keep` newest checkpoints."""
-        names = sorted(name for name in self._list() if _NAME.match(name))
+        names = sorted(name for name in self._files.list() if _NAME.match(name))
         for name in names[:-keep]:
-            self._delete(name)
-
-    def _join(self, name: str) -> str:
-        return f"{self.location}/{name}"
-
-    def _write(self, name: str, payload: bytes) -> None:
-        if self._s3:
-            bucket, prefix = self._s3
-            s3_client().put_object(Bucket=bucket, Key=_key(prefix, name), Body=payload)
-            return
-        folder = Path(self.location)
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{name}.", delete=False) as tmp:
-            tmp.write(payload)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.chmod(tmp.name, 0o644)  # mkstemp's 0600 would hide checkpoints from other nodes' users
-        os.replace(tmp.name, folder / name)
-
-    def _read(self, name: str) -> bytes | None:
-        if self._s3:
-            bucket, prefix = self._s3
-            client = s3_client()
-            try:
-                return client.get_object(Bucket=bucket, Key=_key(prefix, name))["Body"].read()
-            except client.exceptions.NoSuchKey:
-                return None
-        path = Path(self.location) / name
-        return path.read_bytes() if path.is_file() else None
-
-    def _list(self) -> list[str]:
-        if self._s3:
-            bucket, prefix = self._s3
-            pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=_key(prefix, ""))
-            return [item["Key"].rsplit("/", 1)[-1] for page in pages for item in page.get("Contents", [])]
-        folder = Path(self.location)
-        return [path.name for path in folder.iterdir()] if folder.is_dir() else []
-
-    def _delete(self, name: str) -> None:
-        if self._s3:
-            bucket, prefix = self._s3
-            s3_client().delete_object(Bucket=bucket, Key=_key(prefix, name))
-        else:
-            (Path(self.location) / name).unlink(missing_ok=True)
+            self._files.remove(name)
 
 
 def load_state(location: str | Path) -> dict[str, Any]:
@@ -192,7 +148,3 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def is_s3(location: str) -> bool:
     return location.startswith("s3://")
-
-
-def _key(prefix: str, name: str) -> str:
-    return f"{prefix}/{name}" if prefix else name
