@@ -14,6 +14,7 @@ from typing import Any
 from clipflow import model as clip_model
 from clipflow import tracking
 from clipflow.data.ingest import lineage, read_summary
+from clipflow.data.storage import Store
 from clipflow.errors import ClipflowError
 from clipflow.params import Params, TrainParams
 from clipflow.registry.models import log_clip_model
@@ -95,9 +96,7 @@ def train(
             "metrics_file": str(output_dir.resolve() / METRICS_FILE) if leads and workers is not None else None,
             "checkpoint_extra": {"params": params.to_dict(), "data_version": data_version, "mlflow_run_id": run_id},
         }
-        staged = job_file.with_name(f".{job_file.name}.tmp")
-        staged.write_text(json.dumps(job, indent=2))
-        staged.replace(job_file)
+        Store(output_dir).put_bytes(json.dumps(job, indent=2).encode(), job_file.name)
         if workers is not None:
             _wait_for_workers(workers, job["metrics_file"], run_id)
         else:
