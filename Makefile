@@ -27,7 +27,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# tests/test_page.py drives Debian's chromium through playwright (never playwright's own download).
+# tests/integration/test_page.py drives Debian's chromium through playwright (never playwright's own download).
 browser:
 	test -x /usr/bin/chromium || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium)
 

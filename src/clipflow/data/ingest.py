@@ -37,10 +37,10 @@ import pandas as pd
 from clipflow.data import builtin
 from clipflow.data.shards import SIZES_FILE, ShardRecord, ShardWriter, add_record
 from clipflow.data.sources import SourceRow, read_rows
-from clipflow.data.storage import FetchError, FetchLimits, Store, fetch
 from clipflow.errors import ClipflowError
 from clipflow.params import DataParams, ValidateParams
 from clipflow.progress import progress
+from clipflow.storage import FetchError, FetchLimits, Store, fetch
 from clipflow.validate.rows import CheckedImage, Rejected, check_caption, check_image, reason_counts
 
 METADATA_FILE = "metadata.parquet"

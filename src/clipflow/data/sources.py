@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from clipflow.data.storage import FetchError, FetchLimits, Store, fetch, s3_client, split_s3
 from clipflow.errors import ClipflowError
+from clipflow.storage import FetchError, FetchLimits, Store, fetch, s3_client, split_s3
 
 MANIFEST_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")

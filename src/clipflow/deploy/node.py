@@ -12,7 +12,7 @@ import os
 import time
 from pathlib import Path
 
-from clipflow.deploy import s3
+from clipflow import storage
 from clipflow.deploy.trainjob import JOB_ENV
 from clipflow.params import TrainParams
 from clipflow.train import worker
@@ -24,7 +24,7 @@ def main() -> None:
     job = json.loads(os.environ[JOB_ENV])
     data_dir, output_dir, ready = WORKDIR / "data", WORKDIR / "model", WORKDIR / "data.ready"
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        s3.download(job["data_uri"], data_dir)
+        storage.download_tree(job["data_uri"], data_dir)
         ready.touch()
     while not ready.exists():
         time.sleep(1)
@@ -38,7 +38,7 @@ def main() -> None:
         mlflow_run_id=job["mlflow_run_id"],
     )
     if int(os.environ.get("RANK", "0")) == 0:
-        s3.upload(output_dir, job["output_uri"])
+        storage.upload_tree(output_dir, job["output_uri"])
 
 
 if __name__ == "__main__":

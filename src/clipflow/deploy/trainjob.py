@@ -248,11 +248,11 @@ class TrainJobLauncher:
 
 def run_trainjob(params: Params, job: dict[str, Any], name: str, output_dir: str | Path) -> None:
     """Run `job` as a TrainJob from inside the cluster and copy its checkpoint into `output_dir`."""
-    from clipflow.deploy import s3
+    from clipflow import storage
 
     namespace = current_namespace(params.cluster.namespace)
     TrainJobLauncher(api_client(), namespace, params.cluster.poll_seconds).run(manifest(params, name, namespace, job))
-    s3.download(job["output_uri"], output_dir)
+    storage.download_tree(job["output_uri"], output_dir)
 
 
 def dry_run_manifest(params: Params, data_uri: str | None) -> str:

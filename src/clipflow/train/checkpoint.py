@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clipflow.data.storage import Store, s3_client, split_s3
 from clipflow.errors import ClipflowError
+from clipflow.storage import Store, download_file, is_s3, read_object, split_s3
 
 # torch and numpy are imported where a checkpoint is written or read: the training launcher
 # only follows `latest` pointers, and importing torch would add seconds to every run's start.
@@ -80,12 +79,7 @@ def load_state(location: str | Path) -> dict[str, Any]:
 
     location = str(location)
     if is_s3(location):
-        bucket, key = split_s3(location)
-        client = s3_client()
-        try:
-            payload = client.get_object(Bucket=bucket, Key=key)["Body"].read()
-        except client.exceptions.NoSuchKey:
-            raise ClipflowError(f"checkpoint not found: {location}") from None
+        payload = read_object(location, "checkpoint")
         return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     if not Path(location).is_file():
         raise ClipflowError(f"checkpoint not found: {location}")
@@ -100,13 +94,7 @@ def fetch(uri: str, folder: Path) -> Path:
         return Path(uri)
     bucket, key = split_s3(uri)
     target = folder / f"{bucket}-{key.replace('/', '-')}"
-    if not target.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        # Every process of a node may fetch at once: each downloads to its own name, the rename is atomic.
-        tmp = folder / f".{target.name}.{os.getpid()}"
-        s3_client().download_file(bucket, key, str(tmp))
-        os.replace(tmp, target)
-    return target
+    return target if target.is_file() else download_file(uri, target)
 
 
 def rng_state() -> dict[str, Any]:
@@ -144,7 +132,3 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(("MT19937", keys, numpy_state["pos"], numpy_state["has_gauss"], numpy_state["gauss"]))
     python_state = state["python"]
     random.setstate((python_state["version"], tuple(python_state["words"].tolist()), python_state["gauss"]))
-
-
-def is_s3(location: str) -> bool:
-    return location.startswith("s3://")

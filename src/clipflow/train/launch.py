@@ -14,10 +14,10 @@ from typing import Any
 from clipflow import model as clip_model
 from clipflow import tracking
 from clipflow.data.ingest import lineage, read_summary
-from clipflow.data.storage import Store
 from clipflow.errors import ClipflowError
 from clipflow.params import Params, TrainParams
 from clipflow.registry.models import log_clip_model
+from clipflow.storage import Store
 from clipflow.train.checkpoint import CheckpointStore, load_state
 from clipflow.train.metrics import FILE_NAME as METRICS_FILE
 from clipflow.train.metrics import MetricsRelay

@@ -17,8 +17,8 @@ import yaml
 
 from clipflow.data.ingest import data_version, dvc_md5, ingest, lineage
 from clipflow.params import Params
-from tests import bad_inputs
-from tests.servers import BIN, S3Server, seaweedfs
+from tests.support import bad_inputs
+from tests.support.servers import BIN, S3Server, seaweedfs
 
 IMAGES = 6
 

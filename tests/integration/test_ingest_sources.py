@@ -20,11 +20,11 @@ from PIL import Image
 
 from clipflow.data import ingest as ingest_module
 from clipflow.data.ingest import data_version, ingest
-from clipflow.data.storage import Store
 from clipflow.errors import ClipflowError
 from clipflow.params import Params
+from clipflow.storage import Store
 from clipflow.validate.suite import check_passed, validate
-from tests import bad_inputs
+from tests.support import REPO, bad_inputs
 
 HTTP_TIMEOUT_S = 0.5
 
@@ -329,7 +329,7 @@ def test_a_killed_ingest_resumes_to_the_same_data(params: Params, tmp_path: Path
     manifest, out = str(tmp_path / "manifest.csv"), tmp_path / "out"
     clean = ingest(manifest, tmp_path / "clean", params.data, params.validate)
     command = [sys.executable, "-m", "clipflow.cli", "ingest", "--source", manifest, "--output", str(out)]
-    command += ["--params", str(Path(__file__).parents[1] / "params.yaml"), "--profile", "test"]
+    command += ["--params", str(REPO / "params.yaml"), "--profile", "test"]
     command += ["--set", f"data.shard_size={params.data.shard_size}", "--set", "data.workers=0"]
     command += ["--set", f"data.http_timeout_s={HTTP_TIMEOUT_S}", "--set", "data.http_retries=1"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from open_clip.loss import SigLipLoss
 
 from clipflow.train.loss import TiledClipLoss, TiledSigLipLoss, build_loss
-from tests.conftest import free_port
+from tests.support.servers import free_port
 
 DIM = 32
 

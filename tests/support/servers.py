@@ -1,4 +1,4 @@
-"""Real servers for tests, bound to 127.0.0.1 and always stopped: SeaweedFS (S3) and MLflow."""
+"""Real servers for tests, bound to 127.0.0.1 and always stopped: SeaweedFS (S3), MLflow, `bentoml serve`."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -16,8 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
-
-from tests.conftest import free_port
+import pytest
 
 BIN = Path(sys.executable).parent
 S3_ACCESS_KEY = "clipflow-test"
@@ -148,3 +148,53 @@ def local_http_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+READY_TIMEOUT_S = 180  # bentoml serve imports torch in the CLI and the worker: slow on a busy two-core machine
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def bentoml_server(command: list[str], port: int, env: dict[str, str], cwd: Path) -> Iterator[str]:
+    """Run a `bentoml serve` command until /readyz answers; yield its URL; always stop it.
+
+    Fails the test with the server's log when it exits or is not ready in time.
+    """
+    log_path = cwd / f"serve-{port}.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            command, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        start = time.monotonic()
+        while not _ready(url):
+            if process.poll() is not None or time.monotonic() - start > READY_TIMEOUT_S:
+                pytest.fail(f"bentoml serve not ready (exit {process.poll()}):\n{log_path.read_text()[-4000:]}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        _stop(process)
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM the server, then SIGKILL its process group (circus workers included) if it lingers."""
+    if process.poll() is None:
+        process.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=15)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=10)

@@ -13,9 +13,9 @@ import yaml
 
 from clipflow.local_run import STEPS, compile_pipeline
 from clipflow.model import register_configs
-from tests.conftest import bentoml_server, free_port
+from tests.support import REPO
+from tests.support.servers import bentoml_server, free_port
 
-REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "CLIPFLOW_PROFILE": "test"}
 

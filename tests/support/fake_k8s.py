@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlparse
 
-from tests.servers import local_http_server
+from tests.support.servers import local_http_server
 
 
 class FakeKubernetes:

@@ -1,12 +1,12 @@
 import json
-from pathlib import Path
 
 import pytest
 
 from clipflow.errors import ClipflowError
 from clipflow.params import load_params
+from tests.support import REPO
 
-PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+PARAMS = REPO / "params.yaml"
 
 
 def test_defaults_load_and_profile_overrides_only_its_keys():

@@ -17,7 +17,7 @@ from clipflow.train import worker
 from clipflow.train.checkpoint import CheckpointStore, fetch, load_state, rng_state, set_rng_state
 from clipflow.train.loss import build_loss
 from clipflow.train.metrics import POLL_SECONDS, MetricsFile, MetricsRelay
-from tests.servers import seaweedfs
+from tests.support.servers import seaweedfs
 
 BATCH = 16
 

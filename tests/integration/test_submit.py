@@ -3,15 +3,13 @@
 import contextlib
 import json
 from http.server import BaseHTTPRequestHandler
-from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import yaml
 
 from clipflow.cli import main
-from tests.servers import local_http_server
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.support import REPO
+from tests.support.servers import local_http_server
 
 
 class FakeKfp:

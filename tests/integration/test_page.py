@@ -14,7 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.serving_fixtures import API_KEY, ROOT, serve_bento
+from tests.support import REPO
+from tests.support.serving_fixtures import API_KEY, serve_bento
 
 CHROMIUM = Path("/usr/bin/chromium")  # `make browser` installs it
 # Chromium's background connections (updates, sync, QUIC probes) are refused here.
@@ -28,7 +29,7 @@ LAUNCH_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-ARTIFACTS = ROOT / "test-artifacts"
+ARTIFACTS = REPO / "test-artifacts"
 LABELS = ["red circle", "blue square", "green star"]
 QUERY = "a red circle"
 K = 6

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.support import REPO
+
 CLIPFLOW = str(Path(sys.executable).with_name("clipflow"))
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import bentoml_server, free_port
+from tests.support import REPO
+from tests.support.servers import bentoml_server, free_port
 
-ROOT = Path(__file__).resolve().parents[1]
 MAX_LABELS = 8
 MAX_IMAGE_PIXELS = 128 * 128
 MAX_IMAGE_BYTES = 60_000
@@ -42,7 +42,7 @@ def packaged(tmp_path_factory, small_params):
 
     tmp = tmp_path_factory.mktemp("serving")
     params = load_params(
-        ROOT / "params.yaml",
+        REPO / "params.yaml",
         overrides=[
             f"tracking.uri=sqlite:///{tmp}/mlflow.db",
             "tracking.experiment=t",

@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler
 import numpy as np
 from PIL import Image
 
-from tests.servers import local_http_server
+from tests.support.servers import local_http_server
 
 
 def encoded(image: Image.Image, fmt: str, **options) -> bytes:

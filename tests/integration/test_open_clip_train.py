@@ -15,9 +15,9 @@ import pandas as pd
 from clipflow.data.ingest import ingest
 from clipflow.model import CONFIG_DIR
 from clipflow.params import Params
-from tests import bad_inputs
+from tests.support import REPO, bad_inputs
 
-COMPAT = Path(__file__).parent / "open_clip_compat"
+COMPAT = REPO / "tests" / "support" / "open_clip_compat"
 BATCH, STEPS = 8, 3
 
 

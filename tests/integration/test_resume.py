@@ -21,9 +21,9 @@ import torch
 
 from clipflow.data.ingest import ingest
 from clipflow.train.checkpoint import CheckpointStore
-from tests.conftest import free_port
+from tests.support import REPO
+from tests.support.servers import free_port
 
-REPO = Path(__file__).resolve().parents[1]
 CLIPFLOW = str(Path(sys.executable).with_name("clipflow"))
 STEPS = 10
 CHECKPOINT_EVERY = 3

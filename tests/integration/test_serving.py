@@ -4,7 +4,7 @@ A random-init CLIP-Tiny goes through a real MLflow registry (sqlite) into a real
 with a gallery built from an ingested test-profile dataset; `bentoml serve` runs the Bento in a
 subprocess, called through `bentoml.SyncHTTPClient` and plain HTTP. A second Bento, packaged
 without a gallery, is served with `CLIPFLOW_API_KEY` set. The package step and its lowered
-serving limits are in `tests/serving_fixtures.py`.
+serving limits are in `tests/support/serving_fixtures.py`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.serving_fixtures import (
+from tests.support import REPO
+from tests.support.serving_fixtures import (
     API_KEY,
     MAX_BATCH,
     MAX_IMAGE_BYTES,
@@ -39,7 +40,6 @@ from tests.serving_fixtures import (
     MAX_REQUEST_BYTES,
     MAX_TEXT_CHARS,
     METRICS,
-    ROOT,
     serve_bento,
 )
 
@@ -172,7 +172,7 @@ def test_package_rejects_a_gallery_it_cannot_read(packaged):
 def test_cli_package_builds_a_bento_with_the_gallery_it_is_given(packaged, capsys):
     from clipflow.cli import main
 
-    common = ["--params", str(ROOT / "params.yaml"), "--profile", "test"]
+    common = ["--params", str(REPO / "params.yaml"), "--profile", "test"]
     common += ["--set", f"tracking.uri=sqlite:///{packaged['tmp']}/mlflow.db"]
     assert main(["package", "--gallery", str(packaged["tmp"] / "data"), *common]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -466,7 +466,7 @@ def test_api_key_guards_every_endpoint_but_probes_and_metrics(keyed_server, pack
 
 def test_client_example_calls_every_endpoint_with_the_key_from_its_environment(keyed_server, gallery_images):
     paths = [str(path) for path in gallery_images.values()]
-    command = [sys.executable, str(ROOT / "serving/client.py"), "--url", keyed_server]
+    command = [sys.executable, str(REPO / "serving/client.py"), "--url", keyed_server]
     command += [arg for path in paths for arg in ("--image", path)]
     env = {**os.environ, "CLIPFLOW_API_KEY": API_KEY}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
@@ -485,11 +485,11 @@ def test_the_bento_runs_this_service_with_pinned_packages(packaged):
 
     bento = Path(bentoml.bentos.get(packaged["result"]["bento_tag"]).path)
     for name in ("service.py", "page.html"):
-        assert (bento / "src" / name).read_bytes() == (ROOT / "serving" / name).read_bytes(), name
+        assert (bento / "src" / name).read_bytes() == (REPO / "serving" / name).read_bytes(), name
     requirements = (bento / "env/python/requirements.txt").read_text().split()
     for name in RUNTIME_DISTRIBUTIONS:
         assert f"{name}=={version(name)}" in requirements
-    pyproject = (ROOT / "pyproject.toml").read_text()
+    pyproject = (REPO / "pyproject.toml").read_text()
     for name in ("torch", "torchvision", "open-clip-torch", "bentoml"):
         assert f'"{name}=={version(name)}"' in pyproject
 
@@ -500,7 +500,7 @@ def test_the_page_is_served_at_the_root_and_the_api_docs_at_docs(server, keyed_s
         assert page.status_code == 200
         assert page.headers["content-type"].startswith("text/html")
         assert "default-src 'none'" in page.headers["content-security-policy"]
-        assert page.content == (ROOT / "serving/page.html").read_bytes()
+        assert page.content == (REPO / "serving/page.html").read_bytes()
         docs = httpx.get(f"{url}/docs", timeout=60)
         assert docs.status_code == 200 and docs.content != page.content
         assert "/docs.json" in docs.text or "swagger" in docs.text.lower()

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.support import REPO
+
 BIN = Path(sys.executable).parent
 
 

@@ -1,4 +1,4 @@
-"""Where data lives: a local folder or an S3 prefix, and reading one source object with limits.
+"""The one local/S3 layer: a store of files under a root, whole-tree copies, and reading one object with limits.
 
 S3 goes through boto3, which takes `AWS_ENDPOINT_URL` (MinIO, SeaweedFS) and credentials from
 the environment. A file is only ever made visible whole: locally by renaming a finished
@@ -33,6 +33,10 @@ def s3_client():
     return _S3_CLIENTS[slot]
 
 
+def is_s3(location: str | Path) -> bool:
+    return str(location).startswith("s3://")
+
+
 def split_s3(uri: str) -> tuple[str, str]:
     """`s3://bucket/some/key` -> (`bucket`, `some/key`)."""
     parsed = urlparse(uri)
@@ -46,7 +50,7 @@ class Store:
 
     def __init__(self, root: str | Path):
         self.root = str(root).rstrip("/")
-        self.is_s3 = self.root.startswith("s3://")
+        self.is_s3 = is_s3(self.root)
         if self.is_s3:
             self.bucket, self.prefix = split_s3(self.root)
         else:
@@ -139,6 +143,55 @@ class Store:
 
     def _key(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name
+
+
+def read_object(uri: str, what: str) -> bytes:
+    """The bytes of one `s3://` object; `what` names it in the error when it is missing.
+
+    Raises:
+        ClipflowError: no such object.
+    """
+    bucket, key = split_s3(uri)
+    client = s3_client()
+    try:
+        return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except client.exceptions.NoSuchKey:
+        raise ClipflowError(f"{what} not found: {uri}") from None
+
+
+def download_file(uri: str, target: Path) -> Path:
+    """Copy one `s3://` object to `target`, which appears whole: every process of a node may fetch at once."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}")
+    s3_client().download_file(*split_s3(uri), str(tmp))
+    os.replace(tmp, target)
+    return target
+
+
+def download_tree(uri: str, dest: str | Path) -> int:
+    """Copy every object under the `s3://` folder `uri` into `dest`, keeping relative paths; returns the count.
+
+    Raises:
+        ClipflowError: nothing is stored under `uri`.
+    """
+    source = Store(uri)
+    names = source.list()
+    for name in names:
+        target = Path(dest) / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        s3_client().download_file(source.bucket, source._key(name), str(target))
+    if not names:
+        raise ClipflowError(f"nothing stored under {uri}")
+    return len(names)
+
+
+def upload_tree(src: str | Path, uri: str) -> int:
+    """Copy every file under the folder `src` to the `s3://` folder `uri`; returns the count."""
+    target = Store(uri)
+    files = [path for path in sorted(Path(src).rglob("*")) if path.is_file()]
+    for path in files:
+        s3_client().upload_file(str(path), target.bucket, target._key(path.relative_to(src).as_posix()))
+    return len(files)
 
 
 class FetchError(Exception):

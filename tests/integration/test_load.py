@@ -17,7 +17,8 @@ from collections import Counter
 import httpx
 from PIL import Image
 
-from tests.serving_fixtures import ROOT, serve_bento
+from tests.support import REPO
+from tests.support.serving_fixtures import serve_bento
 
 CLIENTS = 16
 SECONDS = 60
@@ -87,8 +88,8 @@ def test_sixteen_clients_for_a_minute_get_no_5xx(packaged):
         "by_status": dict(by_status),
         "by_endpoint": {f"{name} -> {status}": n for (name, _, status), n in sorted(counts.items(), key=str)},
     }
-    (ROOT / "test-artifacts").mkdir(exist_ok=True)
-    (ROOT / "test-artifacts/load.json").write_text(json.dumps(report, indent=1))
+    (REPO / "test-artifacts").mkdir(exist_ok=True)
+    (REPO / "test-artifacts/load.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report))
 
     server_errors = {key: n for key, n in counts.items() if not isinstance(key[2], int) or key[2] >= 500}

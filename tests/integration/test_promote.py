@@ -16,7 +16,7 @@ from clipflow import tracking
 from clipflow.errors import ClipflowError
 from clipflow.registry.models import download_checkpoint, log_clip_model
 from clipflow.registry.promote import CHAMPION, gate, promote, promotion_lock, rollback
-from tests.servers import mlflow_server, seaweedfs
+from tests.support.servers import mlflow_server, seaweedfs
 
 CLIPFLOW = str(Path(sys.executable).with_name("clipflow"))
 

@@ -5,7 +5,6 @@ import json
 import os
 import re
 import signal
-from pathlib import Path
 
 import jsonschema
 import pytest
@@ -17,9 +16,9 @@ from clipflow.deploy import trainjob
 from clipflow.errors import ClipflowError
 from clipflow.local_run import STEPS, compile_pipeline
 from clipflow.params import load_params, parse_params
-from tests.fake_k8s import FakeKubernetes, serve
+from tests.support import REPO
+from tests.support.fake_k8s import FakeKubernetes, serve
 
-REPO = Path(__file__).resolve().parents[1]
 CRD = REPO / "deploy/k8s/kubeflow-trainer/trainer.kubeflow.org_trainjobs.v2.3.0.yaml"
 DATA_URI = "s3://clipflow-runs/pipeline/ingest/data"
 

@@ -18,8 +18,7 @@ from clipflow.data.ingest import ingest
 from clipflow.data.pairs import ShardPairs
 from clipflow.train.data import RankBatches, TrainAugment, crop_box, global_batch_indices, rank_loader
 from clipflow.train.worker import _cosine_with_warmup, _param_groups
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.support import REPO
 
 
 def test_an_epoch_visits_each_sample_at_most_once_and_steps_are_reproducible():
