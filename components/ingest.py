@@ -26,7 +26,8 @@ def ingest_component(
     import json
     from collections import namedtuple
 
-    from clipflow.data.ingest import dvc_md5, ingest
+    from clipflow.artifacts import dvc_md5
+    from clipflow.data.ingest import ingest
     from clipflow.params import parse_params
 
     resolved = parse_params(params, overrides, profile or None)

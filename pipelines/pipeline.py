@@ -12,7 +12,7 @@ from typing import NamedTuple
 import yaml
 from kfp import dsl
 
-from clipflow.deploy.cluster import apply_target
+from clipflow.cluster_tmp import apply_target
 from components.evaluate import evaluate_component
 from components.ingest import ingest_component
 from components.package import package_component

@@ -148,7 +148,7 @@ def train(
     if dry_run:
         if launcher != "trainjob":
             raise ClipflowError("--dry-run prints the TrainJob: use it with --launcher trainjob")
-        from clipflow.deploy.trainjob import dry_run_manifest
+        from clipflow.train.trainjob import dry_run_manifest
 
         typer.echo(dry_run_manifest(params, data_uri), nl=False)
         return
@@ -173,9 +173,9 @@ def evaluate(
     profile: ProfileOption = None,
 ) -> None:
     """Zero-shot accuracy on held-out compositions and retrieval recall@k on the test split."""
+    from clipflow.artifacts import TrainReport
     from clipflow.evaluate.step import evaluate as run_evaluate
     from clipflow.registry.models import is_model_uri
-    from clipflow.train.launch import RESULT_FILE, read_result
 
     params = _params(params_file, overrides, profile)
     _require_dir(data, "data directory")
@@ -183,8 +183,8 @@ def evaluate(
         from clipflow import tracking
 
         tracking.setup(params.tracking)
-    elif run_id is None and (Path(model) / RESULT_FILE).is_file():
-        run_id = read_result(model)["mlflow_run_id"]
+    elif run_id is None and TrainReport.exists(model):
+        run_id = TrainReport.read(model).mlflow_run_id
     result = run_evaluate(model, data, output, params, mlflow_run_id=run_id, model_config=model_config)
     _print_json({key: result[key] for key in ("metrics", "probes", "files", "seconds")})
 
@@ -202,10 +202,9 @@ def promote(
     profile: ProfileOption = None,
 ) -> None:
     """Register a model version and move `champion` to it only when the gate passes (or --rollback)."""
-    from clipflow.evaluate.step import read_metrics
+    from clipflow.artifacts import TrainReport, read_metrics
     from clipflow.registry import promote as promotion
     from clipflow.registry.models import is_model_uri
-    from clipflow.train.launch import read_result
 
     params = _params(params_file, overrides, profile)
     if rollback:
@@ -217,8 +216,8 @@ def promote(
         raise ClipflowError("promote needs --model-uri and --metrics (or --rollback)")
     data_version = None
     if not is_model_uri(model_uri):
-        trained = read_result(model_uri)
-        model_uri, data_version = trained["model_uri"], trained["data_version"]
+        trained = TrainReport.read(model_uri)
+        model_uri, data_version = trained.model_uri, trained.data_version
     values = read_metrics(metrics)
     _print_json(promotion.promote(model_uri, values, params, data_version=data_version))
 
@@ -284,7 +283,7 @@ def compile_command(
         return
     if target != "cluster":
         raise ClipflowError(f"--target must be local or cluster, got {target!r}")
-    from clipflow.deploy.cluster import compile_for_cluster
+    from clipflow.cluster_tmp import compile_for_cluster
 
     params = _params(params_file, overrides, profile)
     pipeline = load_pipeline().clipflow_pipeline

@@ -208,7 +208,7 @@ def _resolve_registry_version(model_uri: str) -> tuple[str, RegistryFacts]:
 
 def _build_gallery(checkpoint: Path, data_dir: Path, params: Params) -> tuple[clip_gallery.Gallery, dict[str, Any]]:
     """Embed the gallery split of `data_dir` with the packaged model; returns it and its summary."""
-    from clipflow.data.ingest import SUMMARY_FILE, read_summary
+    from clipflow.artifacts import INGEST_REPORT, read_ingest_report
 
     index = clip_gallery.build(
         clip_model.load(checkpoint),
@@ -218,8 +218,8 @@ def _build_gallery(checkpoint: Path, data_dir: Path, params: Params) -> tuple[cl
         params.serve.thumbnail_px,
     )
     info: dict[str, Any] = {"split": params.serve.gallery_split, "size": len(index)}
-    if (data_dir / SUMMARY_FILE).is_file():
-        info["data_version"] = read_summary(data_dir)["data_version"]
+    if (data_dir / INGEST_REPORT).is_file():
+        info["data_version"] = read_ingest_report(data_dir)["data_version"]
     return index, info
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from clipflow.deploy.cluster import cluster_overrides, compile_for_cluster
+from clipflow.cluster_tmp import cluster_overrides, compile_for_cluster
 from clipflow.errors import ClipflowError
 from clipflow.params import Params
 

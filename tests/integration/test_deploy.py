@@ -12,10 +12,10 @@ import yaml
 from kubernetes import client
 
 from clipflow.cli import main
-from clipflow.deploy import trainjob
 from clipflow.errors import ClipflowError
 from clipflow.local_run import STEPS, compile_pipeline
 from clipflow.params import load_params, parse_params
+from clipflow.train import trainjob
 from tests.support import REPO
 from tests.support.fake_k8s import FakeKubernetes, serve
 
@@ -62,7 +62,7 @@ def test_generated_trainjob_matches_the_crd_schema(trainjob_schema, nodes, gpus)
     assert job["spec"]["runtimeRef"]["name"] == "torch-distributed"
     assert trainer["image"] == "ghcr.io/clipflow/clipflow-train:abc123"
     assert trainer["command"] == ["torchrun"]
-    assert trainer["args"] == ["--max-restarts", str(params.train.max_restarts), "-m", "clipflow.deploy.node"]
+    assert trainer["args"] == ["--max-restarts", str(params.train.max_restarts), "-m", "clipflow.train.node"]
     assert trainer["numNodes"] == nodes
     assert trainer["numProcPerNode"] == (gpus or params.train.nproc)
     requests = trainer["resourcesPerNode"]["requests"]

@@ -15,7 +15,8 @@ import pytest
 import webdataset as wds
 import yaml
 
-from clipflow.data.ingest import data_version, dvc_md5, ingest, lineage
+from clipflow.artifacts import data_version, dvc_md5, lineage
+from clipflow.data.ingest import ingest
 from clipflow.params import Params
 from tests.support import bad_inputs
 from tests.support.servers import BIN, S3Server, seaweedfs

@@ -18,8 +18,9 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from clipflow.artifacts import data_version
 from clipflow.data import ingest as ingest_module
-from clipflow.data.ingest import data_version, ingest
+from clipflow.data.ingest import ingest
 from clipflow.errors import ClipflowError
 from clipflow.params import Params
 from clipflow.storage import Store

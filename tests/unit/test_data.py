@@ -8,8 +8,9 @@ import pandas as pd
 import pytest
 import webdataset as wds
 
+from clipflow.artifacts import data_version
 from clipflow.data import builtin
-from clipflow.data.ingest import data_version, ingest
+from clipflow.data.ingest import ingest
 from clipflow.data.shards import TAR_BLOCK, ShardIndex, split_shards, tar_members
 from clipflow.errors import ClipflowError
 

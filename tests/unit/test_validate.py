@@ -135,7 +135,7 @@ def test_malformed_metadata_is_a_user_error(
 def test_report_is_logged_to_mlflow_with_the_data_lineage(data_dir: Path, tmp_path: Path, small_params: Params) -> None:
     import mlflow
 
-    from clipflow.data.ingest import dvc_md5, read_summary
+    from clipflow.artifacts import dvc_md5, read_ingest_report
     from clipflow.params import TrackingParams
     from clipflow.validate.tracking import log_report
 
@@ -146,7 +146,7 @@ def test_report_is_logged_to_mlflow_with_the_data_lineage(data_dir: Path, tmp_pa
 
     run = mlflow.MlflowClient().get_run(run_id)
     assert run.data.tags["clipflow.step"] == "validate"
-    assert run.data.tags["data_version"] == read_summary(data_dir)["data_version"]
+    assert run.data.tags["data_version"] == read_ingest_report(data_dir)["data_version"]
     assert run.data.tags["data_dvc_md5"] == dvc_md5(data_dir)
     assert run.data.metrics["validation_rows"] == result["rows"]
     logged = tmp_path / "logged"

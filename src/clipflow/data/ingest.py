@@ -22,7 +22,6 @@ import hashlib
 import io
 import json
 import shutil
-import subprocess
 import tarfile
 import time
 from collections.abc import Iterable, Iterator
@@ -34,8 +33,18 @@ from urllib.parse import urlparse
 
 import pandas as pd
 
+from clipflow.artifacts import (
+    INGEST_REPORT,
+    METADATA_FILE,
+    QUARANTINE_FILE,
+    SIZES_FILE,
+    data_version,
+    git_revision,
+    sha256_file,
+    version_of,
+)
 from clipflow.data import builtin
-from clipflow.data.shards import SIZES_FILE, ShardRecord, ShardWriter, add_record
+from clipflow.data.shards import ShardRecord, ShardWriter, add_record
 from clipflow.data.sources import SourceRow, read_rows
 from clipflow.errors import ClipflowError
 from clipflow.params import DataParams, ValidateParams
@@ -43,9 +52,6 @@ from clipflow.progress import progress
 from clipflow.storage import FetchError, FetchLimits, Store, fetch
 from clipflow.validate.rows import CheckedImage, Rejected, check_caption, check_image, reason_counts
 
-METADATA_FILE = "metadata.parquet"
-QUARANTINE_FILE = "quarantine.parquet"
-SUMMARY_FILE = "ingest.json"
 STAGING = ".ingest"
 SOURCE_SCHEMES = {"", "s3", "http", "https"}
 
@@ -100,7 +106,7 @@ def ingest(source: str, output: str | Path, params: DataParams, checks: Validate
         "git_revision": git_revision(),
         "seconds": round(time.perf_counter() - started, 2),
     }
-    (output / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    (output / INGEST_REPORT).write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -138,85 +144,6 @@ def _check_builtin_params(params: DataParams) -> None:
     extra = params.relation_fraction + params.count_fraction
     if min(params.relation_fraction, params.count_fraction) < 0 or extra > 1:
         raise ClipflowError("data.relation_fraction and data.count_fraction must be non-negative and sum to at most 1")
-
-
-def data_version(data_dir: Path) -> str:
-    """A content hash of every file in the data directory except this step's own summary.
-
-    Two directories with the same version hold byte-identical data, so a model's
-    `data_version` tag pins exactly what it was trained on.
-    """
-    files = sorted(p for p in Path(data_dir).rglob("*") if p.is_file() and p.name != SUMMARY_FILE)
-    return _version({p.relative_to(data_dir).as_posix(): _sha256_file(p) for p in files})
-
-
-def _version(hashes: dict[str, str]) -> str:
-    """`data_version` from the sha256 of each file by relative path."""
-    digest = hashlib.sha256()
-    for name in sorted(hashes):
-        digest.update(name.encode())
-        digest.update(bytes.fromhex(hashes[name]))
-    return digest.hexdigest()[:16]
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def dvc_md5(data_dir: str | Path) -> str:
-    """The hash DVC 3 gives this directory as an output (`md5: ....dir` in dvc.lock and .dvc files).
-
-    It covers every file, `ingest.json` included, so it is computed when the directory is
-    complete: training logs it, and it matches what `dvc repro`/`dvc add` record.
-    """
-    data_dir = Path(data_dir)
-    entries = []
-    for path in sorted(p for p in data_dir.rglob("*") if p.is_file()):
-        md5 = hashlib.md5(usedforsecurity=False)
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                md5.update(block)
-        entries.append({"md5": md5.hexdigest(), "relpath": path.relative_to(data_dir).as_posix()})
-    entries.sort(key=lambda entry: entry["relpath"])
-    return hashlib.md5(json.dumps(entries, sort_keys=True).encode(), usedforsecurity=False).hexdigest() + ".dir"
-
-
-def git_revision(cwd: str | Path = ".") -> str | None:
-    """The commit checked out in `cwd`, with `-dirty` when tracked files changed; None outside git."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
-        if head.returncode:
-            return None
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
-def lineage(data_dir: str | Path) -> dict[str, str]:
-    """What ties a model to its data: the content version, the DVC hash and the git revision of ingest."""
-    summary = read_summary(data_dir)
-    tags = {"data_version": summary["data_version"], "data_dvc_md5": dvc_md5(data_dir)}
-    if summary.get("git_revision"):
-        tags["data_git_revision"] = summary["git_revision"]
-    return tags
-
-
-def read_summary(data_dir: str | Path) -> dict[str, Any]:
-    path = Path(data_dir) / SUMMARY_FILE
-    if not path.is_file():
-        raise ClipflowError(f"not an ingested data directory (no {SUMMARY_FILE}): {data_dir}")
-    return json.loads(path.read_text())
 
 
 @dataclass(frozen=True)
@@ -275,7 +202,7 @@ def _ingest_source(source: str, output: str, params: DataParams, checks: Validat
             _ingest_chunk(store, scratch, index, chunk, check(chunk), seen, fractions)
         summary = _finish(store, scratch, source, chunks)
     summary["seconds"] = round(time.perf_counter() - started, 2)
-    store.put_bytes(json.dumps(summary, indent=2).encode(), SUMMARY_FILE)
+    store.put_bytes(json.dumps(summary, indent=2).encode(), INGEST_REPORT)
     store.delete(STAGING)
     return summary
 
@@ -303,7 +230,7 @@ def _split_of(key: str, fractions: dict[str, float]) -> str:
 
 def _fingerprint(source: str, params: DataParams, checks: ValidateParams) -> str:
     """What a resumed run must share with the crashed one: the source's content and every knob."""
-    identity = _sha256_file(Path(source)) if Path(source).is_file() else source
+    identity = sha256_file(Path(source)) if Path(source).is_file() else source
     # The worker count changes how fast, not what: a resume may use more or fewer.
     data = {k: v for k, v in vars(params).items() if k != "workers"}
     knobs = json.dumps([identity, data, vars(checks)], sort_keys=True, default=str)
@@ -421,7 +348,7 @@ def _ingest_chunk(
     for split in tars:
         local = scratch / f".{split}-{index:06d}.tar.tmp"
         name = f"{split}/{split}-{index:06d}.tar"
-        hashes[name] = _sha256_file(local)
+        hashes[name] = sha256_file(local)
         store.put_file(local, name)
     if kept:
         part = scratch / f".chunk-{index:06d}.parquet"
@@ -473,7 +400,7 @@ def _finish(store: Store, scratch: Path, source: str, chunks: int) -> dict[str, 
                 if name not in table.column_names:
                     table = table.append_column(name, pa.nulls(len(table), schema.field(name).type))
             writer.write_table(table.select(schema.names).cast(schema))
-    hashes[METADATA_FILE] = _sha256_file(local)
+    hashes[METADATA_FILE] = sha256_file(local)
     store.put_file(local, METADATA_FILE)
 
     quarantine = pd.DataFrame(
@@ -481,7 +408,7 @@ def _finish(store: Store, scratch: Path, source: str, chunks: int) -> dict[str, 
     ).astype({"row": "int64"})
     local = scratch / f".{QUARANTINE_FILE}.tmp"
     quarantine.to_parquet(local, index=False)
-    hashes[QUARANTINE_FILE] = _sha256_file(local)
+    hashes[QUARANTINE_FILE] = sha256_file(local)
     store.put_file(local, QUARANTINE_FILE)
 
     counts = {split: sum(split_sizes.values()) for split, split_sizes in sorted(sizes.items())}
@@ -495,6 +422,6 @@ def _finish(store: Store, scratch: Path, source: str, chunks: int) -> dict[str, 
         "kept": kept,
         "quarantined": len(quarantine),
         "quarantine_reasons": reason_counts(quarantine["reason"]),
-        "data_version": _version(hashes),
+        "data_version": version_of(hashes),
         "git_revision": git_revision(),
     }

@@ -19,9 +19,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from clipflow.artifacts import SIZES_FILE
 from clipflow.errors import ClipflowError
-
-SIZES_FILE = "sizes.json"
 
 
 @dataclass(frozen=True)

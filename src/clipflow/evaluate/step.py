@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 
 from clipflow import tracking
-from clipflow.data.ingest import METADATA_FILE
+from clipflow.artifacts import METADATA_FILE, METRICS_FILE
 from clipflow.data.pairs import ShardPairs
 from clipflow.errors import ClipflowError
 from clipflow.evaluate import plots
@@ -30,7 +30,6 @@ from clipflow.model import ClipModel
 from clipflow.params import Params, ZeroshotSet
 from clipflow.registry.models import load_model
 
-METRICS_FILE = "metrics.json"
 SUMMARY_FILE = "summary.md"
 CLIP_BENCHMARK_DIR = "clip_benchmark"
 GRID_QUERIES = 6
@@ -135,21 +134,6 @@ def evaluate(
             mlflow.log_metrics(metrics)
             mlflow.log_artifacts(str(output_dir), artifact_path="evaluation")
     return result
-
-
-def read_metrics(path: str | Path) -> dict[str, float]:
-    """The metrics of a `metrics.json` that `evaluate` wrote.
-
-    Raises:
-        ClipflowError: a missing file, or one that is not an evaluation result.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ClipflowError(f"metrics file not found: {path}")
-    try:
-        return json.loads(path.read_text())["metrics"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise ClipflowError(f"{path} is not a metrics.json from `clipflow evaluate`") from None
 
 
 def _check_run_exists(run_id: str, params: Params) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from clipflow import model as clip_model
 from clipflow import tracking
-from clipflow.data.ingest import lineage, read_summary
+from clipflow.artifacts import TrainReport, lineage, read_ingest_report
 from clipflow.errors import ClipflowError
 from clipflow.params import Params, TrainParams
 from clipflow.registry.models import log_clip_model
@@ -21,8 +21,6 @@ from clipflow.storage import Store
 from clipflow.train.checkpoint import CheckpointStore, load_state
 from clipflow.train.metrics import FILE_NAME as METRICS_FILE
 from clipflow.train.metrics import MetricsRelay
-
-RESULT_FILE = "train.json"
 
 
 def train(
@@ -59,7 +57,7 @@ def train(
     """
     started = time.perf_counter()
     data_dir, output_dir = Path(data_dir), Path(output_dir)
-    data_version = read_summary(data_dir)["data_version"]
+    data_version = read_ingest_report(data_dir)["data_version"]
     nproc = nproc or params.train.nproc
     world_size = nproc * params.train.nnodes
     if params.train.batch_size % (world_size * params.train.accum_freq):
@@ -100,7 +98,7 @@ def train(
         if workers is not None:
             _wait_for_workers(workers, job["metrics_file"], run_id)
         else:
-            from clipflow.deploy import trainjob
+            from clipflow.train import trainjob
 
             name = trainjob.job_name(run_id)
             spec = trainjob.job_spec(params, name, data_uri or "", run_id, data_version)
@@ -117,15 +115,15 @@ def train(
 
     with mlflow.start_run(run_id=run_id):
         model_uri = log_clip_model(output_dir)
-    result = {
-        "mlflow_run_id": run_id,
-        "model_uri": model_uri,
-        "checkpoint": str(clip_model.resolve_checkpoint(output_dir).resolve()),
-        "data_version": data_version,
-        "seconds": round(time.perf_counter() - started, 2),
-    }
-    (output_dir / RESULT_FILE).write_text(json.dumps(result, indent=2))
-    return result
+    report = TrainReport(
+        mlflow_run_id=run_id,
+        model_uri=model_uri,
+        checkpoint=str(clip_model.resolve_checkpoint(output_dir).resolve()),
+        data_version=data_version,
+        seconds=round(time.perf_counter() - started, 2),
+    )
+    report.write(output_dir)
+    return report.to_dict()
 
 
 def _check_loss_fits_model(params: TrainParams) -> None:
@@ -199,11 +197,3 @@ def _open_run(params: Params, nproc: int, data_dir: Path, start_from: str | None
             tags["resumed_from"] = start_from
         mlflow.set_tags(tags)
         return run.info.run_id
-
-
-def read_result(output_dir: str | Path) -> dict[str, Any]:
-    """The result a finished `train` wrote beside its checkpoint."""
-    path = Path(output_dir) / RESULT_FILE
-    if not path.is_file():
-        raise ClipflowError(f"not a training output folder (no {RESULT_FILE}): {output_dir}")
-    return json.loads(path.read_text())

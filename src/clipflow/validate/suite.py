@@ -30,13 +30,11 @@ from urllib.request import url2pathname
 
 import pandas as pd
 
+from clipflow.artifacts import METADATA_FILE, QUARANTINE_FILE, VALIDATION_REPORT
 from clipflow.errors import ClipflowError
 from clipflow.params import ValidateParams
 from clipflow.validate.rows import reason_counts
 
-METADATA_FILE = "metadata.parquet"
-SUMMARY_FILE = "validation.json"
-QUARANTINE_FILE = "quarantine.parquet"
 INDEX_FILE = "index.html"
 DOCS_DIR = "data_docs"
 SUITE_NAME = "clipflow-metadata"
@@ -161,7 +159,7 @@ def validate(data_dir: str | Path, report_dir: str | Path, params: ValidateParam
     page = Path(DOCS_DIR) / validation_page.relative_to(docs_dir.resolve())
     (report_dir / INDEX_FILE).write_text(_index_html(summary, page))
     summary["seconds"] = round(time.perf_counter() - started, 2)
-    (report_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    (report_dir / VALIDATION_REPORT).write_text(json.dumps(summary, indent=2))
     return summary
 
 

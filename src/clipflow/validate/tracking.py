@@ -23,7 +23,7 @@ def log_report(report_dir: str | Path, result: dict[str, Any], tracking: Trackin
     import mlflow
 
     from clipflow import tracking as clipflow_tracking
-    from clipflow.data.ingest import lineage
+    from clipflow.artifacts import lineage
 
     clipflow_tracking.setup(tracking)
     with mlflow.start_run(run_name="validate") as run:

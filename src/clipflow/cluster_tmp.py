@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from clipflow.deploy.trainjob import MLFLOW_KEYS, S3_KEYS, STEP_IMAGE, image
 from clipflow.params import ClusterParams, Params
+from clipflow.train.trainjob import MLFLOW_KEYS, S3_KEYS, STEP_IMAGE, image
 
 LAUNCHER_ENV = "CLIPFLOW_LAUNCHER"
 # Steps whose outputs are a function of their inputs alone; the others write to MLflow or the registry.

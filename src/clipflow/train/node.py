@@ -1,4 +1,4 @@
-"""One training process on a TrainJob node, started by the job's `torchrun -m clipflow.deploy.node`.
+"""One training process on a TrainJob node, started by the job's `torchrun -m clipflow.train.node`.
 
 The launcher passes the job in $CLIPFLOW_JOB. Local rank 0 of each node copies the data from S3
 to the node's disk while the node's other processes wait; every process trains; global rank 0
@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 from clipflow import storage
-from clipflow.deploy.trainjob import JOB_ENV
 from clipflow.params import TrainParams
 from clipflow.train import worker
+from clipflow.train.trainjob import JOB_ENV
 
 WORKDIR = Path(os.environ.get("CLIPFLOW_WORKDIR", "/tmp/clipflow"))
 

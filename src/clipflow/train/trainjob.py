@@ -1,7 +1,7 @@
 """Multi-node training on Kubeflow Trainer v2: the `TrainJob` manifest and the launcher that runs it.
 
 On a cluster the train step does not train: it creates a `TrainJob` (runtime `torch-distributed`)
-whose nodes run `torchrun -m clipflow.deploy.node` on the training image, streams the rank-0
+whose nodes run `torchrun -m clipflow.train.node` on the training image, streams the rank-0
 node's log into the step's log, waits for the job's `Complete` condition, and fails with the
 job's reason on `Failed`. The job is deleted whatever happens, so a cancelled run (SIGTERM to
 the step's pod) frees its GPUs.
@@ -116,7 +116,7 @@ def manifest(params: Params, name: str, namespace: str, job: dict[str, Any], tag
                 # The torch runtime sets PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR...: torchrun reads them.
                 "command": ["torchrun"],
                 # A restarted attempt resumes from the newest checkpoint in S3 (train.checkpoint_dir).
-                "args": ["--max-restarts", str(params.train.max_restarts), "-m", "clipflow.deploy.node"],
+                "args": ["--max-restarts", str(params.train.max_restarts), "-m", "clipflow.train.node"],
                 "numNodes": cluster.nodes,
                 "numProcPerNode": procs_per_node(params),
                 "resourcesPerNode": resources,

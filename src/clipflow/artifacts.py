@@ -1,0 +1,162 @@
+"""The on-disk contract between steps: file names, each step's report, the data version and lineage.
+
+Every step reads what an earlier one wrote through this module, never through the other step's
+code, so a step can change how it works without its readers noticing. A data directory:
+
+    {split}/{split}-000000.tar ...   the WebDataset shards
+    {split}/sizes.json               shard name -> samples
+    metadata.parquet                 one row per kept sample: key, split, shard, caption, sha256, ...
+    quarantine.parquet               one row per rejected input row: row, key, source, reason
+    ingest.json                      the ingest report: counts per split, rows in and out, the data version
+
+A training output folder holds the checkpoint and `train.json` (`TrainReport`); an evaluation
+folder holds `metrics.json` (read by `read_metrics`) beside its plots and tables.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from clipflow.errors import ClipflowError
+
+METADATA_FILE = "metadata.parquet"
+QUARANTINE_FILE = "quarantine.parquet"
+SIZES_FILE = "sizes.json"
+INGEST_REPORT = "ingest.json"
+VALIDATION_REPORT = "validation.json"
+TRAIN_REPORT = "train.json"
+METRICS_FILE = "metrics.json"
+
+
+def read_ingest_report(data_dir: str | Path) -> dict[str, Any]:
+    """What ingest wrote about a data directory (`ingest.json`).
+
+    Raises:
+        ClipflowError: the folder is not an ingested data directory.
+    """
+    path = Path(data_dir) / INGEST_REPORT
+    if not path.is_file():
+        raise ClipflowError(f"not an ingested data directory (no {INGEST_REPORT}): {data_dir}")
+    return json.loads(path.read_text())
+
+
+@dataclass(frozen=True)
+class TrainReport:
+    """What a finished training wrote beside its checkpoint (`train.json`)."""
+
+    mlflow_run_id: str
+    model_uri: str
+    checkpoint: str
+    data_version: str
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def write(self, output_dir: str | Path) -> None:
+        (Path(output_dir) / TRAIN_REPORT).write_text(json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def read(cls, output_dir: str | Path) -> TrainReport:
+        """Raises: ClipflowError: the folder holds no finished training."""
+        path = Path(output_dir) / TRAIN_REPORT
+        if not path.is_file():
+            raise ClipflowError(f"not a training output folder (no {TRAIN_REPORT}): {output_dir}")
+        return cls(**json.loads(path.read_text()))
+
+    @staticmethod
+    def exists(output_dir: str | Path) -> bool:
+        return (Path(output_dir) / TRAIN_REPORT).is_file()
+
+
+def read_metrics(path: str | Path) -> dict[str, float]:
+    """The metrics of a `metrics.json` that `evaluate` wrote.
+
+    Raises:
+        ClipflowError: a missing file, or one that is not an evaluation result.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ClipflowError(f"metrics file not found: {path}")
+    try:
+        return json.loads(path.read_text())["metrics"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise ClipflowError(f"{path} is not a {METRICS_FILE} from `clipflow evaluate`") from None
+
+
+def data_version(data_dir: str | Path) -> str:
+    """A content hash of every file in the data directory except ingest's own report.
+
+    Two directories with the same version hold byte-identical data, so a model's
+    `data_version` tag pins exactly what it was trained on.
+    """
+    data_dir = Path(data_dir)
+    files = sorted(p for p in data_dir.rglob("*") if p.is_file() and p.name != INGEST_REPORT)
+    return version_of({p.relative_to(data_dir).as_posix(): sha256_file(p) for p in files})
+
+
+def version_of(hashes: dict[str, str]) -> str:
+    """`data_version` from the sha256 of each file by relative path (for data that is not on local disk)."""
+    digest = hashlib.sha256()
+    for name in sorted(hashes):
+        digest.update(name.encode())
+        digest.update(bytes.fromhex(hashes[name]))
+    return digest.hexdigest()[:16]
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def dvc_md5(data_dir: str | Path) -> str:
+    """The hash DVC 3 gives this directory as an output (`md5: ....dir` in dvc.lock and .dvc files).
+
+    It covers every file, `ingest.json` included, so it is computed when the directory is
+    complete: training logs it, and it matches what `dvc repro`/`dvc add` record.
+    """
+    data_dir = Path(data_dir)
+    entries = []
+    for path in sorted(p for p in data_dir.rglob("*") if p.is_file()):
+        md5 = hashlib.md5(usedforsecurity=False)
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                md5.update(block)
+        entries.append({"md5": md5.hexdigest(), "relpath": path.relative_to(data_dir).as_posix()})
+    entries.sort(key=lambda entry: entry["relpath"])
+    return hashlib.md5(json.dumps(entries, sort_keys=True).encode(), usedforsecurity=False).hexdigest() + ".dir"
+
+
+def git_revision(cwd: str | Path = ".") -> str | None:
+    """The commit checked out in `cwd`, with `-dirty` when tracked files changed; None outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        if head.returncode:
+            return None
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def lineage(data_dir: str | Path) -> dict[str, str]:
+    """What ties a model to its data: the content version, the DVC hash and the git revision of ingest."""
+    report = read_ingest_report(data_dir)
+    tags = {"data_version": report["data_version"], "data_dvc_md5": dvc_md5(data_dir)}
+    if report.get("git_revision"):
+        tags["data_git_revision"] = report["git_revision"]
+    return tags
