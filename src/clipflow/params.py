@@ -193,16 +193,16 @@ class Params:
             f"{section}.{key}": value for section, values in self.to_dict().items() for key, value in values.items()
         }
 
+    def procs_per_node(self) -> int:
+        """A TrainJob node's training processes: one per GPU, or `train.nproc` on nodes without GPUs."""
+        return self.cluster.gpus_per_node or self.train.nproc
+
     def check(self) -> None:
         """Reject combinations that are well-typed but cannot work."""
         if self.train.loss not in TRAIN_LOSSES:
             raise ClipflowError(f"train.loss must be one of {', '.join(TRAIN_LOSSES)}, got {self.train.loss!r}")
         if self.train.precision not in {"bf16", "fp32"}:
             raise ClipflowError(f"train.precision must be bf16 or fp32, got {self.train.precision!r}")
-        if self.train.batch_size % self.train.nproc:
-            raise ClipflowError(
-                f"train.batch_size ({self.train.batch_size}) must be a multiple of train.nproc ({self.train.nproc})"
-            )
         positive = {
             "train.batch_size": self.train.batch_size,
             "train.steps": self.train.steps,
@@ -224,17 +224,27 @@ class Params:
             raise ClipflowError(f"train.data_workers must not be negative, got {self.train.data_workers}")
         if self.cluster.nodes < 1 or self.cluster.gpus_per_node < 0:
             raise ClipflowError("cluster.nodes must be at least 1 and cluster.gpus_per_node not negative")
-        if (self.train.batch_size // self.train.nproc) % self.train.accum_freq:
-            raise ClipflowError(
-                f"train.accum_freq ({self.train.accum_freq}) must divide the per-process batch"
-                f" ({self.train.batch_size // self.train.nproc})"
-            )
+        processes = self.train.nproc * self.train.nnodes
+        check_batch_split(self.train, processes, f"train.nproc x train.nnodes ({processes})")
+        if self.cluster.launcher == "trainjob":
+            world = self.cluster.nodes * self.procs_per_node()
+            check_batch_split(self.train, world, f"the {world} training processes (cluster.nodes x processes per node)")
         if not 0 <= self.train.node_rank < self.train.nnodes:
             raise ClipflowError(f"train.node_rank ({self.train.node_rank}) must be in [0, train.nnodes)")
         known = {f"{c} {s}" for c in self.data.colors for s in self.data.shapes}
         unknown = sorted(set(self.data.heldout) - known)
         if unknown:
             raise ClipflowError(f"data.heldout names compositions outside colors x shapes: {unknown}")
+
+
+def check_batch_split(train: TrainParams, processes: int, description: str) -> None:
+    """The global batch must split evenly over `processes`, and each share over `train.accum_freq`."""
+    if train.batch_size % processes:
+        raise ClipflowError(f"train.batch_size ({train.batch_size}) must be a multiple of {description}")
+    if (train.batch_size // processes) % train.accum_freq:
+        raise ClipflowError(
+            f"train.accum_freq ({train.accum_freq}) must divide the per-process batch ({train.batch_size // processes})"
+        )
 
 
 _SECTIONS: dict[str, type] = {name: hint for name, hint in typing.get_type_hints(Params).items() if name != "profile"}
