@@ -341,8 +341,26 @@ def submit(
     _print_json(result)
 
 
+# Telemetry stays off and every step of a run shares one BentoML store, unless the user chose otherwise.
+PROCESS_DEFAULTS = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "BENTOML_DO_NOT_TRACK": "true",
+    "BENTOML_HOME": "bentoml_home",
+}
+
+
+def configure_process() -> None:
+    """Settings of this process and the steps, servers and workers it starts, read once by MLflow and BentoML."""
+    for key, value in PROCESS_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    # A relative store would move with the working directory of each subprocess.
+    os.environ["BENTOML_HOME"] = str(Path(os.environ["BENTOML_HOME"]).resolve())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run a verb and turn user errors into one line and a non-zero exit."""
+    configure_process()
     try:
         app(args=argv, prog_name="clipflow", standalone_mode=False)
     except typer.Exit as exc:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from clipflow.errors import ClipflowError
@@ -24,8 +23,6 @@ def setup(params: TrackingParams) -> str:
 
     With a local sqlite store, artifacts go to `./mlartifacts` beside the database.
     """
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("DO_NOT_TRACK", "true")
     import mlflow
 
     uri = absolute_uri(params.uri)
