@@ -8,7 +8,9 @@ unknown keys and wrong types with one clear message.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +24,9 @@ from clipflow.errors import ClipflowError
 DEFAULT_PARAMS = Path("params.yaml")
 PROFILE_ENV = "CLIPFLOW_PROFILE"
 
+
+# BentoML's rule for the name part of a tag.
+BENTO_NAME = re.compile(r"[a-z0-9](?:[a-z0-9._-]*[a-z0-9])?")
 
 # clip: open_clip's ClipLoss; tiled: the same loss in O(tile x batch) memory; siglip: the sigmoid loss, tiled.
 TRAIN_LOSSES = ("clip", "tiled", "siglip")
@@ -50,6 +55,23 @@ class DataParams:
     relation_fraction: float
     count_fraction: float
 
+    def check(self) -> None:
+        _require_positive("data", self, "num_train", "shard_size", "max_image_bytes")
+        if self.workers < 0 or self.http_retries < 0 or self.http_timeout_s <= 0:
+            raise ClipflowError("data.workers and data.http_retries must not be negative, data.http_timeout_s positive")
+        fractions = self.split_fractions
+        if not fractions or any(v < 0 for v in fractions.values()) or abs(sum(fractions.values()) - 1) > 1e-6:
+            raise ClipflowError(f"data.split_fractions must be non-negative and sum to 1; got {fractions}")
+        extra = self.relation_fraction + self.count_fraction
+        if min(self.relation_fraction, self.count_fraction) < 0 or extra > 1:
+            raise ClipflowError(
+                "data.relation_fraction and data.count_fraction must be non-negative and sum to at most 1"
+            )
+        known = {f"{c} {s}" for c in self.colors for s in self.shapes}
+        unknown = sorted(set(self.heldout) - known)
+        if unknown:
+            raise ClipflowError(f"data.heldout names compositions outside colors x shapes: {unknown}")
+
 
 @dataclass(frozen=True)
 class ValidateParams:
@@ -61,6 +83,21 @@ class ValidateParams:
     image_formats: list[str]
     splits: list[str]
     max_bad_fraction: float
+
+    def check(self) -> None:
+        if not 0 <= self.caption_min_chars <= self.caption_max_chars:
+            raise ClipflowError(
+                f"validate.caption_min_chars ({self.caption_min_chars}) must be between 0 "
+                f"and validate.caption_max_chars ({self.caption_max_chars})"
+            )
+        if not 0 < self.min_side <= self.max_side:
+            raise ClipflowError(
+                f"validate.min_side ({self.min_side}) must be positive and at most validate.max_side ({self.max_side})"
+            )
+        if not self.splits:
+            raise ClipflowError("validate.splits must name at least one split")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ClipflowError(f"validate.max_bad_fraction must be between 0 and 1, got {self.max_bad_fraction}")
 
 
 @dataclass(frozen=True)
@@ -89,6 +126,19 @@ class TrainParams:
     nnodes: int
     node_rank: int
     rdzv_endpoint: str
+
+    def check(self) -> None:
+        if self.loss not in TRAIN_LOSSES:
+            raise ClipflowError(f"train.loss must be one of {', '.join(TRAIN_LOSSES)}, got {self.loss!r}")
+        if self.precision not in {"bf16", "fp32"}:
+            raise ClipflowError(f"train.precision must be bf16 or fp32, got {self.precision!r}")
+        _require_positive("train", self, "batch_size", "steps", "nproc", "accum_freq", "nnodes", "keep_checkpoints")
+        if self.data_workers < 0:
+            raise ClipflowError(f"train.data_workers must not be negative, got {self.data_workers}")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ClipflowError(f"train.node_rank ({self.node_rank}) must be in [0, train.nnodes)")
+        processes = self.nproc * self.nnodes
+        check_batch_split(self, processes, f"train.nproc x train.nnodes ({processes})")
 
 
 @dataclass(frozen=True)
@@ -136,6 +186,23 @@ class ServeParams:
     batch_max_size: int
     batch_max_latency_ms: int
 
+    def check(self) -> None:
+        """Reject what BentoML would refuse only after the model is stored, or with a bare ValueError."""
+        if not BENTO_NAME.fullmatch(self.bento_name):
+            raise ClipflowError(
+                f"serve.bento_name must be lowercase letters, digits, '.', '_' or '-', got {self.bento_name!r}"
+            )
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            raise ClipflowError(f"serve.host must be an IP address such as 127.0.0.1, got {self.host!r}") from None
+        if not 0 < self.port < 65536:
+            raise ClipflowError(f"serve.port must be a TCP port (1 to 65535), got {self.port}")
+        numbers = [f.name for f in dataclasses.fields(self) if f.type in ("int", int)]
+        _require_positive("serve", self, *numbers)
+        if self.batch_max_size < 2:  # BentoML refuses a batch of one at import time
+            raise ClipflowError(f"serve.batch_max_size must be at least 2, got {self.batch_max_size}")
+
 
 @dataclass(frozen=True)
 class TrackingParams:
@@ -168,6 +235,12 @@ class ClusterParams:
     poll_seconds: float
     resources: dict[str, StepResources]
 
+    def check(self) -> None:
+        if self.launcher not in {"torchrun", "trainjob"}:
+            raise ClipflowError(f"cluster.launcher must be torchrun or trainjob, got {self.launcher!r}")
+        if self.nodes < 1 or self.gpus_per_node < 0:
+            raise ClipflowError("cluster.nodes must be at least 1 and cluster.gpus_per_node not negative")
+
 
 @dataclass(frozen=True)
 class Params:
@@ -198,43 +271,23 @@ class Params:
         return self.cluster.gpus_per_node or self.train.nproc
 
     def check(self) -> None:
-        """Reject combinations that are well-typed but cannot work."""
-        if self.train.loss not in TRAIN_LOSSES:
-            raise ClipflowError(f"train.loss must be one of {', '.join(TRAIN_LOSSES)}, got {self.train.loss!r}")
-        if self.train.precision not in {"bf16", "fp32"}:
-            raise ClipflowError(f"train.precision must be bf16 or fp32, got {self.train.precision!r}")
-        positive = {
-            "train.batch_size": self.train.batch_size,
-            "train.steps": self.train.steps,
-            "train.nproc": self.train.nproc,
-            "train.accum_freq": self.train.accum_freq,
-            "train.nnodes": self.train.nnodes,
-            "train.keep_checkpoints": self.train.keep_checkpoints,
-            "data.num_train": self.data.num_train,
-            "data.shard_size": self.data.shard_size,
-        }
+        """Reject combinations that are well-typed but cannot work, section by section, then across them."""
+        for section in (self.data, self.validate, self.train, self.serve, self.cluster):
+            section.check()
         if "heldout" not in self.evaluate.zeroshot:
             raise ClipflowError("evaluate.zeroshot must define the 'heldout' set that the gate and summary report")
-        for key, value in positive.items():
-            if value <= 0:
-                raise ClipflowError(f"{key} must be positive, got {value}")
-        if self.cluster.launcher not in {"torchrun", "trainjob"}:
-            raise ClipflowError(f"cluster.launcher must be torchrun or trainjob, got {self.cluster.launcher!r}")
-        if self.train.data_workers < 0:
-            raise ClipflowError(f"train.data_workers must not be negative, got {self.train.data_workers}")
-        if self.cluster.nodes < 1 or self.cluster.gpus_per_node < 0:
-            raise ClipflowError("cluster.nodes must be at least 1 and cluster.gpus_per_node not negative")
-        processes = self.train.nproc * self.train.nnodes
-        check_batch_split(self.train, processes, f"train.nproc x train.nnodes ({processes})")
+        unknown = sorted(set(self.data.split_fractions) - set(self.validate.splits))
+        if unknown:
+            raise ClipflowError(f"data.split_fractions names splits outside validate.splits: {unknown}")
         if self.cluster.launcher == "trainjob":
             world = self.cluster.nodes * self.procs_per_node()
             check_batch_split(self.train, world, f"the {world} training processes (cluster.nodes x processes per node)")
-        if not 0 <= self.train.node_rank < self.train.nnodes:
-            raise ClipflowError(f"train.node_rank ({self.train.node_rank}) must be in [0, train.nnodes)")
-        known = {f"{c} {s}" for c in self.data.colors for s in self.data.shapes}
-        unknown = sorted(set(self.data.heldout) - known)
-        if unknown:
-            raise ClipflowError(f"data.heldout names compositions outside colors x shapes: {unknown}")
+
+
+def _require_positive(section: str, values: Any, *names: str) -> None:
+    for name in names:
+        if getattr(values, name) <= 0:
+            raise ClipflowError(f"{section}.{name} must be positive, got {getattr(values, name)}")
 
 
 def check_batch_split(train: TrainParams, processes: int, description: str) -> None:

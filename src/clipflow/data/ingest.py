@@ -141,9 +141,6 @@ def _check_builtin_params(params: DataParams) -> None:
         raise ClipflowError(
             f"data.backgrounds must name textures of {list(builtin.TEXTURES)}, got {params.backgrounds}"
         )
-    extra = params.relation_fraction + params.count_fraction
-    if min(params.relation_fraction, params.count_fraction) < 0 or extra > 1:
-        raise ClipflowError("data.relation_fraction and data.count_fraction must be non-negative and sum to at most 1")
 
 
 @dataclass(frozen=True)
@@ -177,9 +174,7 @@ def _check_row(row: SourceRow) -> _Checked | str:
 
 def _ingest_source(source: str, output: str, params: DataParams, checks: ValidateParams) -> dict[str, Any]:
     started = time.perf_counter()
-    fractions = _split_fractions(params, checks)
-    if params.shard_size <= 0 or params.workers < 0:
-        raise ClipflowError("data.shard_size must be positive and data.workers at least 0")
+    fractions = params.split_fractions
     limits = FetchLimits(params.max_image_bytes, params.http_timeout_s, params.http_retries)
     rows = read_rows(source, params.image_column, params.caption_column, limits)
     # The first row comes before the output is touched: a missing source or column must not
@@ -205,16 +200,6 @@ def _ingest_source(source: str, output: str, params: DataParams, checks: Validat
     store.put_bytes(json.dumps(summary, indent=2).encode(), INGEST_REPORT)
     store.delete(STAGING)
     return summary
-
-
-def _split_fractions(params: DataParams, checks: ValidateParams) -> dict[str, float]:
-    fractions = params.split_fractions
-    unknown = sorted(set(fractions) - set(checks.splits))
-    if unknown or not fractions or any(v < 0 for v in fractions.values()) or abs(sum(fractions.values()) - 1) > 1e-6:
-        raise ClipflowError(
-            f"data.split_fractions must be non-negative, sum to 1 and name splits in validate.splits; got {fractions}"
-        )
-    return fractions
 
 
 def _split_of(key: str, fractions: dict[str, float]) -> str:

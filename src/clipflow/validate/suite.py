@@ -96,7 +96,6 @@ def validate(data_dir: str | Path, report_dir: str | Path, params: ValidateParam
             or rows, inconsistent params, or an expectation that could not be evaluated.
     """
     started = time.perf_counter()
-    _check_params(params)
     rejected_at_ingest = _read_ingest_quarantine(Path(data_dir))
     metadata = _read_metadata(Path(data_dir), len(rejected_at_ingest))
     report_dir = Path(report_dir)
@@ -177,22 +176,6 @@ def check_passed(result: dict[str, Any], params: ValidateParams) -> None:
         f"quarantined ({result['quarantined_at_ingest']} at ingest, {result['quarantined_by_suite']} by expectations), "
         f"above validate.max_bad_fraction={params.max_bad_fraction}; see {result['report']}"
     )
-
-
-def _check_params(params: ValidateParams) -> None:
-    if not 0 <= params.caption_min_chars <= params.caption_max_chars:
-        raise ClipflowError(
-            f"validate.caption_min_chars ({params.caption_min_chars}) must be between 0 "
-            f"and validate.caption_max_chars ({params.caption_max_chars})"
-        )
-    if not 0 < params.min_side <= params.max_side:
-        raise ClipflowError(
-            f"validate.min_side ({params.min_side}) must be positive and at most validate.max_side ({params.max_side})"
-        )
-    if not params.splits:
-        raise ClipflowError("validate.splits must name at least one split")
-    if not 0.0 <= params.max_bad_fraction <= 1.0:
-        raise ClipflowError(f"validate.max_bad_fraction must be between 0 and 1, got {params.max_bad_fraction}")
 
 
 def _read_ingest_quarantine(data_dir: Path) -> pd.DataFrame:
