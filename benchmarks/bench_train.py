@@ -188,7 +188,7 @@ def _zeroshot(checkpoint: Path, data: Path, output: Path, params) -> tuple[float
     """Held-out and seen zero-shot top-1 of a checkpoint."""
     from clipflow.evaluate.step import evaluate
 
-    metrics = evaluate(checkpoint, data, output, params, model_config=MODEL)["metrics"]
+    metrics = evaluate(checkpoint, data, output, params, model_config=MODEL).metrics
     return metrics["zeroshot_top1_heldout"], metrics["zeroshot_top1_seen"]
 
 

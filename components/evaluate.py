@@ -42,11 +42,11 @@ def evaluate_component(
 
     resolved = parse_params(params, overrides, profile or None)
     result = evaluate(model.path, data.path, evaluation.path, resolved, mlflow_run_id=mlflow_run_id)
-    for name, value in result["metrics"].items():
+    for name, value in result.metrics.items():
         metrics.log_metric(name, value)
-    heldout = result["zeroshot"]["heldout"]
-    confusion.log_confusion_matrix(heldout["classes"], heldout["confusion"])
+    heldout = result.zeroshot["heldout"]
+    confusion.log_confusion_matrix(heldout.classes, heldout.confusion.tolist())
     shutil.copyfile(f"{evaluation.path}/summary.md", summary.path)
-    report = {key: result[key] for key in ("metrics", "probes", "model", "seconds")}
+    report = {key: value for key, value in result.to_dict().items() if key != "zeroshot"}
     outputs = namedtuple("EvaluateOutputs", ["metrics_json", "report"])
-    return outputs(json.dumps(result["metrics"]), json.dumps(report))
+    return outputs(json.dumps(result.metrics), json.dumps(report))

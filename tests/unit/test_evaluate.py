@@ -32,20 +32,22 @@ def evaluated(tmp_path_factory, small_params):
 
 
 def test_metrics_cover_every_zeroshot_set_retrieval_and_probe(evaluated, small_params):
-    _, result, _, _ = evaluated
-    metrics = result["metrics"]
+    tmp, result, _, _ = evaluated
+    metrics = result.metrics
     for name in small_params.evaluate.zeroshot:
         for metric in ("top1", "top5", "mean_per_class_recall", "chance"):
             assert 0.0 <= metrics[f"zeroshot_{metric}_{name}"] <= 1.0
         assert metrics[f"zeroshot_top1_{name}"] <= metrics[f"zeroshot_top5_{name}"]
-        per_template = result["zeroshot"][name]["per_template_top1"]
+        per_template = result.zeroshot[name].per_template_top1
         assert set(per_template) == set(small_params.evaluate.templates)
         spread = max(per_template.values()) - min(per_template.values())
         assert metrics[f"prompt_sensitivity_{name}"] == pytest.approx(spread)
     for k in small_params.evaluate.recall_k:
         assert {f"retrieval_i2t_r{k}", f"retrieval_t2i_r{k}"} <= set(metrics)
     assert {"probe_counting", "probe_spatial", "probe_binding"} <= set(metrics)
-    assert result["probes"]["counting"]["chance"] == 0.25
+    assert result.probes["counting"].chance == 0.25
+    written = json.loads((tmp / "out/metrics.json").read_text())
+    assert written == json.loads(json.dumps(result.to_dict()))
 
 
 def test_clip_benchmark_export_uses_its_names(evaluated):
@@ -53,11 +55,11 @@ def test_clip_benchmark_export_uses_its_names(evaluated):
     classification = json.loads((tmp / "out/clip_benchmark/heldout_zeroshot_classification.json").read_text())
     assert classification["task"] == "zeroshot_classification"
     assert set(classification["metrics"]) == {"acc1", "acc5", "mean_per_class_recall"}
-    assert classification["metrics"]["acc1"] == pytest.approx(result["metrics"]["zeroshot_top1_heldout"])
+    assert classification["metrics"]["acc1"] == pytest.approx(result.metrics["zeroshot_top1_heldout"])
     retrieval = json.loads((tmp / "out/clip_benchmark/test_zeroshot_retrieval.json").read_text())
     # CLIP_benchmark's image retrieval is text -> image
-    assert retrieval["metrics"]["image_retrieval_recall@1"] == pytest.approx(result["metrics"]["retrieval_t2i_r1"])
-    assert retrieval["metrics"]["text_retrieval_recall@5"] == pytest.approx(result["metrics"]["retrieval_i2t_r5"])
+    assert retrieval["metrics"]["image_retrieval_recall@1"] == pytest.approx(result.metrics["retrieval_t2i_r1"])
+    assert retrieval["metrics"]["text_retrieval_recall@5"] == pytest.approx(result.metrics["retrieval_i2t_r5"])
 
 
 def test_plots_and_summary_are_files_in_the_output_and_the_mlflow_run(evaluated):
@@ -93,11 +95,11 @@ def test_any_open_clip_checkpoint_and_registry_uri_can_be_evaluated(evaluated):
     with pytest.raises(ClipflowError, match="does not name its model config"):
         evaluate(tmp / "bare.pt", tmp / "data", tmp / "bare", params)
     bare = evaluate(tmp / "bare.pt", tmp / "data", tmp / "bare", params, model_config="CLIP-Tiny")
-    assert bare["metrics"] == pytest.approx(first["metrics"])
+    assert bare.metrics == pytest.approx(first.metrics)
 
     with mlflow.start_run():
         logged = log_clip_model(tmp / "model")
     version = mlflow.register_model(logged, "clip-eval").version
     mlflow.MlflowClient().set_registered_model_alias("clip-eval", "champion", version)
     registry = evaluate("models:/clip-eval@champion", tmp / "data", tmp / "registry", params)
-    assert registry["metrics"] == pytest.approx(first["metrics"])
+    assert registry.metrics == pytest.approx(first.metrics)

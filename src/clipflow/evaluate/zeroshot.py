@@ -1,0 +1,85 @@
+"""Zero-shot classification of a split's images into classes written in words, with a prompt ensemble."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import torch
+
+from clipflow.errors import ClipflowError
+from clipflow.evaluate.embeddings import SplitEmbeddings
+from clipflow.evaluate.metrics import classification_report, zeroshot_topk
+from clipflow.model import ClipModel
+from clipflow.params import ZeroshotSet
+
+
+@dataclass(frozen=True)
+class ZeroshotResult:
+    """One zero-shot set: accuracy with the whole prompt ensemble, and with each template alone."""
+
+    name: str
+    split: str
+    classes: list[str]
+    acc1: float
+    acc5: float
+    mean_per_class_recall: float
+    confusion: torch.Tensor  # (true class, predicted class) counts, (C, C)
+    per_template_top1: dict[str, float]
+
+    @property
+    def prompt_spread(self) -> float:
+        """Prompt sensitivity: how far top-1 moves between the best and the worst single template."""
+        return max(self.per_template_top1.values()) - min(self.per_template_top1.values())
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            f"zeroshot_top1_{self.name}": self.acc1,
+            f"zeroshot_top5_{self.name}": self.acc5,
+            f"zeroshot_mean_per_class_recall_{self.name}": self.mean_per_class_recall,
+            f"zeroshot_chance_{self.name}": 1.0 / len(self.classes),
+            f"prompt_sensitivity_{self.name}": self.prompt_spread,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "split": self.split,
+            "classes": self.classes,
+            "per_template_top1": self.per_template_top1,
+            "confusion": self.confusion.tolist(),
+        }
+
+
+def zeroshot(
+    clip: ClipModel,
+    images: SplitEmbeddings,
+    metadata: pd.DataFrame,
+    name: str,
+    spec: ZeroshotSet,
+    default_templates: list[str],
+) -> ZeroshotResult:
+    """Classify the images of `spec.split` among `spec.classes` (default: every label in the metadata)."""
+    if spec.label_field not in metadata.columns:
+        raise ClipflowError(f"the metadata has no column {spec.label_field!r} to label zero-shot classes")
+    classes = spec.classes or sorted(metadata[spec.label_field].dropna().unique())
+    templates = spec.templates or default_templates
+    pairs, embeddings = images(spec.split)
+    index = {label: i for i, label in enumerate(classes)}
+    labels = [pairs.meta(i).get(spec.label_field) for i in range(len(pairs))]
+    unknown = sorted({str(label) for label in labels} - set(index))
+    if unknown:
+        raise ClipflowError(f"split {spec.split!r} has labels outside the class list: {unknown[:5]}")
+    targets = torch.tensor([index[label] for label in labels])
+    report = classification_report(embeddings @ clip.encode_labels(classes, templates).T, targets, top_k=5)
+    per_template = {t: zeroshot_topk(embeddings, clip.encode_labels(classes, [t]), targets) for t in templates}
+    return ZeroshotResult(
+        name=name,
+        split=spec.split,
+        classes=classes,
+        acc1=report["acc1"],
+        acc5=report["acc5"],
+        mean_per_class_recall=report["mean_per_class_recall"],
+        confusion=report["confusion"],
+        per_template_top1=per_template,
+    )
