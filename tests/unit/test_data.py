@@ -10,6 +10,7 @@ import webdataset as wds
 
 from clipflow.artifacts import data_version
 from clipflow.data import builtin
+from clipflow.data.chunks import ChunkWriter
 from clipflow.data.ingest import ingest
 from clipflow.data.shards import TAR_BLOCK, ShardIndex, split_shards, tar_members
 from clipflow.errors import ClipflowError
@@ -33,6 +34,45 @@ def test_counts_reconcile_with_params_metadata_and_sizes(dataset, small_params):
         assert sum(sizes.values()) == count
         assert all(name.startswith(f"{split}-") and name.endswith(".tar") for name in sizes)
     assert metadata["key"].is_unique and metadata["sha256"].notna().all()
+
+
+def test_builtin_report_has_the_schema_of_every_source_and_shards_number_per_split(dataset, small_params):
+    out, summary = dataset
+    assert summary["input_rows"] == summary["kept"] + summary["quarantined"] == summary["rows"]
+    assert summary["quarantined"] == 0 and summary["quarantine_reasons"] == {}
+    assert pd.read_parquet(out / "quarantine.parquet").columns.tolist() == ["row", "key", "source", "reason"]
+    shards_per_split = -(-small_params.data.num_train // small_params.data.shard_size)
+    train = json.loads((out / "train" / "sizes.json").read_text())
+    assert sorted(train) == [f"train-{i:06d}.tar" for i in range(shards_per_split)]
+    assert sorted(json.loads((out / "test" / "sizes.json").read_text()))[0] == "test-000000.tar"
+    assert not (out / ".ingest").exists()
+    assert summary["data_version"] == data_version(out)
+
+
+def test_an_interrupted_builtin_ingest_resumes_from_its_committed_chunks(dataset, small_params, tmp_path, monkeypatch):
+    out, summary = dataset
+    write = ChunkWriter.write
+    written: list[int] = []
+
+    def write_until_the_third(self, index, *args, **kwargs):
+        if len(written) == 2:
+            raise KeyboardInterrupt  # the run dies with two chunks committed
+        written.append(index)
+        return write(self, index, *args, **kwargs)
+
+    monkeypatch.setattr(ChunkWriter, "write", write_until_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        ingest("builtin", tmp_path / "data", small_params.data)
+    assert not (tmp_path / "data" / "ingest.json").exists()
+
+    written.clear()
+    monkeypatch.setattr(
+        ChunkWriter, "write", lambda self, index, *a, **k: written.append(index) or write(self, index, *a, **k)
+    )
+    rerun = ingest("builtin", tmp_path / "data", small_params.data)
+    assert written[0] == 2
+    assert rerun["data_version"] == summary["data_version"]
+    assert pd.read_parquet(tmp_path / "data" / "metadata.parquet").equals(pd.read_parquet(out / "metadata.parquet"))
 
 
 def test_heldout_compositions_never_reach_train_or_test(dataset, small_params):

@@ -1,28 +1,21 @@
 """The ingest step: turn a source into WebDataset shards per split plus a metadata table.
 
-Output layout (a data directory, local or `s3://bucket/prefix`):
+Output layout (a data directory, local or `s3://bucket/prefix`): see `clipflow.artifacts`.
 
-    {split}/{split}-000000.tar ...   the shards
-    {split}/sizes.json               shard name -> samples
-    metadata.parquet                 one row per kept sample: key, split, shard, caption, sha256, ...
-    quarantine.parquet               one row per rejected input row: row, key, source, reason
-    ingest.json                      counts per split, input/kept/quarantined rows, the data version
-
-Sources other than `builtin` (manifests and shards, see `clipflow.data.sources`) stream through
-in chunks of `data.shard_size` input rows. Workers fetch, check, decode and resize a chunk's
-images; the main process drops duplicates, assigns each row a split by a hash of its key and
-writes one shard per split and chunk. A chunk commits its shards first and its record in
-`.ingest/` last, so a re-run after a crash skips every committed chunk and redoes the rest.
+Every source streams through `clipflow.data.chunks` in chunks of `data.shard_size` rows. For a
+manifest or shards (see `clipflow.data.sources`), workers fetch, check, decode and resize a
+chunk's images; the main process drops duplicates and assigns each row a split by a hash of its
+key. The built-in dataset (`clipflow.data.builtin`) is rendered split by split. Either way a
+re-run after a crash skips every committed chunk and redoes the rest, and the report has one
+schema: rows in, rows kept per split, rows quarantined and why.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
 import shutil
-import tarfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -31,28 +24,21 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import pandas as pd
-
 from clipflow.artifacts import (
     INGEST_REPORT,
-    METADATA_FILE,
-    QUARANTINE_FILE,
-    SIZES_FILE,
-    data_version,
     git_revision,
     sha256_file,
-    version_of,
 )
 from clipflow.data import builtin
-from clipflow.data.shards import ShardRecord, ShardWriter, add_record
+from clipflow.data.chunks import STAGING, ChunkWriter, KeptSample
+from clipflow.data.shards import ShardRecord
 from clipflow.data.sources import SourceRow, read_rows
 from clipflow.errors import ClipflowError
 from clipflow.params import DataParams, ValidateParams
 from clipflow.progress import progress
 from clipflow.storage import FetchError, FetchLimits, Store, fetch
-from clipflow.validate.rows import CheckedImage, Rejected, check_caption, check_image, reason_counts
+from clipflow.validate.rows import CheckedImage, Rejected, check_caption, check_image
 
-STAGING = ".ingest"
 SOURCE_SCHEMES = {"", "s3", "http", "https"}
 
 
@@ -79,38 +65,31 @@ def ingest(source: str, output: str | Path, params: DataParams, checks: Validate
         if checks is None:
             raise ClipflowError(f"ingesting {source!r} needs the validate params for its per-row checks")
         return _ingest_source(source, str(output), params, checks)
-    if str(output).startswith("s3://"):
-        raise ClipflowError("the builtin source writes a local folder; copy it to S3 with `dvc push`")
     _check_builtin_params(params)
+    return _ingest_builtin(str(output), params)
+
+
+def _ingest_builtin(output: str, params: DataParams) -> dict[str, Any]:
+    """The generated dataset, split by split, through the same chunks as every other source."""
     started = time.perf_counter()
-    output = Path(output)
-    if output.exists():
-        shutil.rmtree(output)
-    output.mkdir(parents=True)
-
-    rows: list[dict[str, Any]] = []
-    for split in builtin.SPLITS:
-        total = builtin.split_size(params, split)
-        with ShardWriter(output / split, split, params.shard_size) as writer:
-            for sample in progress(builtin.generate(params, split), total=total, desc=f"ingest {split}"):
-                rows.append(_write_sample(writer, sample))
-
-    metadata = pd.DataFrame(rows)
-    metadata.to_parquet(output / METADATA_FILE, index=False)
-    summary = {
-        "source": source,
-        "output": str(output.resolve()),
-        "counts": metadata["split"].value_counts().sort_index().to_dict(),
-        "rows": len(metadata),
-        "data_version": data_version(output),
-        "git_revision": git_revision(),
-        "seconds": round(time.perf_counter() - started, 2),
-    }
-    (output / INGEST_REPORT).write_text(json.dumps(summary, indent=2))
-    return summary
+    store = Store(output)
+    _start_or_resume(store, _fingerprint("builtin", params))
+    with store.scratch(f"{STAGING}/tmp") as scratch:
+        chunks = ChunkWriter(store, scratch)
+        for split in builtin.SPLITS:
+            samples = builtin.generate(params, split)
+            total = builtin.split_size(params, split)
+            for chunk in progress(
+                _batched(samples, params.shard_size), total=-(-total // params.shard_size), desc=f"ingest {split}"
+            ):
+                # Rendering is what a resumed run would skip; the generator must still pass the chunk.
+                if chunks.committed(chunks.chunks) is None:
+                    chunks.write(chunks.chunks, [_builtin_sample(sample) for sample in chunk], quarantined=[])
+        counts = chunks.finish()
+    return _report("builtin", store, counts, started)
 
 
-def _write_sample(writer: ShardWriter, sample: builtin.Sample) -> dict[str, Any]:
+def _builtin_sample(sample: builtin.Sample) -> KeptSample:
     buffer = io.BytesIO()
     sample.image.save(buffer, format="PNG")
     image = buffer.getvalue()
@@ -121,10 +100,23 @@ def _write_sample(writer: ShardWriter, sample: builtin.Sample) -> dict[str, Any]
         "source": f"builtin:{sample.key}",
         **sample.facts,
     }
-    shard = writer.write(ShardRecord(sample.key, image, "png", sample.caption, meta))
-    row = {"key": sample.key, "split": sample.split, "shard": f"{sample.split}/{shard}", "caption": sample.caption}
     # Parquet needs one type per column: candidate lists travel as JSON text.
-    return {**row, **{k: json.dumps(v) if isinstance(v, list) else v for k, v in meta.items()}}
+    row = {k: json.dumps(v) if isinstance(v, list) else v for k, v in meta.items()}
+    return KeptSample(sample.split, ShardRecord(sample.key, image, "png", sample.caption, meta), row)
+
+
+def _report(source: str, store: Store, counts: dict[str, Any], started: float) -> dict[str, Any]:
+    """The ingest report of every source, written last: its presence means the data is complete."""
+    report = {
+        "source": source,
+        "output": store.root if store.is_s3 else str(Path(store.root).resolve()),
+        **counts,
+        "git_revision": git_revision(),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    store.put_bytes(json.dumps(report, indent=2).encode(), INGEST_REPORT)
+    store.delete(STAGING)
+    return report
 
 
 def _check_builtin_params(params: DataParams) -> None:
@@ -174,7 +166,6 @@ def _check_row(row: SourceRow) -> _Checked | str:
 
 def _ingest_source(source: str, output: str, params: DataParams, checks: ValidateParams) -> dict[str, Any]:
     started = time.perf_counter()
-    fractions = params.split_fractions
     limits = FetchLimits(params.max_image_bytes, params.http_timeout_s, params.http_retries)
     rows = read_rows(source, params.image_column, params.caption_column, limits)
     # The first row comes before the output is touched: a missing source or column must not
@@ -185,21 +176,16 @@ def _ingest_source(source: str, output: str, params: DataParams, checks: Validat
 
     # Raw digests, not hex text: this map is the one thing that grows with the input (~100 bytes a row).
     seen: dict[bytes, int] = {}
-    chunks = 0
     with store.scratch(f"{STAGING}/tmp") as scratch, _pool(params, checks, limits) as check:
+        chunks = ChunkWriter(store, scratch)
         for index, chunk in enumerate(progress(_batched(rows, params.shard_size), desc="ingest chunks")):
-            chunks = index + 1
-            record_name = f"{STAGING}/chunk-{index:06d}.json"
-            if store.exists(record_name):
-                digests = json.loads(store.get_bytes(record_name))["digests"]
-                seen.update((bytes.fromhex(digest), row) for digest, row in digests.items())
+            record = chunks.committed(index)
+            if record is not None:
+                seen.update((bytes.fromhex(digest), row) for digest, row in record["digests"].items())
                 continue
-            _ingest_chunk(store, scratch, index, chunk, check(chunk), seen, fractions)
-        summary = _finish(store, scratch, source, chunks)
-    summary["seconds"] = round(time.perf_counter() - started, 2)
-    store.put_bytes(json.dumps(summary, indent=2).encode(), INGEST_REPORT)
-    store.delete(STAGING)
-    return summary
+            _ingest_chunk(chunks, index, chunk, check(chunk), seen, params.split_fractions)
+        counts = chunks.finish()
+    return _report(source, store, counts, started)
 
 
 def _split_of(key: str, fractions: dict[str, float]) -> str:
@@ -213,12 +199,12 @@ def _split_of(key: str, fractions: dict[str, float]) -> str:
     return next(reversed(fractions))
 
 
-def _fingerprint(source: str, params: DataParams, checks: ValidateParams) -> str:
+def _fingerprint(source: str, params: DataParams, checks: ValidateParams | None = None) -> str:
     """What a resumed run must share with the crashed one: the source's content and every knob."""
     identity = sha256_file(Path(source)) if Path(source).is_file() else source
     # The worker count changes how fast, not what: a resume may use more or fewer.
     data = {k: v for k, v in vars(params).items() if k != "workers"}
-    knobs = json.dumps([identity, data, vars(checks)], sort_keys=True, default=str)
+    knobs = json.dumps([identity, data, vars(checks) if checks else None], sort_keys=True, default=str)
     return hashlib.sha256(knobs.encode()).hexdigest()
 
 
@@ -272,141 +258,49 @@ class _pool:
 
 
 def _ingest_chunk(
-    store: Store,
-    scratch: Path,
+    chunks: ChunkWriter,
     index: int,
     chunk: list[SourceRow],
     outcomes: Iterator[_Checked | str],
     seen: dict[bytes, int],
     fractions: dict[str, float],
 ) -> None:
-    """Write one chunk: its shards (one per split), then its metadata part, then its record."""
-    tars: dict[str, tarfile.TarFile] = {}
-    sizes: dict[str, int] = {}
-    kept: list[dict[str, Any]] = []
+    """Sort one chunk's checked rows into kept samples (each in the split of its key) and quarantined rows."""
+    kept: list[KeptSample] = []
     quarantined: list[dict[str, Any]] = []
     digests: dict[str, int] = {}
-    with contextlib.ExitStack() as open_tars:
-        for row, outcome in zip(chunk, outcomes, strict=True):
-            if isinstance(outcome, _Checked):
-                first = seen.get(bytes.fromhex(outcome.source_sha256))
-                if first is not None:
-                    outcome = f"duplicate image: same bytes as input row {first}"
-            if isinstance(outcome, str):
-                quarantined.append({"row": row.row, "key": row.key, "source": row.source, "reason": outcome})
-                continue
-            seen[bytes.fromhex(outcome.source_sha256)] = digests[outcome.source_sha256] = row.row
-            split = _split_of(row.key, fractions)
-            shard = f"{split}/{split}-{index:06d}.tar"
-            if split not in tars:
-                tars[split] = open_tars.enter_context(tarfile.open(scratch / f".{split}-{index:06d}.tar.tmp", "w"))
-                sizes[shard] = 0
-            sizes[shard] += 1
-            image = outcome.image
-            meta = {
-                "sha256": hashlib.sha256(image.jpeg).hexdigest(),
-                "width": image.width,
-                "height": image.height,
-                "source": row.source,
-                "source_row": row.row,
-                "source_sha256": outcome.source_sha256,
-                "source_format": image.source_format,
-                "source_mode": image.source_mode,
-                "source_width": image.source_width,
-                "source_height": image.source_height,
-            }
-            extra = {
-                (k if k not in meta and k not in {"key", "split", "shard", "caption"} else f"manifest_{k}"): v
-                for k, v in row.extra.items()
-            }
-            add_record(
-                tars[split], ShardRecord(row.key, image.jpeg, "jpg", outcome.caption, {**meta, **_jsonable(extra)})
-            )
-            text_extra = {
-                k: v if isinstance(v, str) or v is None else json.dumps(v, default=str) for k, v in extra.items()
-            }
-            kept.append(
-                {"key": row.key, "split": split, "shard": shard, "caption": outcome.caption, **meta, **text_extra}
-            )
-
-    hashes = {}
-    for split in tars:
-        local = scratch / f".{split}-{index:06d}.tar.tmp"
-        name = f"{split}/{split}-{index:06d}.tar"
-        hashes[name] = sha256_file(local)
-        store.put_file(local, name)
-    if kept:
-        part = scratch / f".chunk-{index:06d}.parquet"
-        pd.DataFrame(kept).to_parquet(part, index=False)
-        store.put_file(part, f"{STAGING}/chunk-{index:06d}.parquet")
-    record = {"sizes": sizes, "hashes": hashes, "quarantine": quarantined, "digests": digests, "kept": len(kept)}
-    store.put_bytes(json.dumps(record).encode(), f"{STAGING}/chunk-{index:06d}.json")
+    for row, outcome in zip(chunk, outcomes, strict=True):
+        if isinstance(outcome, _Checked):
+            first = seen.get(bytes.fromhex(outcome.source_sha256))
+            if first is not None:
+                outcome = f"duplicate image: same bytes as input row {first}"
+        if isinstance(outcome, str):
+            quarantined.append({"row": row.row, "key": row.key, "source": row.source, "reason": outcome})
+            continue
+        seen[bytes.fromhex(outcome.source_sha256)] = digests[outcome.source_sha256] = row.row
+        image = outcome.image
+        meta = {
+            "sha256": hashlib.sha256(image.jpeg).hexdigest(),
+            "width": image.width,
+            "height": image.height,
+            "source": row.source,
+            "source_row": row.row,
+            "source_sha256": outcome.source_sha256,
+            "source_format": image.source_format,
+            "source_mode": image.source_mode,
+            "source_width": image.source_width,
+            "source_height": image.source_height,
+        }
+        extra = {
+            (k if k not in meta and k not in {"key", "split", "shard", "caption"} else f"manifest_{k}"): v
+            for k, v in row.extra.items()
+        }
+        text_extra = {k: v if isinstance(v, str) or v is None else json.dumps(v, default=str) for k, v in extra.items()}
+        record = ShardRecord(row.key, image.jpeg, "jpg", outcome.caption, {**meta, **_jsonable(extra)})
+        kept.append(KeptSample(_split_of(row.key, fractions), record, {**meta, **text_extra}))
+    chunks.write(index, kept, quarantined, digests)
 
 
 def _jsonable(values: dict[str, Any]) -> dict[str, Any]:
     """Manifest values as JSON can hold them (Parquet gives dates, decimals and bytes)."""
     return json.loads(json.dumps(values, default=str))
-
-
-def _finish(store: Store, scratch: Path, source: str, chunks: int) -> dict[str, Any]:
-    """Gather the chunk records into sizes.json, metadata.parquet and quarantine.parquet."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    records = []
-    for i in range(chunks):
-        record = json.loads(store.get_bytes(f"{STAGING}/chunk-{i:06d}.json"))
-        del record["digests"]  # only a resumed run needs them
-        records.append(record)
-    hashes: dict[str, str] = {}
-    sizes: dict[str, dict[str, int]] = {}
-    for record in records:
-        hashes.update(record["hashes"])
-        for shard, count in record["sizes"].items():
-            split, _, name = shard.partition("/")
-            sizes.setdefault(split, {})[name] = count
-    for split, split_sizes in sizes.items():
-        payload = json.dumps(split_sizes, indent=1, sort_keys=True).encode()
-        hashes[f"{split}/{SIZES_FILE}"] = hashlib.sha256(payload).hexdigest()
-        store.put_bytes(payload, f"{split}/{SIZES_FILE}")
-
-    # Parts are read one at a time: twice, first for a schema that fits them all.
-    parts = [f"{STAGING}/chunk-{i:06d}.parquet" for i, record in enumerate(records) if record["kept"]]
-    schemas = [pq.read_schema(pa.BufferReader(store.get_bytes(part))) for part in parts]
-    # With every row quarantined there is no part; the table still gets the columns validate reads.
-    empty = pa.schema([(name, pa.string()) for name in ("key", "split", "shard", "caption", "sha256")])
-    empty = empty.append(pa.field("width", pa.int64())).append(pa.field("height", pa.int64()))
-    schema = pa.unify_schemas(schemas, promote_options="permissive") if schemas else empty
-    local = scratch / f".{METADATA_FILE}.tmp"
-    with pq.ParquetWriter(local, schema) as writer:
-        for part in parts:
-            table = pq.read_table(pa.BufferReader(store.get_bytes(part)))
-            for name in schema.names:
-                if name not in table.column_names:
-                    table = table.append_column(name, pa.nulls(len(table), schema.field(name).type))
-            writer.write_table(table.select(schema.names).cast(schema))
-    hashes[METADATA_FILE] = sha256_file(local)
-    store.put_file(local, METADATA_FILE)
-
-    quarantine = pd.DataFrame(
-        [row for record in records for row in record["quarantine"]], columns=["row", "key", "source", "reason"]
-    ).astype({"row": "int64"})
-    local = scratch / f".{QUARANTINE_FILE}.tmp"
-    quarantine.to_parquet(local, index=False)
-    hashes[QUARANTINE_FILE] = sha256_file(local)
-    store.put_file(local, QUARANTINE_FILE)
-
-    counts = {split: sum(split_sizes.values()) for split, split_sizes in sorted(sizes.items())}
-    kept = sum(counts.values())
-    return {
-        "source": source,
-        "output": store.root if store.is_s3 else str(Path(store.root).resolve()),
-        "counts": counts,
-        "rows": kept,
-        "input_rows": kept + len(quarantine),
-        "kept": kept,
-        "quarantined": len(quarantine),
-        "quarantine_reasons": reason_counts(quarantine["reason"]),
-        "data_version": version_of(hashes),
-        "git_revision": git_revision(),
-    }

@@ -34,65 +34,6 @@ class ShardRecord:
     meta: dict
 
 
-class ShardWriter:
-    """Writes records into numbered tar shards of at most `shard_size` samples each."""
-
-    def __init__(self, directory: Path, split: str, shard_size: int):
-        self.directory = Path(directory)
-        self.split = split
-        self.shard_size = shard_size
-        self.sizes: dict[str, int] = {}
-        self._tar: tarfile.TarFile | None = None
-        self._tmp: Path | None = None
-        self._count = 0
-        self.directory.mkdir(parents=True, exist_ok=True)
-
-    @property
-    def current_shard(self) -> str:
-        return f"{self.split}-{len(self.sizes):06d}.tar"
-
-    def write(self, record: ShardRecord) -> str:
-        """Add a record; returns the name of the shard that holds it."""
-        if self._tar is None:
-            self._tmp = self.directory / f".{self.current_shard}.tmp"
-            self._tar = tarfile.open(self._tmp, "w")  # noqa: SIM115 - stays open across add() calls, closed by close()
-            self._count = 0
-        shard = self.current_shard
-        add_record(self._tar, record)
-        self._count += 1
-        if self._count == self.shard_size:
-            self._commit()
-        return shard
-
-    def close(self) -> dict[str, int]:
-        """Commit the last shard and write `sizes.json`; returns it."""
-        if self._tar is not None:
-            self._commit()
-        tmp = self.directory / f".{SIZES_FILE}.tmp"
-        tmp.write_text(json.dumps(self.sizes, indent=1, sort_keys=True))
-        tmp.replace(self.directory / SIZES_FILE)
-        return self.sizes
-
-    def _commit(self) -> None:
-        assert self._tar is not None and self._tmp is not None
-        self._tar.close()
-        name = self.current_shard
-        self._tmp.replace(self.directory / name)
-        self.sizes[name] = self._count
-        self._tar = None
-
-    def __enter__(self) -> ShardWriter:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if exc[0] is None:
-            self.close()
-        elif self._tar is not None:
-            self._tar.close()
-            assert self._tmp is not None
-            self._tmp.unlink(missing_ok=True)
-
-
 def add_record(tar: tarfile.TarFile, record: ShardRecord) -> None:
     """Append one sample's three members to an open tar."""
     _add(tar, f"{record.key}.{record.image_ext}", record.image)
@@ -136,7 +77,7 @@ _DIRECTORY_TYPE = b"5"
 def tar_members(path: Path) -> list[tuple[str, int, int]]:
     """(name, offset of the data, size) of each regular file in a tar, in the archive's order.
 
-    A plain ustar archive (what `ShardWriter`, webdataset and GNU tar write for short ASCII
+    A plain ustar archive (what ingest's `ChunkWriter`, webdataset and GNU tar write for short ASCII
     names) is walked header by header in a memory map: tarfile, which builds a TarInfo per
     member, took 1.8 s per training process for the 76,800 headers of 25,600 samples. Anything
     else (pax or GNU long-name headers, links, a bad checksum, a missing end) goes to tarfile,
