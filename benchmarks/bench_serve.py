@@ -45,7 +45,7 @@ import torch
 from common import case, write_results
 from PIL import Image
 
-from clipflow.serving_model import Encoder
+from clipflow.serve.encoder import Encoder
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -210,19 +210,19 @@ async def load(
 
 def package_bento(tmp: Path, model: str, batching: bool) -> str:
     from clipflow import model as clip_model
-    from clipflow.package import package
     from clipflow.params import load_params
+    from clipflow.serve.package import package
 
     checkpoint = tmp / model
     if not checkpoint.exists():
         clip_model.save_checkpoint(checkpoint, clip_model.create(model).model, model, extra={})
     overrides = [f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"serve.batching={str(batching).lower()}"]
     params = load_params(ROOT / "params.yaml", overrides=overrides)
-    return package(str(checkpoint), params)["bento_tag"]
+    return package(str(checkpoint), params, ROOT / "serving")["bento_tag"]
 
 
 def serve(bento_tag: str, port: int, log: Path) -> subprocess.Popen:
-    from clipflow.package import bentoml_env
+    from clipflow.serve.package import bentoml_env
 
     command = [sys.executable, "-m", "bentoml", "serve", bento_tag, "--host", "127.0.0.1", "--port", str(port)]
     with log.open("wb") as out:

@@ -22,14 +22,18 @@ Bento keeps what it was built with.
 A browser at http://127.0.0.1:3000/ gets a page (`page.html`) that searches the gallery and
 classifies an uploaded image; BentoML's API docs move to /docs.
 
+This file maps HTTP onto `clipflow.serve` and nothing more: the checks and their limits are in
+`clipflow.serve.inputs`, the classify and rank arithmetic in `clipflow.serve.encoder`, and every
+change to BentoML itself in `clipflow.serve.bentoml_patches`.
+
 The model runs on the CPU cores in lanes, one thread per core with one torch thread each
-(`clipflow.serving_model`). `encode_text`, `encode_image` and `encode_image_base64` batch
+(`clipflow.serve.encoder`). `encode_text`, `encode_image` and `encode_image_base64` batch
 adaptively (`serve.batching`): concurrent requests are merged into model calls of at most
 `serve.batch_max_size` items, each call on one lane, one call per lane at a time, and each
 client still sends a list and gets its own list back. Once a lane is free, its batch waits while
 requests keep arriving, so clients that ask again as soon as they are answered fill the next
 batch; what is queued when requests stop arriving is spread over the free lanes
-(`clipflow.serving_dispatch`). The other endpoints split each model call across the lanes.
+(`clipflow.serve.dispatch`). The other endpoints split each model call across the lanes.
 Batched inputs are checked and decoded while the request is parsed, so a bad input fails its own
 request only, never a batch it would have joined; a request that waits more than
 `serve.batch_max_latency_ms` answers 503.
@@ -43,7 +47,7 @@ probabilities behave like the evaluated zero-shot accuracy. When the server's en
 Errors: 400 input outside a limit or undecodable (the message names the field and the limit),
 401 a missing or wrong API key, 404 `search` on a Bento packaged without a gallery, 413 a body
 over `serve.max_request_bytes`, 415 a content type other than JSON or multipart, 422 a request
-that does not fit the endpoint's signature (see `clipflow.serving_http`).
+that does not fit the endpoint's signature (see `clipflow.serve.http`).
 """
 
 from __future__ import annotations
@@ -55,25 +59,30 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import bentoml
 import PIL.Image
-from bentoml.exceptions import InvalidArgument, NotFound
+from bentoml.exceptions import NotFound
 from pydantic import AfterValidator, BaseModel
 
-from clipflow import serving_dispatch
-from clipflow.serving_http import ApiKeyMiddleware, PageMiddleware, RequestGateMiddleware, strict_request_parsing
-from clipflow.serving_io import (
+from clipflow.serve import bentoml_patches, encoder
+from clipflow.serve.encoder import usable_cores
+from clipflow.serve.http import ApiKeyMiddleware, PageMiddleware, RequestGateMiddleware
+from clipflow.serve.inputs import (
     Limits,
-    check_count,
-    check_templates,
-    check_texts,
-    decode_base64_image,
+    check_image_count,
+    check_item_id,
+    check_k,
+    check_labels,
+    check_query_text,
+    check_text_list,
+    decode_base64_images,
+    guard_decoder,
     open_image,
+    open_images,
 )
-from clipflow.serving_model import usable_cores
 
 if TYPE_CHECKING:
     import torch
 
-    from clipflow.gallery import Gallery
+    from clipflow.serve.gallery import Gallery
 
 
 class BuildArgs(BaseModel):
@@ -120,8 +129,8 @@ BATCHED = {
     "max_latency_ms": ARGS.batch_max_latency_ms,
 }
 # BentoML's own dispatcher runs one call at a time and splits closed-loop clients into a batch of
-# one and a batch of the rest.
-serving_dispatch.install(lanes=usable_cores())
+# one and a batch of the rest; its own parsers answer some malformed requests with 500.
+bentoml_patches.install(lanes=usable_cores())
 
 
 @functools.cache
@@ -135,17 +144,15 @@ def limits() -> Limits:
 
 
 def _checked_texts(texts: list[str]) -> list[str]:
-    return check_texts("texts", texts, limits().max_texts, limits().max_text_chars)
+    return check_text_list("texts", texts, limits())
 
 
 def _decoded_files(paths: list[Path]) -> list[PIL.Image.Image]:
-    check_count("images", paths, limits().max_batch)
-    return [open_image(path, limits(), f"images[{i}]") for i, path in enumerate(paths)]
+    return open_images("images", paths, limits())
 
 
 def _decoded_base64(texts: list[str]) -> list[PIL.Image.Image]:
-    check_count("images", texts, limits().max_batch)
-    return [decode_base64_image(text, limits(), f"images[{i}]") for i, text in enumerate(texts)]
+    return decode_base64_images("images", texts, limits())
 
 
 # Clients (and the API schema) see text lists and file uploads; the endpoints get checked texts
@@ -164,19 +171,15 @@ class Clipflow:
     def __init__(self) -> None:
         # Imported here: `bentoml serve` and `bentoml build` import this module only to read the
         # service's config, and torch would add seconds to both.
-        from clipflow import gallery
         from clipflow import model as clip_model
-        from clipflow.serving_model import Encoder
+        from clipflow.serve import gallery
 
         clip = clip_model.load(self.bento_model.path_of(clip_model.CHECKPOINT_FILE))
-        self.encoder = Encoder.per_core(clip)
-        self.logit_scale = clip.model.logit_scale.exp().item()
+        self.encoder = encoder.Encoder.per_core(clip)
         self.limits = limits()
         self.templates = self.bento_model.info.metadata["templates"]
         self.gallery = gallery.load(Path(self.bento_model.path))
-        # PIL's own bomb guard (an error at twice this) would otherwise stay at its default,
-        # refusing images below a larger configured limit.
-        PIL.Image.MAX_IMAGE_PIXELS = self.limits.max_image_pixels
+        guard_decoder(self.limits)
 
     @bentoml.api(**BATCHED)
     def encode_text(self, texts: Texts) -> list[list[float]]:
@@ -201,14 +204,11 @@ class Clipflow:
         between the image and each label's prompt ensemble, built from `templates` (each holds
         `{}` where the label goes; default: the evaluation's templates).
         """
-        check_texts("labels", labels, self.limits.max_labels, self.limits.max_text_chars)
-        if templates is not None:
-            check_templates(templates, len(labels), self.limits)
-        image_features = self.encoder.images([open_image(image, self.limits)])  # (1, D)
-        text_features = self.encoder.labels(labels, templates or self.templates)  # (L, D)
-        probabilities = (self.logit_scale * image_features @ text_features.T).softmax(dim=-1)[0].tolist()
-        ranked = sorted(zip(labels, probabilities, strict=True), key=lambda pair: pair[1], reverse=True)
-        return [LabelProbability(label=label, probability=p) for label, p in ranked]
+        check_labels(labels, templates, self.limits)
+        image_features = self.encoder.images([open_image(image, self.limits)])
+        label_features = self.encoder.labels(labels, templates or self.templates)
+        scores = encoder.classify(image_features, label_features, labels, self.encoder.logit_scale)
+        return [LabelProbability(label=score.label, probability=score.probability) for score in scores]
 
     @bentoml.api
     def rank(self, queries: list[str], candidates: list[Path]) -> list[list[Match]]:
@@ -218,17 +218,16 @@ class Clipflow:
         `candidates`) with its cosine and its probability, the softmax over candidates of the
         model's logit scale times the cosine, most probable first.
         """
-        check_texts("queries", queries, self.limits.max_texts, self.limits.max_text_chars)
-        check_count("candidates", candidates, self.limits.max_batch)
-        decoded = [open_image(path, self.limits, f"candidates[{i}]") for i, path in enumerate(candidates)]
+        check_text_list("queries", queries, self.limits)
+        decoded = open_images("candidates", candidates, self.limits)
         return self._rank(self.encoder.texts(queries), self.encoder.images(decoded))
 
     @bentoml.api
     def rank_texts(self, queries: list[Path], candidates: list[str]) -> list[list[Match]]:
         """Rank candidate texts for each query image: `rank` the other way round."""
-        check_count("queries", queries, self.limits.max_batch)
-        check_texts("candidates", candidates, self.limits.max_texts, self.limits.max_text_chars)
-        decoded = [open_image(path, self.limits, f"queries[{i}]") for i, path in enumerate(queries)]
+        check_image_count("queries", queries, self.limits)
+        check_text_list("candidates", candidates, self.limits)
+        decoded = open_images("queries", queries, self.limits)
         return self._rank(self.encoder.images(decoded), self.encoder.texts(candidates))
 
     @bentoml.api
@@ -238,7 +237,7 @@ class Clipflow:
         `score` is the cosine similarity between the query and the item's image embedding.
         """
         gallery = self._gallery(k)
-        check_texts("text", [text], 1, self.limits.max_text_chars)
+        check_query_text("text", text, self.limits)
         return [GalleryItem(**item) for item in gallery.search(self.encoder.texts([text])[0], k)]
 
     # Its own endpoint rather than an optional `image` of `search`: BentoML 1.4 cannot take an
@@ -254,8 +253,7 @@ class Clipflow:
     def gallery_image(self, id: str) -> PIL.Image.Image:
         """The PNG thumbnail of the gallery item `id` (as `search` returns it)."""
         gallery = self._gallery()
-        if len(id) > self.limits.max_text_chars:
-            raise InvalidArgument(f"id: {len(id)} characters, at most {self.limits.max_text_chars}")
+        check_item_id(id, self.limits)
         thumbnail = gallery.thumbnail(id)
         if thumbnail is None:
             raise NotFound(f"the gallery has no item {id[:80]!r}")
@@ -265,17 +263,13 @@ class Clipflow:
         """The gallery, for a search of `k` items."""
         if self.gallery is None:
             raise NotFound("this Bento has no gallery: package it with `clipflow package --gallery DIR`")
-        if not 1 <= k <= self.limits.max_k:
-            raise InvalidArgument(f"k must be between 1 and {self.limits.max_k}, got {k}")
+        check_k(k, self.limits)
         return self.gallery
 
     def _rank(self, queries: torch.Tensor, candidates: torch.Tensor) -> list[list[Match]]:
-        cosines = queries @ candidates.T  # (Q, C)
-        probabilities = (self.logit_scale * cosines).softmax(dim=-1)
-        order = probabilities.argsort(dim=-1, descending=True)
         return [
-            [Match(index=c, cosine=cosines[q, c].item(), probability=probabilities[q, c].item()) for c in row]
-            for q, row in enumerate(order.tolist())
+            [Match(index=m.index, cosine=m.cosine, probability=m.probability) for m in row]
+            for row in encoder.rank(queries, candidates, self.encoder.logit_scale)
         ]
 
 
@@ -284,4 +278,3 @@ class Clipflow:
 Clipflow.add_asgi_middleware(PageMiddleware, page=PAGE)
 Clipflow.add_asgi_middleware(ApiKeyMiddleware)
 Clipflow.add_asgi_middleware(RequestGateMiddleware, max_bytes=ARGS.max_request_bytes)
-strict_request_parsing()

@@ -40,6 +40,7 @@ from tests.support.serving_fixtures import (
     MAX_REQUEST_BYTES,
     MAX_TEXT_CHARS,
     METRICS,
+    SERVING,
     serve_bento,
 )
 
@@ -151,22 +152,22 @@ def test_package_stores_the_model_the_gallery_and_the_registry_facts(packaged):
 
 def test_package_rejects_an_unknown_alias(packaged):
     from clipflow.errors import ClipflowError
-    from clipflow.package import package
+    from clipflow.serve.package import package
 
     with pytest.raises(ClipflowError, match="cannot resolve models:/clipflow-clip@nope"):
-        package("models:/clipflow-clip@nope", packaged["params"])
+        package("models:/clipflow-clip@nope", packaged["params"], SERVING)
 
 
 def test_package_rejects_a_gallery_it_cannot_read(packaged):
     from clipflow.errors import ClipflowError
-    from clipflow.package import package
+    from clipflow.serve.package import package
 
     params = packaged["params"]
     with pytest.raises(ClipflowError, match="gallery data directory not found"):
-        package("models:/clipflow-clip@champion", params, gallery=packaged["tmp"] / "nowhere")
+        package("models:/clipflow-clip@champion", params, SERVING, gallery=packaged["tmp"] / "nowhere")
     params = dataclasses.replace(params, serve=dataclasses.replace(params.serve, gallery_split="nope"))
     with pytest.raises(ClipflowError, match="has no split 'nope'"):
-        package("models:/clipflow-clip@champion", params, gallery=packaged["tmp"] / "data")
+        package("models:/clipflow-clip@champion", params, SERVING, gallery=packaged["tmp"] / "data")
 
 
 def test_cli_package_builds_a_bento_with_the_gallery_it_is_given(packaged, capsys):
@@ -184,12 +185,12 @@ def test_cli_package_builds_a_bento_with_the_gallery_it_is_given(packaged, capsy
 
 def test_package_rejects_a_bento_name_bentoml_cannot_tag(packaged):
     from clipflow.errors import ClipflowError
-    from clipflow.package import package
+    from clipflow.serve.package import package
 
     params = packaged["params"]
     params = dataclasses.replace(params, serve=dataclasses.replace(params.serve, bento_name="Clip Flow"))
     with pytest.raises(ClipflowError, match="serve.bento_name"):
-        package("models:/clipflow-clip@champion", params)
+        package("models:/clipflow-clip@champion", params, SERVING)
 
 
 def test_encode_text_returns_unit_vectors(client, server):
@@ -481,7 +482,7 @@ def test_client_example_calls_every_endpoint_with_the_key_from_its_environment(k
 def test_the_bento_runs_this_service_with_pinned_packages(packaged):
     import bentoml
 
-    from clipflow.package import RUNTIME_DISTRIBUTIONS
+    from clipflow.serve.package import RUNTIME_DISTRIBUTIONS
 
     bento = Path(bentoml.bentos.get(packaged["result"]["bento_tag"]).path)
     for name in ("service.py", "page.html"):

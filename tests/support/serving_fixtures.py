@@ -24,6 +24,8 @@ MAX_K = 20
 MAX_PROMPTS = 12
 MAX_REQUEST_BYTES = 1_000_000
 API_KEY = "test-key-0123456789"
+# The service `package()` builds: the checkout's, as the CLI passes it.
+SERVING = REPO / "serving"
 METRICS = {"zeroshot_top1_heldout": 0.25, "retrieval_i2t_r1": 0.125}
 
 
@@ -36,9 +38,9 @@ def packaged(tmp_path_factory, small_params):
     from clipflow import model as clip_model
     from clipflow import tracking
     from clipflow.data.ingest import ingest
-    from clipflow.package import package
     from clipflow.params import load_params
     from clipflow.registry.models import log_clip_model
+    from clipflow.serve.package import package
 
     tmp = tmp_path_factory.mktemp("serving")
     params = load_params(
@@ -72,9 +74,9 @@ def packaged(tmp_path_factory, small_params):
         registered = mlflow.register_model(logged_uri, name, tags=tags)
         mlflow.MlflowClient().set_registered_model_alias(name, "champion", registered.version)
 
-        result = package(f"models:/{name}@champion", params, gallery=tmp / "data")
+        result = package(f"models:/{name}@champion", params, SERVING, gallery=tmp / "data")
         print(f"package() with a {result['gallery']['size']}-image gallery took {result['seconds']:.2f} s")
-        bare = package(f"models:/{name}@champion", params)
+        bare = package(f"models:/{name}@champion", params, SERVING)
         print(f"package() without a gallery took {bare['seconds']:.2f} s")
         yield {
             "result": result,
@@ -94,7 +96,7 @@ def serve_bento(bento_tag: str, tmp: Path, **env: str):
     metrics in a folder of its home that a starting server empties, which would wipe the
     metrics of a server already running.
     """
-    from clipflow.package import bentoml_env, bentoml_home
+    from clipflow.serve.package import bentoml_env, bentoml_home
 
     port = free_port()
     home = tmp / f"home-{port}"

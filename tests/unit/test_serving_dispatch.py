@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import inspect
 
+from _bentoml_impl import serde
 from _bentoml_impl.server import app
 
-from clipflow.serving_dispatch import FillingDispatcher, install
+from clipflow.serve.bentoml_patches import install
+from clipflow.serve.dispatch import FillingDispatcher
 
 
 def _dispatcher(max_latency_ms: int, linger: float, lanes: int = 1, get_batch_size=lambda item: 1) -> FillingDispatcher:
@@ -113,9 +115,13 @@ def test_a_lone_request_of_many_items_is_spread_over_the_free_lanes():
     assert asyncio.run(scenario()) == [[1, 2], [3, 4], [5]]
 
 
-def test_bentoml_builds_the_dispatchers_of_its_service_app_from_the_name_install_replaces():
+def test_bentoml_builds_the_dispatchers_of_its_service_app_from_the_name_install_replaces(monkeypatch):
     # Were BentoML to build its dispatchers some other way, install() would silently do nothing.
     assert "CorkDispatcher(" in inspect.getsource(app.ServiceAppFactory.__init__)
+    # install() patches these for the whole process; undone after the test.
+    monkeypatch.setattr(app, "CorkDispatcher", app.CorkDispatcher)
+    for media_type in ("application/json", "multipart/form-data"):
+        monkeypatch.setitem(serde.ALL_SERDE, media_type, serde.ALL_SERDE[media_type])
     install(lanes=3)
     dispatcher = app.CorkDispatcher(max_latency_in_ms=1000, max_batch_size=4, fallback=lambda: None)
     assert isinstance(dispatcher, FillingDispatcher)

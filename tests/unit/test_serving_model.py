@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from clipflow import model as clip_model
-from clipflow.serving_model import Encoder, usable_cores
+from clipflow.serve.encoder import Encoder, usable_cores
 
 
 def test_lanes_give_the_embeddings_of_one_call_in_request_order():

@@ -1,1 +1,1 @@
-"""Serving: packaging a model into a Bento, its gallery, the encoder (classify, rank), request inputs and limits, HTTP and batching."""
+"""Serving: the package step, the search gallery, the encoder (classify, rank), inputs and limits, HTTP, batching."""

@@ -7,23 +7,24 @@ split into a batch of one (the request that arrived while the model was busy) an
 the others (who arrive milliseconds after it was sent), round after round, and the model spends
 every other call on one item.
 
-`FillingDispatcher` runs one batch per lane (`clipflow.serving_model`) and waits, once a lane is
+`FillingDispatcher` runs one batch per lane (`clipflow.serve.encoder`) and waits, once a lane is
 free, while requests keep arriving: the answers to one batch come back as the next, and it fills
 up. With one batch in each lane, a lane's clients read their answers and send their next requests
 while the other lanes compute, where a single batch across all lanes left every core but the
 event loop's idle for that turnaround (6% of the time with 16 clients on ViT-B-32 images). See the
 bench_serve section of benchmarks/README.md for the numbers.
+
+`clipflow.serve.bentoml_patches.install()` makes BentoML's service app build this dispatcher.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import time
 from typing import Any
 
-from bentoml._internal.marshal.dispatcher import CorkDispatcher, NonBlockSema
+from clipflow.serve.bentoml_patches import CorkDispatcher, NonBlockSema
 
 
 class FillingDispatcher(CorkDispatcher):
@@ -82,10 +83,3 @@ class FillingDispatcher(CorkDispatcher):
     async def outbound_call(self, inputs_info: tuple, training: bool = False) -> None:
         await super().outbound_call(inputs_info, training)
         self._free_since = time.time()
-
-
-def install(lanes: int) -> None:
-    """Make BentoML's service app build a `FillingDispatcher` with `lanes` lanes for every batchable endpoint."""
-    from _bentoml_impl.server import app
-
-    app.CorkDispatcher = functools.partial(FillingDispatcher, lanes=lanes)

@@ -2,9 +2,9 @@
 
 BentoML 1.4 runs the middleware classes in every API worker (`Service.add_asgi_middleware`);
 they answer before BentoML reads a request, so neither an unauthorised nor an oversized request
-reaches the model, and the page is served without touching it. `strict_request_parsing()`
-changes how BentoML turns a request into arguments, so that what a client sends maps to clear
-4xx answers:
+reaches the model, and the page is served without touching it. The strict serdes, which
+`clipflow.serve.bentoml_patches.install()` puts in place, change how BentoML turns a request
+into arguments, so that what a client sends maps to clear 4xx answers:
 
 - a request that does not fit an endpoint's signature (invalid JSON, a missing field, a wrong
   type) answers 422, with the fields at fault, where BentoML would answer 400;
@@ -21,13 +21,14 @@ import os
 from pathlib import Path
 from typing import TypeVar
 
-from _bentoml_impl import serde
 from bentoml.exceptions import BentoMLException, HTTPStatus, InvalidArgument, UnprocessableEntity
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from clipflow.serve.bentoml_patches import JSONSerde, MultipartSerde
 
 T = TypeVar("T")
 
@@ -185,7 +186,7 @@ class RequestGateMiddleware:
         return f"request body over {self.max_bytes} bytes (serve.max_request_bytes)"
 
 
-class StrictJSONSerde(serde.JSONSerde):
+class StrictJSONSerde(JSONSerde):
     """BentoML's JSON parsing, with a request that does not fit the signature answered 422."""
 
     async def parse_request(self, request: Request, cls: type[T]) -> T:
@@ -195,7 +196,7 @@ class StrictJSONSerde(serde.JSONSerde):
             raise UnprocessableEntity(describe_validation_error(exc)) from None
 
 
-class StrictMultipartSerde(serde.MultipartSerde):
+class StrictMultipartSerde(MultipartSerde):
     """BentoML's multipart parsing, taking uploads only and answering malformed bodies with 4xx."""
 
     @staticmethod
@@ -213,16 +214,6 @@ class StrictMultipartSerde(serde.MultipartSerde):
             raise InvalidArgument(f"multipart body: {exc.detail}") from None
         except UnicodeDecodeError:  # BentoML reads a text field as JSON text
             raise InvalidArgument("multipart body: a text field holds binary data (a file in a text field?)") from None
-
-
-def strict_request_parsing() -> None:
-    """Make BentoML parse JSON and multipart requests with the strict serdes above.
-
-    BentoML looks its request parsers up by media type in `_bentoml_impl.serde.ALL_SERDE` on
-    every request, so replacing two entries there is enough; calling this twice is harmless.
-    """
-    serde.ALL_SERDE[StrictJSONSerde.media_type] = StrictJSONSerde
-    serde.ALL_SERDE[StrictMultipartSerde.media_type] = StrictMultipartSerde
 
 
 def describe_validation_error(exc: ValidationError) -> str:

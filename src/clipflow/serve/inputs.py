@@ -4,6 +4,10 @@ The BentoML service (`serving/service.py`) calls these before any model work, so
 input becomes a 400 with a message that names the field and the limit, and no upload can make
 a worker decode a decompression bomb. Each check raises `bentoml.exceptions.InvalidArgument`,
 which BentoML answers with 400.
+
+`Limits` is the one list of request limits: `clipflow package` stores the `serve:` values of
+its fields (`LIMITS`) in the BentoML model, and the service reads them back into it, so a new
+limit is a field here and a key of the same name in `serve:` (`clipflow.params.ServeParams`).
 """
 
 from __future__ import annotations
@@ -33,6 +37,10 @@ class Limits(BaseModel):
     max_prompts: int
     max_batch: int
     max_k: int
+
+
+# The limits' names, as `serve:` in params.yaml and the BentoML model's metadata spell them.
+LIMITS: tuple[str, ...] = tuple(Limits.model_fields)
 
 
 def check_count(field: str, items: ItemsT, max_items: int) -> ItemsT:
@@ -76,6 +84,65 @@ def check_templates(templates: Sequence[str], labels: int, limits: Limits) -> No
     prompts = labels * len(templates)
     if prompts > limits.max_prompts:
         raise InvalidArgument(f"labels x templates = {prompts} prompts, at most {limits.max_prompts} allowed per call")
+
+
+def check_text_list(field: str, texts: ItemsT, limits: Limits) -> ItemsT:
+    """A list of texts to encode (texts, queries, candidates): `max_texts` of `max_text_chars` at most."""
+    return check_texts(field, texts, limits.max_texts, limits.max_text_chars)
+
+
+def check_labels(labels: ItemsT, templates: Sequence[str] | None, limits: Limits) -> ItemsT:
+    """Zero-shot labels (`max_labels` of `max_text_chars` at most) and, when given, their templates."""
+    check_texts("labels", labels, limits.max_labels, limits.max_text_chars)
+    if templates is not None:
+        check_templates(templates, len(labels), limits)
+    return labels
+
+
+def check_query_text(field: str, text: str, limits: Limits) -> str:
+    """One query text of at most `max_text_chars`; returns it."""
+    check_texts(field, [text], 1, limits.max_text_chars)
+    return text
+
+
+def check_k(k: int, limits: Limits) -> int:
+    """A number of results between 1 and `max_k`; returns it."""
+    if not 1 <= k <= limits.max_k:
+        raise InvalidArgument(f"k must be between 1 and {limits.max_k}, got {k}")
+    return k
+
+
+def check_item_id(item_id: str, limits: Limits, field: str = "id") -> str:
+    """An item id of at most `max_text_chars`; returns it."""
+    if len(item_id) > limits.max_text_chars:
+        raise InvalidArgument(f"{field}: {len(item_id)} characters, at most {limits.max_text_chars}")
+    return item_id
+
+
+def check_image_count(field: str, images: ItemsT, limits: Limits) -> ItemsT:
+    """A non-empty list of at most `max_batch` images (files or base64 strings); returns it."""
+    return check_count(field, images, limits.max_batch)
+
+
+def open_images(field: str, paths: Sequence[Path], limits: Limits) -> list[PIL.Image.Image]:
+    """Decode a list of at most `max_batch` uploaded image files; each error names `field[i]`."""
+    check_image_count(field, paths, limits)
+    return [open_image(path, limits, f"{field}[{i}]") for i, path in enumerate(paths)]
+
+
+def decode_base64_images(field: str, texts: Sequence[str], limits: Limits) -> list[PIL.Image.Image]:
+    """`open_images` for base64 strings (or `data:` URLs)."""
+    check_image_count(field, texts, limits)
+    return [decode_base64_image(text, limits, f"{field}[{i}]") for i, text in enumerate(texts)]
+
+
+def guard_decoder(limits: Limits) -> None:
+    """Set PIL's own decompression-bomb guard for this process from `max_image_pixels`.
+
+    PIL's guard (an error at twice this) would otherwise stay at its default, refusing images
+    below a larger configured limit.
+    """
+    PIL.Image.MAX_IMAGE_PIXELS = limits.max_image_pixels
 
 
 def open_image(path: Path, limits: Limits, field: str = "image") -> PIL.Image.Image:

@@ -5,7 +5,7 @@ BentoML model store as a model named `serve.bento_name`, with the `serve:` reque
 evaluation templates, the source URI and what the registry knows of the version (its number,
 run, metrics and data version) as metadata. Given an ingested data directory, the model also
 carries a gallery index for `search`: the normalised embeddings of the `serve.gallery_split`
-images with their keys and captions (see `clipflow.gallery`). Then `serving/service.py` and the
+images with their keys and captions (see `clipflow.serve.gallery`). Then `serving/service.py` and the
 `clipflow` package are built into a Bento whose arguments name that exact model tag, the
 configured host and port, the request body limit and the batching settings, so `bentoml serve <bento_tag>` (and a
 container built from the Bento) serve exactly this model without params.yaml, the data or the
@@ -13,6 +13,9 @@ MLflow store.
 
     clipflow package --model models:/clipflow-clip@champion --gallery data/builtin
     BENTOML_HOME=$PWD/bentoml_home bentoml serve <bento_tag>
+
+The caller names the folder of the service (`serving/` of the checkout, which the CLI finds) and
+sets `$BENTOML_HOME` before BentoML first uses its store; this module changes no environment.
 """
 
 from __future__ import annotations
@@ -31,15 +34,16 @@ from typing import Any
 
 import yaml
 
-from clipflow import gallery as clip_gallery
+import clipflow
 from clipflow import model as clip_model
 from clipflow import tracking
 from clipflow.errors import ClipflowError
 from clipflow.params import Params, ServeParams
 from clipflow.registry.models import download_checkpoint
 from clipflow.registry.promote import version_metrics
+from clipflow.serve import gallery as clip_gallery
+from clipflow.serve.inputs import LIMITS
 
-SERVING_DIR = Path(__file__).resolve().parents[2] / "serving"
 SERVICE_FILE = "service.py"
 PAGE_FILE = "page.html"
 SERVICE = "service:Clipflow"
@@ -58,35 +62,22 @@ RUNTIME_DISTRIBUTIONS = (
     "pydantic",
     "starlette",
 )
-# Stored in the model's metadata and checked by the service per request (clipflow.serving_io.Limits).
-LIMITS = (
-    "max_labels",
-    "max_texts",
-    "max_text_chars",
-    "max_image_bytes",
-    "max_image_pixels",
-    "max_prompts",
-    "max_batch",
-    "max_k",
-)
 # BentoML's rule for the name part of a tag.
 _BENTO_NAME = re.compile(r"[a-z0-9](?:[a-z0-9._-]*[a-z0-9])?")
 _REGISTRY_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))")
 
 
 def bentoml_home() -> Path:
-    """The BentoML store clipflow uses: `$BENTOML_HOME` when set, else `./bentoml_home`."""
+    """The BentoML store clipflow uses: `$BENTOML_HOME` when set, else `./bentoml_home`; reads only."""
     return Path(os.environ.get(HOME_ENV) or DEFAULT_HOME).resolve()
 
 
 def bentoml_env() -> dict[str, str]:
-    """`os.environ` with BENTOML_HOME and BENTOML_DO_NOT_TRACK set, for `bentoml` subprocesses."""
+    """A copy of `os.environ` with BENTOML_HOME and BENTOML_DO_NOT_TRACK set, for `bentoml` subprocesses."""
     return {**os.environ, HOME_ENV: str(bentoml_home()), "BENTOML_DO_NOT_TRACK": "true"}
 
 
-def package(
-    model_uri: str, params: Params, gallery: Path | None = None, serving_dir: Path = SERVING_DIR
-) -> dict[str, Any]:
+def package(model_uri: str, params: Params, serving_dir: Path, gallery: Path | None = None) -> dict[str, Any]:
     """Import an MLflow model into the BentoML store and build a Bento serving it.
 
     Args:
@@ -94,21 +85,20 @@ def package(
             that holds a clipflow checkpoint.
         params: the resolved params; uses `tracking`, `serve`, and `evaluate` (templates, and
             the batch size for embedding the gallery).
+        serving_dir: the folder holding the BentoML service and its page, `serving/` in the checkout.
         gallery: an ingested data directory whose `serve.gallery_split` images become the
             search gallery, or None for a Bento whose `search` answers that it has none.
-        serving_dir: the folder holding the BentoML service, `serving/` in the repository.
 
     Returns:
         `bento_tag`, `bento_model_tag`, `model_uri`, `gallery` (its split, size and data
         version, or None) and `seconds`.
 
     Raises:
-        ClipflowError: the model cannot be resolved or fetched, the gallery cannot be read, or
-            the Bento cannot be built.
+        ClipflowError: the model cannot be resolved or fetched, the gallery cannot be read, the
+            Bento cannot be built, or BentoML in this process already uses another store than
+            `$BENTOML_HOME` (BentoML reads it once per process, on first use).
     """
     start = time.perf_counter()
-    # BentoML reads both once per process, so they must be set before it first runs.
-    os.environ.update(bentoml_env())
     import bentoml
     from bentoml.exceptions import BentoMLException
 
@@ -163,9 +153,9 @@ def _check_serve_params(serve: ServeParams) -> None:
 
 
 def _check_store_home(home: Path) -> None:
-    from bentoml._internal.configuration.containers import BentoMLContainer
+    from clipflow.serve.bentoml_patches import store_home
 
-    active = Path(BentoMLContainer.bentoml_home.get()).resolve()
+    active = store_home()
     if active != home:
         raise ClipflowError(
             f"BentoML in this process already uses the store {active}; set {HOME_ENV}={home} before it starts"
@@ -264,7 +254,7 @@ def _build_bento(stage: Path, serving_dir: Path, model_tag: str, serve: ServePar
     stage.mkdir(parents=True)
     for name in (SERVICE_FILE, PAGE_FILE):
         shutil.copyfile(serving_dir / name, stage / name)
-    clipflow_dir = Path(clip_model.__file__).resolve().parents[1]
+    clipflow_dir = Path(clipflow.__file__).resolve().parent  # the installed package, not the checkout
     shutil.copytree(clipflow_dir, stage / "clipflow", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     bentofile = stage / "bentofile.yaml"
     bentofile.write_text(
