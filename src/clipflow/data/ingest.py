@@ -58,6 +58,7 @@ def ingest(source: str, output: str | Path, params: DataParams, checks: Validate
         ClipflowError: an unsupported or unreadable source (a missing column, no shards),
             or invalid data parameters. Bad rows never raise: they are quarantined.
     """
+    params.check()  # at params load too; params built in code reach here unchecked
     if source != "builtin":
         scheme = urlparse(source).scheme.lower()
         if scheme not in SOURCE_SCHEMES and len(scheme) != 1:  # a drive letter is a path

@@ -20,7 +20,6 @@ sets `$BENTOML_HOME` before BentoML first uses its store; this module changes no
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import shutil
@@ -62,8 +61,6 @@ RUNTIME_DISTRIBUTIONS = (
     "pydantic",
     "starlette",
 )
-# BentoML's rule for the name part of a tag.
-_BENTO_NAME = re.compile(r"[a-z0-9](?:[a-z0-9._-]*[a-z0-9])?")
 _REGISTRY_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))")
 
 
@@ -102,7 +99,8 @@ def package(model_uri: str, params: Params, serving_dir: Path, gallery: Path | N
     import bentoml
     from bentoml.exceptions import BentoMLException
 
-    _check_serve_params(params.serve)
+    # Checked at params load too; params built in code reach here unchecked.
+    params.serve.check()
     _check_store_home(bentoml_home())
     if not (serving_dir / SERVICE_FILE).is_file():
         raise ClipflowError(f"BentoML service not found: {serving_dir / SERVICE_FILE}")
@@ -133,23 +131,6 @@ def package(model_uri: str, params: Params, serving_dir: Path, gallery: Path | N
         "gallery": gallery_info,
         "seconds": round(time.perf_counter() - start, 3),
     }
-
-
-def _check_serve_params(serve: ServeParams) -> None:
-    """Reject what BentoML would refuse only after the model is stored, or with a bare ValueError."""
-    if not _BENTO_NAME.fullmatch(serve.bento_name):
-        raise ClipflowError(
-            f"serve.bento_name must be lowercase letters, digits, '.', '_' or '-', got {serve.bento_name!r}"
-        )
-    try:
-        ipaddress.ip_address(serve.host)
-    except ValueError:
-        raise ClipflowError(f"serve.host must be an IP address such as 127.0.0.1, got {serve.host!r}") from None
-    for key in (*LIMITS, "max_request_bytes", "thumbnail_px", "batch_max_latency_ms"):
-        if getattr(serve, key) <= 0:
-            raise ClipflowError(f"serve.{key} must be positive, got {getattr(serve, key)}")
-    if serve.batch_max_size < 2:  # BentoML refuses a batch of one at import time
-        raise ClipflowError(f"serve.batch_max_size must be at least 2, got {serve.batch_max_size}")
 
 
 def _check_store_home(home: Path) -> None:

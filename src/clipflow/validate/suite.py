@@ -96,6 +96,7 @@ def validate(data_dir: str | Path, report_dir: str | Path, params: ValidateParam
             or rows, inconsistent params, or an expectation that could not be evaluated.
     """
     started = time.perf_counter()
+    params.check()  # at params load too; params built in code reach here unchecked
     rejected_at_ingest = _read_ingest_quarantine(Path(data_dir))
     metadata = _read_metadata(Path(data_dir), len(rejected_at_ingest))
     report_dir = Path(report_dir)
