@@ -3,7 +3,7 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
 
-from components import CLIPFLOW_IMAGE
+from components import CLIPFLOW_IMAGE, compile_main
 
 
 @dsl.component(base_image=CLIPFLOW_IMAGE)
@@ -50,3 +50,7 @@ def evaluate_component(
     report = {key: value for key, value in result.to_dict().items() if key != "zeroshot"}
     outputs = namedtuple("EvaluateOutputs", ["metrics_json", "report"])
     return outputs(json.dumps(result.metrics), json.dumps(report))
+
+
+if __name__ == "__main__":
+    compile_main(evaluate_component)

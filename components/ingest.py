@@ -3,7 +3,7 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import Dataset, Output
 
-from components import CLIPFLOW_IMAGE
+from components import CLIPFLOW_IMAGE, compile_main
 
 
 @dsl.component(base_image=CLIPFLOW_IMAGE)
@@ -36,3 +36,7 @@ def ingest_component(
     # What `dvc add` or dvc.lock would record for this folder, and the code that wrote it.
     data.metadata.update({"dvc_md5": dvc_md5(data.path), "git_revision": summary["git_revision"] or ""})
     return namedtuple("IngestOutputs", ["data_version", "report"])(summary["data_version"], json.dumps(summary))
+
+
+if __name__ == "__main__":
+    compile_main(ingest_component)

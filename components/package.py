@@ -1,7 +1,7 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Input
 
-from components import CLIPFLOW_IMAGE
+from components import CLIPFLOW_IMAGE, compile_main
 
 
 @dsl.component(base_image=CLIPFLOW_IMAGE)
@@ -21,8 +21,16 @@ def package_component(params: str, overrides: list, profile: str, model_name: st
     import json
     from pathlib import Path
 
-    from clipflow.package import package
+    from clipflow.cli import checkout, configure_process
     from clipflow.params import parse_params
+    from clipflow.serve.package import package
 
+    # The step's process settings (the BentoML store above all), as the CLI sets them; BentoML reads them once.
+    configure_process()
     resolved = parse_params(params, overrides, profile or None)
-    return json.dumps(package(f"models:/{model_name}@champion", resolved, gallery=Path(data.path)))
+    serving = checkout() / "serving"  # the step runs in the checkout (kfp.local) or the image's copy of it
+    return json.dumps(package(f"models:/{model_name}@champion", resolved, serving, gallery=Path(data.path)))
+
+
+if __name__ == "__main__":
+    compile_main(package_component)

@@ -2,7 +2,7 @@ from typing import NamedTuple
 
 from kfp import dsl
 
-from components import CLIPFLOW_IMAGE
+from components import CLIPFLOW_IMAGE, compile_main
 
 
 @dsl.component(base_image=CLIPFLOW_IMAGE)
@@ -34,3 +34,7 @@ def promote_component(
     result = promote(model_uri, json.loads(metrics_json), resolved, data_version=data_version)
     outputs = namedtuple("PromoteOutputs", ["model_name", "model_version", "report"])
     return outputs(result["model_name"], result["model_version"], json.dumps(result))
+
+
+if __name__ == "__main__":
+    compile_main(promote_component)

@@ -1,7 +1,7 @@
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Output
 
-from components import CLIPFLOW_IMAGE
+from components import CLIPFLOW_IMAGE, compile_main
 
 
 @dsl.component(base_image=CLIPFLOW_IMAGE)
@@ -43,3 +43,7 @@ def validate_component(
     validation.metadata["mlflow_run_id"] = log_report(validation.path, result, resolved.tracking, data.path)
     check_passed(result, resolved.validate)
     return json.dumps(result)
+
+
+if __name__ == "__main__":
+    compile_main(validate_component)

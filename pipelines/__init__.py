@@ -1,0 +1,38 @@
+"""Orchestration of the clipflow DAG: wiring over the library, no step logic.
+
+- `pipelines.pipeline`: the DAG (ingest -> validate -> train -> evaluate -> promote -> package).
+- `pipelines.local`: `clipflow run` (the DAG through kfp.local), `clipflow compile`, the run summary.
+- `pipelines.cluster`: the cluster build (images, Secrets, resources, retries, the TrainJob launcher).
+- `pipelines.submit`: `clipflow submit` (upload a pipeline version to Kubeflow, start a run, wait).
+
+Installed with clipflow (pyproject.toml's package list), so `import pipelines.pipeline` works from any
+working directory of an editable install; nothing here edits `sys.path`.
+"""
+
+import json
+from pathlib import Path
+
+import yaml
+
+# The checkout this package lives in: the source tree of an editable install, or /app in the step
+# image (deploy/Dockerfile copies the checkout there and puts /app first on PYTHONPATH). A wheel
+# installed elsewhere would point into site-packages, where neither params.yaml nor serving/ exist.
+CHECKOUT = Path(__file__).resolve().parents[1]
+
+
+def params_json(path: str | Path) -> str:
+    """The pipeline's `params` argument: a params file's content as JSON on one line.
+
+    One line, because KFP copies parameter defaults into comments of the compiled YAML, where a
+    multi-line value would break the file.
+
+    Args:
+        path: a params.yaml.
+
+    Returns:
+        The file's YAML as compact JSON text, which `clipflow.params.parse_params` reads.
+
+    Raises:
+        OSError: the file cannot be read.
+    """
+    return json.dumps(yaml.safe_load(Path(path).read_text()))

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 from clipflow.params import ClusterParams, Params
 from clipflow.train.trainjob import MLFLOW_KEYS, S3_KEYS, STEP_IMAGE, image
+from pipelines import params_json
 
 LAUNCHER_ENV = "CLIPFLOW_LAUNCHER"
 # Steps whose outputs are a function of their inputs alone; the others write to MLflow or the registry.
@@ -58,7 +58,6 @@ def compile_for_cluster(
     The compiled defaults are the params file and `cluster_overrides`, so a run started from the
     Kubeflow UI without arguments trains on the cluster with the images of this tag.
     """
-    import yaml
     from kfp import compiler, dsl
 
     cluster = dataclasses.replace(params.cluster, image_tag=tag or params.cluster.image_tag)
@@ -70,7 +69,7 @@ def compile_for_cluster(
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     defaults = {
-        "params": json.dumps(yaml.safe_load(Path(params_file).read_text())),
+        "params": params_json(params_file),
         "overrides": cluster_overrides(params, cluster.image_tag),
         "profile": params.profile or "",
     }

@@ -1,53 +1,33 @@
-"""Run the Kubeflow pipeline on this machine with `kfp.local`, compile it, and summarise a run.
+"""`clipflow run` and `clipflow compile`: the DAG through `kfp.local` on this machine, its YAML, the run summary.
 
-The pipeline definition lives in the repository (`pipelines/`, `components/`), beside the
-package; `clipflow run` executes exactly that definition, not a second copy of the DAG.
+The DAG is `pipelines.pipeline`, installed beside the library; `clipflow run` executes exactly that
+definition, not a second copy of it.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from clipflow.errors import ClipflowError
 from clipflow.params import Params
 from clipflow.tracking import absolute_uri
+from pipelines import params_json
+from pipelines.pipeline import STEPS, clipflow_pipeline
 
-STEPS = ("ingest", "validate", "train", "evaluate", "promote", "package")
 DEFAULT_PIPELINE_ROOT = Path("outputs/kfp")
-
-
-def repo_root() -> Path:
-    """The clipflow checkout: the working directory if it holds the pipeline, else the package's own."""
-    for candidate in (Path.cwd(), Path(__file__).resolve().parents[2]):
-        if (candidate / "pipelines" / "pipeline.py").is_file():
-            return candidate
-    raise ClipflowError("cannot find pipelines/pipeline.py: run clipflow from its source checkout")
-
-
-def load_pipeline():
-    """Import the pipeline function from the checkout's `pipelines/pipeline.py`."""
-    root = str(repo_root())
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    return importlib.import_module("pipelines.pipeline")
 
 
 def compile_pipeline(output: str | Path) -> Path:
     """Write the pipeline as Kubeflow Pipelines IR YAML."""
     from kfp import compiler
 
-    module = load_pipeline()
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(module.clipflow_pipeline, str(output))
+    compiler.Compiler().compile(clipflow_pipeline, str(output))
     return output
 
 
@@ -65,17 +45,16 @@ def run_pipeline(
     """
     from kfp import local
 
-    module = load_pipeline()
     # Steps run as subprocesses: a relative sqlite path must mean the same file to all of them.
     overrides = [*overrides, f"tracking.uri={absolute_uri(params.tracking.uri)}"]
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
     started = time.perf_counter()
     try:
-        outputs = module.clipflow_pipeline(
+        outputs = clipflow_pipeline(
             source=source,
             overrides=overrides,
             profile=params.profile or "",
-            params=json.dumps(yaml.safe_load(Path(params_file).read_text())),
+            params=params_json(params_file),
         ).outputs
     except RuntimeError as exc:
         raise ClipflowError(f"pipeline failed at {_failed_step(str(exc))}; its error is in the log above") from None

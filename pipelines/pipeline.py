@@ -5,25 +5,23 @@ one machine through `kfp.local` (`clipflow run`). Every step receives the text o
 plus `overrides` (the `--set` strings), so the Kubeflow UI and the CLI speak the same keys.
 """
 
-import json
-from pathlib import Path
 from typing import NamedTuple
 
-import yaml
 from kfp import dsl
 
-from clipflow.cluster_tmp import apply_target
 from components.evaluate import evaluate_component
 from components.ingest import ingest_component
 from components.package import package_component
 from components.promote import promote_component
 from components.train import train_component
 from components.validate import validate_component
+from pipelines import CHECKOUT, params_json
+from pipelines.cluster import apply_target
 
 PIPELINE_NAME = "clipflow"
-# JSON on one line: KFP copies defaults into comments of the compiled YAML, and a multi-line
-# default would break that file.
-DEFAULT_PARAMS = json.dumps(yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text()))
+# The compiled default of `params`: the checkout's params.yaml (see `pipelines.CHECKOUT`).
+DEFAULT_PARAMS = params_json(CHECKOUT / "params.yaml")
+# The steps in DAG order; the run summary and the tests read them from here.
 STEPS = ("ingest", "validate", "train", "evaluate", "promote", "package")
 
 

@@ -7,16 +7,14 @@ in Markdown, where GitHub Actions shows it ($GITHUB_STEP_SUMMARY).
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from clipflow.cluster_tmp import cluster_overrides, compile_for_cluster
 from clipflow.errors import ClipflowError
 from clipflow.params import Params
+from pipelines import params_json
+from pipelines.cluster import cluster_overrides, compile_for_cluster
 
 HOST_ENV = "KFP_HOST"
 TOKEN_ENV = "KFP_TOKEN"
@@ -66,7 +64,7 @@ def submit(
         "source": source,
         "profile": params.profile or "",
         "overrides": [*cluster_overrides(params, tag), *overrides],
-        "params": json.dumps(yaml.safe_load(Path(params_file).read_text())),
+        "params": params_json(params_file),
     }
     run = client.run_pipeline(
         experiment_id=experiment_id,

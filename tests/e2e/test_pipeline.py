@@ -11,8 +11,9 @@ import mlflow
 import pytest
 import yaml
 
-from clipflow.local_run import STEPS, compile_pipeline
 from clipflow.model import register_configs
+from pipelines.local import compile_pipeline
+from pipelines.pipeline import STEPS
 from tests.support import REPO
 from tests.support.servers import bentoml_server, free_port
 

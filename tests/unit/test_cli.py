@@ -1,11 +1,15 @@
 """Bad input to every verb ends in one clear line on stderr and a non-zero exit, never a traceback."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
+from clipflow.cli import checkout
+from clipflow.errors import ClipflowError
 from tests.support import REPO
 
 CLIPFLOW = str(Path(sys.executable).with_name("clipflow"))
@@ -50,3 +54,36 @@ def test_help_lists_every_verb():
     assert result.returncode == 0
     for verb in ("run", "ingest", "validate", "train", "evaluate", "promote", "package", "serve", "compile"):
         assert verb in result.stdout
+
+
+def test_compile_works_outside_the_checkout(tmp_path):
+    """The pipeline is an installed package: compiling needs no checkout as working directory."""
+    result = _clipflow("compile", "--output", "p.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "p.yaml"
+    spec = yaml.safe_load((tmp_path / "p.yaml").read_text())
+    default = spec["root"]["inputDefinitions"]["parameters"]["params"]["defaultValue"]
+    assert json.loads(default) == yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def test_checkout_is_the_working_directory_holding_the_pipeline_and_the_service(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert checkout() == REPO
+    for marker in ("pipelines/pipeline.py", "serving/service.py"):
+        (tmp_path / marker).parent.mkdir()
+        (tmp_path / marker).touch()
+    monkeypatch.chdir(tmp_path)
+    assert checkout() == tmp_path
+
+
+def test_elsewhere_checkout_is_the_one_clipflow_is_installed_from(tmp_path, monkeypatch):
+    import pipelines
+
+    (tmp_path / "pipelines").mkdir()
+    (tmp_path / "pipelines/pipeline.py").touch()
+    monkeypatch.chdir(tmp_path)
+    assert checkout() == REPO
+    monkeypatch.setattr(pipelines, "CHECKOUT", tmp_path)  # a wheel installed away from any checkout
+    with pytest.raises(ClipflowError) as error:
+        checkout()
+    assert str(error.value) == f"cannot find serving/service.py in {tmp_path}: run clipflow from its source checkout"
