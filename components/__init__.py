@@ -39,3 +39,30 @@ def compile_main(component, argv: list[str] | None = None) -> Path:
     compiler.Compiler().compile(component, str(output))
     print(output)
     return output
+
+
+# The checkout this package lives in: the source tree of an editable install, or /app in the step
+# image (deploy/Dockerfile copies the checkout there and puts /app first on PYTHONPATH). A wheel
+# installed elsewhere would point into site-packages, where neither params.yaml nor serving/ exist.
+CHECKOUT = Path(__file__).resolve().parents[1]
+# What marks a clipflow source checkout: the files the verbs and steps that need one read from it.
+CHECKOUT_MARKERS = ("pipelines/pipeline.py", "serving/service.py")
+
+
+def checkout() -> Path:
+    """The clipflow source checkout: the working directory when it is one, else the one clipflow runs from.
+
+    The user's own checkout (an edited `serving/`) wins. Otherwise the checkout of the installed
+    packages: the source tree of an editable install, /app in the step image. So `clipflow run` in
+    a folder that holds only a params.yaml works, as kfp.local runs the steps there.
+
+    Raises:
+        ClipflowError: neither folder holds pipelines/pipeline.py and serving/service.py.
+    """
+    from clipflow.errors import ClipflowError
+
+    for root in dict.fromkeys((Path.cwd(), CHECKOUT)):
+        if all((root / marker).is_file() for marker in CHECKOUT_MARKERS):
+            return root
+    missing = " and ".join(marker for marker in CHECKOUT_MARKERS if not (Path.cwd() / marker).is_file())
+    raise ClipflowError(f"cannot find {missing} in {Path.cwd()}: run clipflow from its source checkout")

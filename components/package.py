@@ -21,12 +21,11 @@ def package_component(params: str, overrides: list, profile: str, model_name: st
     import json
     from pathlib import Path
 
-    from clipflow.cli import checkout, configure_process
     from clipflow.params import parse_params
     from clipflow.serve.package import package
+    from components import checkout
 
-    # The step's process settings (the BentoML store above all), as the CLI sets them; BentoML reads them once.
-    configure_process()
+    # The BentoML store is the process's: `clipflow run` and the step image (deploy/Dockerfile) set BENTOML_HOME.
     resolved = parse_params(params, overrides, profile or None)
     serving = checkout() / "serving"  # the step runs in the checkout (kfp.local) or the image's copy of it
     return json.dumps(package(f"models:/{model_name}@champion", resolved, serving, gallery=Path(data.path)))

@@ -14,11 +14,6 @@ from pathlib import Path
 
 import yaml
 
-# The checkout this package lives in: the source tree of an editable install, or /app in the step
-# image (deploy/Dockerfile copies the checkout there and puts /app first on PYTHONPATH). A wheel
-# installed elsewhere would point into site-packages, where neither params.yaml nor serving/ exist.
-CHECKOUT = Path(__file__).resolve().parents[1]
-
 
 def params_json(path: str | Path) -> str:
     """The pipeline's `params` argument: a params file's content as JSON on one line.

@@ -9,17 +9,18 @@ from typing import NamedTuple
 
 from kfp import dsl
 
+from components import CHECKOUT
 from components.evaluate import evaluate_component
 from components.ingest import ingest_component
 from components.package import package_component
 from components.promote import promote_component
 from components.train import train_component
 from components.validate import validate_component
-from pipelines import CHECKOUT, params_json
+from pipelines import params_json
 from pipelines.cluster import apply_target
 
 PIPELINE_NAME = "clipflow"
-# The compiled default of `params`: the checkout's params.yaml (see `pipelines.CHECKOUT`).
+# The compiled default of `params`: the checkout's params.yaml (see `components.CHECKOUT`).
 DEFAULT_PARAMS = params_json(CHECKOUT / "params.yaml")
 # The steps in DAG order; the run summary and the tests read them from here.
 STEPS = ("ingest", "validate", "train", "evaluate", "promote", "package")

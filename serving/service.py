@@ -63,8 +63,15 @@ from bentoml.exceptions import NotFound
 from pydantic import AfterValidator, BaseModel
 
 from clipflow.serve import bentoml_patches, encoder
+from clipflow.serve.dispatch import FillingDispatcher
 from clipflow.serve.encoder import usable_cores
-from clipflow.serve.http import ApiKeyMiddleware, PageMiddleware, RequestGateMiddleware
+from clipflow.serve.http import (
+    ApiKeyMiddleware,
+    PageMiddleware,
+    RequestGateMiddleware,
+    StrictJSONSerde,
+    StrictMultipartSerde,
+)
 from clipflow.serve.inputs import (
     Limits,
     check_image_count,
@@ -130,7 +137,9 @@ BATCHED = {
 }
 # BentoML's own dispatcher runs one call at a time and splits closed-loop clients into a batch of
 # one and a batch of the rest; its own parsers answer some malformed requests with 500.
-bentoml_patches.install(lanes=usable_cores())
+bentoml_patches.install(
+    functools.partial(FillingDispatcher, lanes=usable_cores()), serdes=(StrictJSONSerde, StrictMultipartSerde)
+)
 
 
 @functools.cache

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from clipflow.cli import checkout
 from clipflow.errors import ClipflowError
+from components import checkout
 from tests.support import REPO
 
 CLIPFLOW = str(Path(sys.executable).with_name("clipflow"))
@@ -77,13 +77,13 @@ def test_checkout_is_the_working_directory_holding_the_pipeline_and_the_service(
 
 
 def test_elsewhere_checkout_is_the_one_clipflow_is_installed_from(tmp_path, monkeypatch):
-    import pipelines
+    import components
 
     (tmp_path / "pipelines").mkdir()
     (tmp_path / "pipelines/pipeline.py").touch()
     monkeypatch.chdir(tmp_path)
     assert checkout() == REPO
-    monkeypatch.setattr(pipelines, "CHECKOUT", tmp_path)  # a wheel installed away from any checkout
+    monkeypatch.setattr(components, "CHECKOUT", tmp_path)  # a wheel installed away from any checkout
     with pytest.raises(ClipflowError) as error:
         checkout()
     assert str(error.value) == f"cannot find serving/service.py in {tmp_path}: run clipflow from its source checkout"

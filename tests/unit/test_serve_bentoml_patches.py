@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import tomllib
 
@@ -14,6 +15,8 @@ from clipflow.serve import bentoml_patches
 from clipflow.serve.dispatch import FillingDispatcher
 from clipflow.serve.http import StrictJSONSerde, StrictMultipartSerde
 from tests.support import REPO
+
+STRICT_SERDES = (StrictJSONSerde, StrictMultipartSerde)
 
 
 @pytest.fixture
@@ -36,7 +39,7 @@ def test_install_refuses_another_bentoml_version_and_patches_nothing(monkeypatch
     dispatcher, parsers = unpatched
     monkeypatch.setattr(bentoml_patches, "version", lambda name: "1.4.41" if name == "bentoml" else "0")
     with pytest.raises(ClipflowError, match=r"BentoML 1\.4\.40.*BentoML 1\.4\.41 is installed.*bentoml==1\.4\.40"):
-        bentoml_patches.install(lanes=2)
+        bentoml_patches.install(functools.partial(FillingDispatcher, lanes=2), STRICT_SERDES)
     assert app.CorkDispatcher is dispatcher
     assert parsers == serde.ALL_SERDE
     with pytest.raises(ClipflowError, match=r"1\.4\.41"):
@@ -48,7 +51,7 @@ def test_install_on_the_pinned_version_patches_the_dispatcher_and_the_parsers(un
     assert not isinstance(
         dispatcher(max_latency_in_ms=1000, max_batch_size=4, fallback=lambda: None), FillingDispatcher
     )
-    bentoml_patches.install(lanes=2)
+    bentoml_patches.install(functools.partial(FillingDispatcher, lanes=2), STRICT_SERDES)
     built = app.CorkDispatcher(max_latency_in_ms=1000, max_batch_size=4, fallback=lambda: None)
     assert isinstance(built, FillingDispatcher) and built._sema.sema == 2
     assert serde.ALL_SERDE["application/json"] is StrictJSONSerde

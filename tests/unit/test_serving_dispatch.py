@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 
 from _bentoml_impl import serde
@@ -10,6 +11,9 @@ from _bentoml_impl.server import app
 
 from clipflow.serve.bentoml_patches import install
 from clipflow.serve.dispatch import FillingDispatcher
+from clipflow.serve.http import StrictJSONSerde, StrictMultipartSerde
+
+STRICT_SERDES = (StrictJSONSerde, StrictMultipartSerde)
 
 
 def _dispatcher(max_latency_ms: int, linger: float, lanes: int = 1, get_batch_size=lambda item: 1) -> FillingDispatcher:
@@ -122,7 +126,7 @@ def test_bentoml_builds_the_dispatchers_of_its_service_app_from_the_name_install
     monkeypatch.setattr(app, "CorkDispatcher", app.CorkDispatcher)
     for media_type in ("application/json", "multipart/form-data"):
         monkeypatch.setitem(serde.ALL_SERDE, media_type, serde.ALL_SERDE[media_type])
-    install(lanes=3)
+    install(functools.partial(FillingDispatcher, lanes=3), STRICT_SERDES)
     dispatcher = app.CorkDispatcher(max_latency_in_ms=1000, max_batch_size=4, fallback=lambda: None)
     assert isinstance(dispatcher, FillingDispatcher)
     assert dispatcher._sema.sema == 3

@@ -5,7 +5,7 @@ which store a process already uses, so clipflow reaches into `bentoml._internal`
 `_bentoml_impl` for those, here and nowhere else:
 
 - `CorkDispatcher` and `NonBlockSema`, the bases of `clipflow.serve.dispatch.FillingDispatcher`,
-  and the service app module's `CorkDispatcher` name that `install()` points at it;
+  and the service app module's `CorkDispatcher` name that `install()` points at the dispatcher it is given;
 - `JSONSerde` and `MultipartSerde`, the bases of the strict parsers in `clipflow.serve.http`, and
   the `ALL_SERDE` table that `install()` puts them in;
 - the BentoML container's `bentoml_home`, the store this process uses (`store_home()`).
@@ -17,7 +17,7 @@ that is no longer there or no longer means the same.
 
 from __future__ import annotations
 
-import functools
+from collections.abc import Callable, Iterable
 from importlib.metadata import version
 from pathlib import Path
 
@@ -58,26 +58,22 @@ MultipartSerde = _serde.MultipartSerde
 __all__ = ["CorkDispatcher", "JSONSerde", "MultipartSerde", "NonBlockSema", "install", "store_home"]
 
 
-def install(lanes: int) -> None:
-    """Patch BentoML for the clipflow service: the filling batch dispatcher and the strict request parsers.
+def install(dispatcher: Callable[..., CorkDispatcher], serdes: Iterable[type[JSONSerde | MultipartSerde]]) -> None:
+    """Patch BentoML's service app to build `dispatcher` for every batchable endpoint and parse with `serdes`.
 
-    Makes the service app build a `FillingDispatcher` with `lanes` lanes for every batchable
-    endpoint (BentoML's own runs one batch at a time, see `clipflow.serve.dispatch`), and parse
-    JSON and multipart requests with `clipflow.serve.http`'s strict serdes. Calling it again
-    replaces the dispatcher's lane count and is otherwise harmless.
+    clipflow passes `clipflow.serve.dispatch.FillingDispatcher` (BentoML's own runs one batch at
+    a time) and `clipflow.serve.http`'s strict serdes; this module knows only where they go.
+    Calling it again replaces what an earlier call put in place.
 
     Raises:
         ClipflowError: the installed BentoML is not `PINNED_VERSION`.
     """
     check_version()
-    from clipflow.serve.dispatch import FillingDispatcher
-    from clipflow.serve.http import StrictJSONSerde, StrictMultipartSerde
-
     # The service app builds each batchable endpoint's dispatcher by this module-level name.
-    _service_app.CorkDispatcher = functools.partial(FillingDispatcher, lanes=lanes)
+    _service_app.CorkDispatcher = dispatcher
     # BentoML looks its request parsers up by media type in this table on every request.
-    _serde.ALL_SERDE[StrictJSONSerde.media_type] = StrictJSONSerde
-    _serde.ALL_SERDE[StrictMultipartSerde.media_type] = StrictMultipartSerde
+    for parser in serdes:
+        _serde.ALL_SERDE[parser.media_type] = parser
 
 
 def store_home() -> Path:
