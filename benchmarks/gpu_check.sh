@@ -2,7 +2,7 @@
 # GPU check of clipflow's training loop: ViT-B-32, bf16 autocast, the tiled loss, one GPU.
 # Runs in under 5 minutes on one H100-class GPU and writes JSON (default
 # benchmarks/results/gpu_check.json; set GPU_CHECK_OUT to change it) with:
-#   step:       the training step alone, at the batch and at 4x it (clipflow.train.worker.backward + AdamW on batches
+#   step:       the training step alone, at the batch and at 4x it (clipflow.train.step.backward + AdamW on batches
 #               already on the GPU): samples/s, model TFLOP/s counted by torch's FlopCounterMode,
 #               and that as a fraction of the GPU's dense bf16 peak;
 #   end_to_end: `clipflow train` (torchrun, NCCL, MLflow, 10 data-loader workers) on built-in data: samples/s from the
@@ -26,7 +26,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from clipflow import model as clip_model
 from clipflow.params import load_params
 from clipflow.train.loss import build_loss
-from clipflow.train.worker import _param_groups, backward
+from clipflow.train.optim import param_groups
+from clipflow.train.step import backward
 
 work, out_json, batch = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 assert torch.cuda.is_available(), "no GPU visible"
@@ -42,7 +43,7 @@ def measure_step(batch_size):
     torch.manual_seed(0)
     module = clip_model.create("ViT-B-32").model.to(device).train()
     # fused=True as in the worker's optimizer.
-    optimizer = torch.optim.AdamW(_param_groups(module, 0.1), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, fused=True)
+    optimizer = torch.optim.AdamW(param_groups(module, 0.1), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, fused=True)
     loss_fn = build_loss("tiled", 0, 1)
     size = module.visual.image_size
     size = size if isinstance(size, int) else size[0]

@@ -3,7 +3,7 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Model, Output
 
-from components import CLIPFLOW_IMAGE
+from components import CLIPFLOW_IMAGE, compile_main
 
 
 @dsl.component(base_image=CLIPFLOW_IMAGE)
@@ -39,3 +39,7 @@ def train_component(
     model.metadata.update({"mlflow_run_id": result["mlflow_run_id"], "framework": "open_clip"})
     outputs = namedtuple("TrainOutputs", ["mlflow_run_id", "model_uri", "report"])
     return outputs(result["mlflow_run_id"], result["model_uri"], json.dumps(result))
+
+
+if __name__ == "__main__":
+    compile_main(train_component)

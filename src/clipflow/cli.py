@@ -17,6 +17,7 @@ import typer
 
 from clipflow.errors import ClipflowError
 from clipflow.params import DEFAULT_PARAMS, Params, load_params
+from components import checkout
 
 app = typer.Typer(
     add_completion=False,
@@ -59,7 +60,7 @@ def run(
     profile: ProfileOption = None,
 ) -> None:
     """Run the whole DAG (ingest to package) through kfp.local and write the run summary."""
-    from clipflow.local_run import describe, run_pipeline
+    from pipelines.local import describe, run_pipeline
 
     params = _params(params_file, overrides, profile)
     result = run_pipeline(params_file, params, overrides or [], source=source)
@@ -140,11 +141,14 @@ def train(
     """Train with torchrun (gloo DDP on CPU, NCCL on GPU), resumably, or on a cluster as a TrainJob; log to MLflow."""
     from clipflow.train.launch import train as run_train
 
-    nodes = {"nnodes": nnodes, "node_rank": node_rank, "rdzv_endpoint": rdzv_endpoint}
-    overrides = (overrides or []) + [f"train.{key}={value}" for key, value in nodes.items() if value is not None]
-    params = _params(params_file, overrides, profile)
     if launcher not in {"torchrun", "trainjob"}:
         raise ClipflowError(f"--launcher must be torchrun or trainjob, got {launcher!r}")
+    # The options are params: a global batch that does not split over the processes fails as they load.
+    settings = {"nproc": nproc, "nnodes": nnodes, "node_rank": node_rank, "rdzv_endpoint": rdzv_endpoint}
+    extra = [f"train.{key}={value}" for key, value in settings.items() if value is not None]
+    if launcher == "trainjob":
+        extra.append("cluster.launcher=trainjob")  # the split over the TrainJob's processes is checked too
+    params = _params(params_file, (overrides or []) + extra, profile)
     if dry_run:
         if launcher != "trainjob":
             raise ClipflowError("--dry-run prints the TrainJob: use it with --launcher trainjob")
@@ -153,7 +157,7 @@ def train(
         typer.echo(dry_run_manifest(params, data_uri), nl=False)
         return
     _require_dir(data, "data directory")
-    _print_json(run_train(data, output, params, nproc=nproc, resume=resume, launcher=launcher, data_uri=data_uri))
+    _print_json(run_train(data, output, params, resume=resume, launcher=launcher, data_uri=data_uri))
 
 
 @app.command()
@@ -186,7 +190,10 @@ def evaluate(
     elif run_id is None and TrainReport.exists(model):
         run_id = TrainReport.read(model).mlflow_run_id
     result = run_evaluate(model, data, output, params, mlflow_run_id=run_id, model_config=model_config)
-    _print_json({key: result[key] for key in ("metrics", "probes", "files", "seconds")})
+    report = result.to_dict()
+    _print_json(
+        {"metrics": report["metrics"], "probes": report["probes"], "files": result.files, "seconds": result.seconds}
+    )
 
 
 @app.command()
@@ -234,12 +241,13 @@ def package(
     profile: ProfileOption = None,
 ) -> None:
     """Build a Bento from the registry's champion, with a search gallery when given one."""
-    from clipflow.package import package as run_package
+    from clipflow.serve.package import package as run_package
 
     params = _params(params_file, overrides, profile)
     if gallery is not None:
         _require_dir(gallery, "gallery data directory")
-    _print_json(run_package(model or f"models:/{params.promote.model_name}@champion", params, gallery=gallery))
+    model_uri = model or f"models:/{params.promote.model_name}@champion"
+    _print_json(run_package(model_uri, params, checkout() / "serving", gallery=gallery))
 
 
 @app.command()
@@ -251,7 +259,7 @@ def serve(
     profile: ProfileOption = None,
 ) -> None:
     """Serve the packaged Bento with `bentoml serve` on serve.host:serve.port."""
-    from clipflow.package import bentoml_env
+    from clipflow.serve.package import bentoml_env
 
     params = _params(params_file, overrides, profile)
     tag = bento or f"{params.serve.bento_name}:latest"
@@ -276,18 +284,18 @@ def compile_command(
     profile: ProfileOption = None,
 ) -> None:
     """Compile the Kubeflow pipeline to YAML, ready to upload."""
-    from clipflow.local_run import compile_pipeline, load_pipeline
+    from pipelines.local import compile_pipeline
 
     if target == "local":
         typer.echo(str(compile_pipeline(output)))
         return
     if target != "cluster":
         raise ClipflowError(f"--target must be local or cluster, got {target!r}")
-    from clipflow.cluster_tmp import compile_for_cluster
+    from pipelines.cluster import compile_for_cluster
+    from pipelines.pipeline import clipflow_pipeline
 
     params = _params(params_file, overrides, profile)
-    pipeline = load_pipeline().clipflow_pipeline
-    typer.echo(str(compile_for_cluster(pipeline, output, params_file, params, tag=image_tag)))
+    typer.echo(str(compile_for_cluster(clipflow_pipeline, output, params_file, params, tag=image_tag)))
 
 
 @app.command()
@@ -314,8 +322,8 @@ def submit(
     """Compile for the cluster, upload a pipeline version, and start a run on Kubeflow Pipelines."""
     import kfp
 
-    from clipflow import submit as submission
-    from clipflow.local_run import load_pipeline
+    from pipelines import submit as submission
+    from pipelines.pipeline import clipflow_pipeline
 
     params = _params(params_file, overrides, profile)
     host = host or os.environ.get(submission.HOST_ENV)
@@ -325,7 +333,7 @@ def submit(
     client = kfp.Client(host=host, existing_token=token or os.environ.get(submission.TOKEN_ENV))
     result = submission.submit(
         client,
-        load_pipeline().clipflow_pipeline,
+        clipflow_pipeline,
         params_file,
         params,
         overrides or [],

@@ -13,9 +13,10 @@ from kubernetes import client
 
 from clipflow.cli import main
 from clipflow.errors import ClipflowError
-from clipflow.local_run import STEPS, compile_pipeline
 from clipflow.params import load_params, parse_params
 from clipflow.train import trainjob
+from pipelines.local import compile_pipeline
+from pipelines.pipeline import STEPS
 from tests.support import REPO
 from tests.support.fake_k8s import FakeKubernetes, serve
 
@@ -97,11 +98,12 @@ def test_the_schema_check_rejects_a_malformed_trainjob(trainjob_schema):
         jsonschema.Draft7Validator(trainjob_schema).validate(job)
 
 
-def test_job_spec_rejects_local_data_and_an_uneven_batch():
+def test_a_trainjob_rejects_local_data_and_an_uneven_batch():
     with pytest.raises(ClipflowError, match="reads its data from S3"):
         trainjob.job_spec(cluster_params(), "j", "/data/builtin", None, "v1")
+    # The batch's split over the TrainJob's processes is checked once, as the params load.
     with pytest.raises(ClipflowError, match="multiple of the 24 training processes"):
-        trainjob.job_spec(cluster_params("cluster.nodes=3"), "j", DATA_URI, None, "v1")
+        cluster_params("cluster.nodes=3")
 
 
 RUNNING = {"jobsStatus": [{"name": "node", "active": 2, "ready": 2, "failed": 0, "succeeded": 0, "suspended": 0}]}

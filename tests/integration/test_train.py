@@ -17,7 +17,7 @@ from clipflow import model as clip_model
 from clipflow.data.ingest import ingest
 from clipflow.data.pairs import ShardPairs
 from clipflow.train.data import RankBatches, TrainAugment, crop_box, global_batch_indices, rank_loader
-from clipflow.train.worker import _cosine_with_warmup, _param_groups
+from clipflow.train.optim import cosine_with_warmup, param_groups
 from tests.support import REPO
 
 
@@ -78,7 +78,7 @@ def test_a_batch_is_the_same_whatever_the_process_layout_workers_or_resume_point
 
 def test_weight_decay_skips_gains_biases_embeddings_and_logit_scale():
     model = clip_model.create("CLIP-Tiny").model
-    decay, no_decay = _param_groups(model, weight_decay=0.1)
+    decay, no_decay = param_groups(model, weight_decay=0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
     assert {"logit_scale", "token_embedding.weight", "positional_embedding", "ln_final.weight"} <= no_decay_names
@@ -89,7 +89,7 @@ def test_weight_decay_skips_gains_biases_embeddings_and_logit_scale():
 
 
 def test_learning_rate_warms_up_then_decays_to_zero():
-    factor = _cosine_with_warmup(warmup_steps=10, total_steps=100)
+    factor = cosine_with_warmup(warmup_steps=10, total_steps=100)
     warmup = [factor(step) for step in range(10)]
     assert warmup == sorted(warmup) and warmup[-1] == 1.0
     assert factor(55) < factor(20) < 1.0

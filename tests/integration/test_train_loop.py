@@ -15,8 +15,10 @@ from clipflow.data.ingest import ingest
 from clipflow.errors import ClipflowError
 from clipflow.train import worker
 from clipflow.train.checkpoint import CheckpointStore, fetch, load_state, rng_state, set_rng_state
+from clipflow.train.job import WorkerJob
 from clipflow.train.loss import build_loss
 from clipflow.train.metrics import POLL_SECONDS, MetricsFile, MetricsRelay
+from clipflow.train.step import backward
 from tests.support.servers import seaweedfs
 
 BATCH = 16
@@ -38,7 +40,7 @@ def tiny():
 
 def _gradients(model, images, tokens, accum_freq, loss_kind="clip"):
     model = copy.deepcopy(model)
-    loss = worker.backward(model, build_loss(loss_kind, 0, 1), images, tokens, accum_freq, nullcontext())
+    loss = backward(model, build_loss(loss_kind, 0, 1), images, tokens, accum_freq, nullcontext())
     return loss, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
@@ -137,7 +139,7 @@ def test_training_from_s3_pretrained_weights_with_a_locked_image_tower(s3, monke
     params = replace(
         small_params.train, steps=2, pretrained="s3://ckpt/models/tiny.pt", lock_image=True, checkpoint_every=0
     )
-    worker.train(params, tmp_path / "data", tmp_path / "out", {}, mlflow_run_id=None)
+    worker.train(WorkerJob(params, mlflow_run_id=None, checkpoint_extra={}), tmp_path / "data", tmp_path / "out")
 
     trained = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)["state_dict"]
     start = pretrained.state_dict()

@@ -1,1 +1,1 @@
-"""Training: the torchrun launcher, the DDP worker, batches and losses."""
+"""Training: the torchrun and TrainJob launchers, the worker job they hand over, the DDP loop, losses, checkpoints."""

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from clipflow.params import Params, TrainParams
 from clipflow.registry.models import log_clip_model
 from clipflow.storage import Store
 from clipflow.train.checkpoint import CheckpointStore, load_state
+from clipflow.train.job import WorkerJob, checkpoint_extra
 from clipflow.train.metrics import FILE_NAME as METRICS_FILE
 from clipflow.train.metrics import MetricsRelay
 
@@ -27,7 +28,6 @@ def train(
     data_dir: str | Path,
     output_dir: str | Path,
     params: Params,
-    nproc: int | None = None,
     resume: str | None = None,
     launcher: str = "torchrun",
     data_uri: str | None = None,
@@ -42,7 +42,6 @@ def train(
         data_dir: an ingested data directory.
         output_dir: where the checkpoint (`checkpoint.pt`) is written.
         params: all params; `train` drives the loop, the rest is logged with the run.
-        nproc: processes to launch on this node; defaults to `train.nproc`.
         resume: `latest` (the newest checkpoint in the checkpoint folder) or a checkpoint path/URI.
             The run continues the MLflow run that wrote the checkpoint when the store has it.
         launcher: `torchrun` on this machine, or `trainjob`: a Kubeflow Trainer v2 TrainJob on `cluster.nodes`
@@ -58,13 +57,6 @@ def train(
     started = time.perf_counter()
     data_dir, output_dir = Path(data_dir), Path(output_dir)
     data_version = read_ingest_report(data_dir)["data_version"]
-    nproc = nproc or params.train.nproc
-    world_size = nproc * params.train.nnodes
-    if params.train.batch_size % (world_size * params.train.accum_freq):
-        raise ClipflowError(
-            f"train.batch_size ({params.train.batch_size}) must be a multiple of the processes ({world_size})"
-            f" times train.accum_freq ({params.train.accum_freq})"
-        )
     _check_loss_fits_model(params.train)
     output_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_dir = params.train.checkpoint_dir or str(output_dir.resolve() / "checkpoints")
@@ -76,27 +68,27 @@ def train(
     # launcher opens the MLflow run meanwhile, then writes the job, whole, for the workers to find.
     # An earlier job's file in this folder must not be read as this one's.
     job_file.unlink(missing_ok=True)
-    workers = _start_torchrun(params.train, nproc, job_file) if launcher == "torchrun" else None
+    workers = _start_torchrun(params.train, job_file) if launcher == "torchrun" else None
     import mlflow
 
     run_id = None
     try:
         if leads:
             tracking.setup(params.tracking)
-            run_id = _open_run(params, nproc, data_dir, start_from, previous_run_id)
-        job = {
-            "params": {**asdict(params.train), "nproc": nproc, "checkpoint_dir": checkpoint_dir},
-            "data_dir": str(data_dir.resolve()),
-            "output_dir": str(output_dir.resolve()),
-            "mlflow_run_id": run_id,
-            "resume": start_from,
-            # On this node the launcher relays the leader's step metrics to MLflow; a TrainJob's leader logs them.
-            "metrics_file": str(output_dir.resolve() / METRICS_FILE) if leads and workers is not None else None,
-            "checkpoint_extra": {"params": params.to_dict(), "data_version": data_version, "mlflow_run_id": run_id},
-        }
-        Store(output_dir).put_bytes(json.dumps(job, indent=2).encode(), job_file.name)
+            run_id = _open_run(params, data_dir, start_from, previous_run_id)
         if workers is not None:
-            _wait_for_workers(workers, job["metrics_file"], run_id)
+            job = WorkerJob(
+                params=replace(params.train, checkpoint_dir=checkpoint_dir),
+                mlflow_run_id=run_id,
+                checkpoint_extra=checkpoint_extra(params, data_version, run_id),
+                data_dir=str(data_dir.resolve()),
+                output_dir=str(output_dir.resolve()),
+                resume=start_from,
+                # On this node the launcher relays the leader's step metrics to MLflow; a TrainJob's leader logs them.
+                metrics_file=str(output_dir.resolve() / METRICS_FILE) if leads else None,
+            )
+            Store(output_dir).put_bytes(json.dumps(job.to_dict(), indent=2).encode(), job_file.name)
+            _wait_for_workers(workers, job.metrics_file, run_id)
         else:
             from clipflow.train import trainjob
 
@@ -135,10 +127,10 @@ def _check_loss_fits_model(params: TrainParams) -> None:
         )
 
 
-def _start_torchrun(params: TrainParams, nproc: int, job_file: Path) -> subprocess.Popen:
+def _start_torchrun(params: TrainParams, job_file: Path) -> subprocess.Popen:
     """This node's torchrun, whose workers wait for `job_file`."""
     env = {**os.environ, "OMP_NUM_THREADS": str(params.threads_per_proc)}
-    return subprocess.Popen(torchrun_command(params, nproc, job_file), env=env)
+    return subprocess.Popen(torchrun_command(params, job_file), env=env)
 
 
 def _wait_for_workers(workers: subprocess.Popen, metrics_file: str | None, run_id: str | None) -> None:
@@ -153,9 +145,9 @@ def _wait_for_workers(workers: subprocess.Popen, metrics_file: str | None, run_i
         raise ClipflowError(f"training failed: torchrun exited with code {returncode} (see the log above)")
 
 
-def torchrun_command(params: TrainParams, nproc: int, job_file: Path) -> list[str]:
-    """The torchrun command line of this node: standalone, or one of `params.nnodes` nodes meeting at c10d."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
+def torchrun_command(params: TrainParams, job_file: Path) -> list[str]:
+    """The torchrun command line of this node: `params.nproc` processes, alone or one of `params.nnodes` nodes."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(params.nproc)]
     command += ["--max-restarts", str(params.max_restarts)]
     if params.nnodes == 1:
         command += ["--standalone", "--nnodes", "1"]
@@ -181,7 +173,7 @@ def _resolve_resume(resume: str, checkpoint_dir: str) -> tuple[str, str | None]:
     return latest.location, latest.run_id
 
 
-def _open_run(params: Params, nproc: int, data_dir: Path, start_from: str | None, previous_run_id: str | None) -> str:
+def _open_run(params: Params, data_dir: Path, start_from: str | None, previous_run_id: str | None) -> str:
     """The MLflow run to train in: the one that wrote `start_from` if this store has it, else a new one."""
     import mlflow
 
@@ -191,7 +183,7 @@ def _open_run(params: Params, nproc: int, data_dir: Path, start_from: str | None
         except mlflow.exceptions.MlflowException:
             pass  # trained against another tracking store: start a run of its own here
     with mlflow.start_run() as run:
-        mlflow.log_params({**params.flat(), "train.nproc": nproc})
+        mlflow.log_params(params.flat())
         tags = {**lineage(data_dir), "clipflow.step": "train", "profile": params.profile or ""}
         if start_from:
             tags["resumed_from"] = start_from

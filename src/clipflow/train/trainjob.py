@@ -14,12 +14,13 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from clipflow.errors import ClipflowError
 from clipflow.params import ClusterParams, Params
+from clipflow.train.job import WorkerJob, checkpoint_extra
 
 GROUP = "trainer.kubeflow.org"
 VERSION = "v1alpha1"
@@ -52,43 +53,35 @@ def secret_env(cluster: ClusterParams) -> list[dict[str, Any]]:
     ]
 
 
-def procs_per_node(params: Params) -> int:
-    """One process per GPU, or `train.nproc` CPU processes on nodes without GPUs."""
-    return params.cluster.gpus_per_node or params.train.nproc
-
-
-def job_spec(params: Params, name: str, data_uri: str, mlflow_run_id: str | None, data_version: str) -> dict[str, Any]:
+def job_spec(params: Params, name: str, data_uri: str, mlflow_run_id: str | None, data_version: str) -> WorkerJob:
     """What every training process needs: the train params, where data and checkpoint live in S3.
 
+    The global batch's split over the `cluster.nodes` x `Params.procs_per_node()` processes is
+    checked when params with `cluster.launcher: trainjob` load.
+
     Raises:
-        ClipflowError: the data is not in S3, or the global batch does not split over the processes.
+        ClipflowError: the data is not in S3.
     """
     if not data_uri.startswith("s3://"):
         raise ClipflowError(f"a TrainJob reads its data from S3; got {data_uri!r}")
-    world = params.cluster.nodes * procs_per_node(params)
-    if params.train.batch_size % world:
-        raise ClipflowError(
-            f"train.batch_size ({params.train.batch_size}) must be a multiple of the {world} training processes"
-            " (cluster.nodes x processes per node)"
-        )
     scratch = f"{params.cluster.scratch_uri.rstrip('/')}/{name}"
     # Every node must read the checkpoints a restarted job resumes from: they live in S3.
     checkpoints = params.train.checkpoint_dir or f"{scratch}/checkpoints"
-    return {
-        "params": {
-            **asdict(params.train),
-            "nproc": world,
-            "nnodes": params.cluster.nodes,
-            "checkpoint_dir": checkpoints,
-        },
-        "data_uri": data_uri,
-        "output_uri": f"{scratch}/model",
-        "mlflow_run_id": mlflow_run_id,
-        "checkpoint_extra": {"params": params.to_dict(), "data_version": data_version, "mlflow_run_id": mlflow_run_id},
-    }
+    return WorkerJob(
+        params=replace(
+            params.train,
+            nproc=params.cluster.nodes * params.procs_per_node(),
+            nnodes=params.cluster.nodes,
+            checkpoint_dir=checkpoints,
+        ),
+        mlflow_run_id=mlflow_run_id,
+        checkpoint_extra=checkpoint_extra(params, data_version, mlflow_run_id),
+        data_uri=data_uri,
+        output_uri=f"{scratch}/model",
+    )
 
 
-def manifest(params: Params, name: str, namespace: str, job: dict[str, Any], tag: str | None = None) -> dict[str, Any]:
+def manifest(params: Params, name: str, namespace: str, job: WorkerJob, tag: str | None = None) -> dict[str, Any]:
     """The `TrainJob` that runs `job` on `cluster.nodes` nodes of `cluster.gpus_per_node` GPUs."""
     cluster = params.cluster
     resources: dict[str, Any] = {"requests": {"cpu": cluster.cpu_per_node, "memory": cluster.memory_per_node}}
@@ -96,7 +89,7 @@ def manifest(params: Params, name: str, namespace: str, job: dict[str, Any], tag
         resources["requests"]["nvidia.com/gpu"] = str(cluster.gpus_per_node)
         resources["limits"] = {"nvidia.com/gpu": str(cluster.gpus_per_node)}
     env = [
-        {"name": JOB_ENV, "value": json.dumps(job)},
+        {"name": JOB_ENV, "value": json.dumps(job.to_dict())},
         {"name": "MLFLOW_TRACKING_URI", "value": cluster.tracking_uri},
         {"name": "OMP_NUM_THREADS", "value": str(params.train.threads_per_proc)},
         *secret_env(cluster),
@@ -118,7 +111,7 @@ def manifest(params: Params, name: str, namespace: str, job: dict[str, Any], tag
                 # A restarted attempt resumes from the newest checkpoint in S3 (train.checkpoint_dir).
                 "args": ["--max-restarts", str(params.train.max_restarts), "-m", "clipflow.train.node"],
                 "numNodes": cluster.nodes,
-                "numProcPerNode": procs_per_node(params),
+                "numProcPerNode": params.procs_per_node(),
                 "resourcesPerNode": resources,
                 "env": env,
             },
@@ -246,13 +239,13 @@ class TrainJobLauncher:
                 print(f"could not delete TrainJob {name}: {exc.status} {exc.reason}", file=sys.stderr)
 
 
-def run_trainjob(params: Params, job: dict[str, Any], name: str, output_dir: str | Path) -> None:
+def run_trainjob(params: Params, job: WorkerJob, name: str, output_dir: str | Path) -> None:
     """Run `job` as a TrainJob from inside the cluster and copy its checkpoint into `output_dir`."""
     from clipflow import storage
 
     namespace = current_namespace(params.cluster.namespace)
     TrainJobLauncher(api_client(), namespace, params.cluster.poll_seconds).run(manifest(params, name, namespace, job))
-    storage.download_tree(job["output_uri"], output_dir)
+    storage.download_tree(job.output_uri, output_dir)
 
 
 def dry_run_manifest(params: Params, data_uri: str | None) -> str:
