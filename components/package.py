@@ -25,9 +25,9 @@ def package_component(params: str, overrides: list, profile: str, model_name: st
     from clipflow.serve.package import package
     from components import checkout
 
-    # The BentoML store is the process's: `clipflow run` and the step image (deploy/Dockerfile) set BENTOML_HOME.
     resolved = parse_params(params, overrides, profile or None)
     serving = checkout() / "serving"  # the step runs in the checkout (kfp.local) or the image's copy of it
+    # The BentoML store is the process's: `clipflow run` and the step image (deploy/Dockerfile) set BENTOML_HOME.
     return json.dumps(package(f"models:/{model_name}@champion", resolved, serving, gallery=Path(data.path)))
 
 

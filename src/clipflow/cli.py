@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 import typer
 
 from clipflow.errors import ClipflowError
-from clipflow.params import DEFAULT_PARAMS, Params, load_params
+from clipflow.params import DEFAULT_PARAMS, LAUNCHERS, Params, load_params
 from components import checkout
 
 app = typer.Typer(
@@ -141,8 +141,8 @@ def train(
     """Train with torchrun (gloo DDP on CPU, NCCL on GPU), resumably, or on a cluster as a TrainJob; log to MLflow."""
     from clipflow.train.launch import train as run_train
 
-    if launcher not in {"torchrun", "trainjob"}:
-        raise ClipflowError(f"--launcher must be torchrun or trainjob, got {launcher!r}")
+    if launcher not in LAUNCHERS:
+        raise ClipflowError(f"--launcher must be one of {', '.join(LAUNCHERS)}, got {launcher!r}")
     # The options are params: a global batch that does not split over the processes fails as they load.
     settings = {"nproc": nproc, "nnodes": nnodes, "node_rank": node_rank, "rdzv_endpoint": rdzv_endpoint}
     extra = [f"train.{key}={value}" for key, value in settings.items() if value is not None]
@@ -259,17 +259,12 @@ def serve(
     profile: ProfileOption = None,
 ) -> None:
     """Serve the packaged Bento with `bentoml serve` on serve.host:serve.port."""
-    from clipflow.serve.package import bentoml_env
-
     params = _params(params_file, overrides, profile)
     tag = bento or f"{params.serve.bento_name}:latest"
     bentoml = str(Path(sys.executable).with_name("bentoml"))
-    # exec, not a child process: Ctrl-C and a supervisor's SIGTERM reach bentoml directly.
-    os.execve(
-        bentoml,
-        [bentoml, "serve", tag, "--host", params.serve.host, "--port", str(port or params.serve.port)],
-        bentoml_env(),
-    )
+    # exec, not a child process: Ctrl-C and a supervisor's SIGTERM reach bentoml directly. Its store
+    # and telemetry switch are this process's own (`configure_process`).
+    os.execv(bentoml, [bentoml, "serve", tag, "--host", params.serve.host, "--port", str(port or params.serve.port)])
 
 
 @app.command("compile")

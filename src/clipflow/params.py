@@ -28,6 +28,9 @@ PROFILE_ENV = "CLIPFLOW_PROFILE"
 # BentoML's rule for the name part of a tag.
 BENTO_NAME = re.compile(r"[a-z0-9](?:[a-z0-9._-]*[a-z0-9])?")
 
+# torchrun: on this machine (or each node); trainjob: a Kubeflow Trainer v2 TrainJob on the cluster.
+LAUNCHERS = ("torchrun", "trainjob")
+
 # clip: open_clip's ClipLoss; tiled: the same loss in O(tile x batch) memory; siglip: the sigmoid loss, tiled.
 TRAIN_LOSSES = ("clip", "tiled", "siglip")
 
@@ -236,8 +239,8 @@ class ClusterParams:
     resources: dict[str, StepResources]
 
     def check(self) -> None:
-        if self.launcher not in {"torchrun", "trainjob"}:
-            raise ClipflowError(f"cluster.launcher must be torchrun or trainjob, got {self.launcher!r}")
+        if self.launcher not in LAUNCHERS:
+            raise ClipflowError(f"cluster.launcher must be one of {', '.join(LAUNCHERS)}, got {self.launcher!r}")
         if self.nodes < 1 or self.gpus_per_node < 0:
             raise ClipflowError("cluster.nodes must be at least 1 and cluster.gpus_per_node not negative")
 

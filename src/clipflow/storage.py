@@ -177,9 +177,7 @@ def download_tree(uri: str, dest: str | Path) -> int:
     source = Store(uri)
     names = source.list()
     for name in names:
-        target = Path(dest) / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        s3_client().download_file(source.bucket, source._key(name), str(target))
+        download_file(source.uri(name), Path(dest) / name)
     if not names:
         raise ClipflowError(f"nothing stored under {uri}")
     return len(names)
@@ -190,7 +188,7 @@ def upload_tree(src: str | Path, uri: str) -> int:
     target = Store(uri)
     files = [path for path in sorted(Path(src).rglob("*")) if path.is_file()]
     for path in files:
-        s3_client().upload_file(str(path), target.bucket, target._key(path.relative_to(src).as_posix()))
+        s3_client().upload_file(str(path), *split_s3(target.uri(path.relative_to(src).as_posix())))
     return len(files)
 
 

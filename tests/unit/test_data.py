@@ -54,11 +54,11 @@ def test_an_interrupted_builtin_ingest_resumes_from_its_committed_chunks(dataset
     write = ChunkWriter.write
     written: list[int] = []
 
-    def write_until_the_third(self, index, *args, **kwargs):
+    def write_until_the_third(self, *args, **kwargs):
         if len(written) == 2:
             raise KeyboardInterrupt  # the run dies with two chunks committed
-        written.append(index)
-        return write(self, index, *args, **kwargs)
+        written.append(self.chunks)
+        return write(self, *args, **kwargs)
 
     monkeypatch.setattr(ChunkWriter, "write", write_until_the_third)
     with pytest.raises(KeyboardInterrupt):
@@ -66,9 +66,7 @@ def test_an_interrupted_builtin_ingest_resumes_from_its_committed_chunks(dataset
     assert not (tmp_path / "data" / "ingest.json").exists()
 
     written.clear()
-    monkeypatch.setattr(
-        ChunkWriter, "write", lambda self, index, *a, **k: written.append(index) or write(self, index, *a, **k)
-    )
+    monkeypatch.setattr(ChunkWriter, "write", lambda self, *a, **k: written.append(self.chunks) or write(self, *a, **k))
     rerun = ingest("builtin", tmp_path / "data", small_params.data)
     assert written[0] == 2
     assert rerun["data_version"] == summary["data_version"]

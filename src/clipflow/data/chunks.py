@@ -46,10 +46,9 @@ class ChunkWriter:
         self.chunks = 0
         self._shards: Counter[str] = Counter()
 
-    def committed(self, index: int) -> dict[str, Any] | None:
-        """The record of chunk `index` if an earlier run committed it (its shards are then counted as written)."""
-        self._expect(index)
-        name = _record_name(index)
+    def committed(self) -> dict[str, Any] | None:
+        """The record of the next chunk if an earlier run committed it; the writer then moves past it."""
+        name = _record_name(self.chunks)
         if not self.store.exists(name):
             return None
         record = json.loads(self.store.get_bytes(name))
@@ -59,19 +58,18 @@ class ChunkWriter:
 
     def write(
         self,
-        index: int,
         samples: list[KeptSample],
         quarantined: list[dict[str, Any]],
         digests: dict[str, int] | None = None,
     ) -> None:
-        """Commit chunk `index`: shards, then metadata part, then its record.
+        """Commit the next chunk: shards, then metadata part, then its record.
 
         Args:
             samples: the kept samples, in row order.
             quarantined: one row per rejected input row (QUARANTINE_COLUMNS).
             digests: source sha256 -> input row of each kept sample, for a resumed run's duplicate check.
         """
-        self._expect(index)
+        index = self.chunks
         splits = list(dict.fromkeys(sample.split for sample in samples))
         names = {split: f"{split}/{split}-{self._shards[split]:06d}.tar" for split in splits}
         sizes = dict.fromkeys(names.values(), 0)
@@ -170,11 +168,6 @@ class ChunkWriter:
             "quarantine_reasons": reason_counts(quarantine["reason"]),
             "data_version": version_of(hashes),
         }
-
-    def _expect(self, index: int) -> None:
-        # Shards are numbered per split in chunk order: a chunk out of turn would take another's numbers.
-        if index != self.chunks:
-            raise ValueError(f"chunk {index} out of order: chunk {self.chunks} comes next")
 
     def _local(self, name: str) -> Path:
         return self.scratch / f".{Path(name).name}.tmp"

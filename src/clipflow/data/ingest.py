@@ -78,14 +78,12 @@ def _ingest_builtin(output: str, params: DataParams) -> dict[str, Any]:
     with store.scratch(f"{STAGING}/tmp") as scratch:
         chunks = ChunkWriter(store, scratch)
         for split in builtin.SPLITS:
-            samples = builtin.generate(params, split)
             total = builtin.split_size(params, split)
-            for chunk in progress(
-                _batched(samples, params.shard_size), total=-(-total // params.shard_size), desc=f"ingest {split}"
-            ):
-                # Rendering is what a resumed run would skip; the generator must still pass the chunk.
-                if chunks.committed(chunks.chunks) is None:
-                    chunks.write(chunks.chunks, [_builtin_sample(sample) for sample in chunk], quarantined=[])
+            samples = progress(builtin.generate(params, split), total=total, desc=f"ingest {split}")
+            for chunk in _batched(samples, params.shard_size):
+                # A committed chunk is rendered again, as the generator must pass it, but not encoded or written.
+                if chunks.committed() is None:
+                    chunks.write([_builtin_sample(sample) for sample in chunk], quarantined=[])
         counts = chunks.finish()
     return _report("builtin", store, counts, started)
 
@@ -179,12 +177,12 @@ def _ingest_source(source: str, output: str, params: DataParams, checks: Validat
     seen: dict[bytes, int] = {}
     with store.scratch(f"{STAGING}/tmp") as scratch, _pool(params, checks, limits) as check:
         chunks = ChunkWriter(store, scratch)
-        for index, chunk in enumerate(progress(_batched(rows, params.shard_size), desc="ingest chunks")):
-            record = chunks.committed(index)
+        for chunk in progress(_batched(rows, params.shard_size), desc="ingest chunks"):
+            record = chunks.committed()
             if record is not None:
                 seen.update((bytes.fromhex(digest), row) for digest, row in record["digests"].items())
                 continue
-            _ingest_chunk(chunks, index, chunk, check(chunk), seen, params.split_fractions)
+            _ingest_chunk(chunks, chunk, check(chunk), seen, params.split_fractions)
         counts = chunks.finish()
     return _report(source, store, counts, started)
 
@@ -260,7 +258,6 @@ class _pool:
 
 def _ingest_chunk(
     chunks: ChunkWriter,
-    index: int,
     chunk: list[SourceRow],
     outcomes: Iterator[_Checked | str],
     seen: dict[bytes, int],
@@ -299,7 +296,7 @@ def _ingest_chunk(
         text_extra = {k: v if isinstance(v, str) or v is None else json.dumps(v, default=str) for k, v in extra.items()}
         record = ShardRecord(row.key, image.jpeg, "jpg", outcome.caption, {**meta, **_jsonable(extra)})
         kept.append(KeptSample(_split_of(row.key, fractions), record, {**meta, **text_extra}))
-    chunks.write(index, kept, quarantined, digests)
+    chunks.write(kept, quarantined, digests)
 
 
 def _jsonable(values: dict[str, Any]) -> dict[str, Any]:

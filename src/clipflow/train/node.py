@@ -15,6 +15,7 @@ from pathlib import Path
 
 from clipflow import storage
 from clipflow.train import worker
+from clipflow.train.group import local_rank
 from clipflow.train.job import WorkerJob
 from clipflow.train.trainjob import JOB_ENV
 
@@ -24,7 +25,7 @@ WORKDIR = Path(os.environ.get("CLIPFLOW_WORKDIR", "/tmp/clipflow"))
 def main() -> None:
     job = WorkerJob.from_dict(json.loads(os.environ[JOB_ENV]))
     data_dir, output_dir, ready = WORKDIR / "data", WORKDIR / "model", WORKDIR / "data.ready"
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+    if local_rank() == 0:
         storage.download_tree(job.data_uri, data_dir)
         ready.touch()
     while not ready.exists():
