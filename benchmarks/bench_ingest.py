@@ -88,10 +88,10 @@ def run_case(manifest: Path, output: Path) -> dict:
     sampler.join()
     to_mb = 1 / 1024  # ru_maxrss is in KiB on Linux
     return {
-        "rows": summary["input_rows"],
-        "kept": summary["kept"],
+        "rows": summary.input_rows,
+        "kept": summary.kept,
         "seconds": seconds,
-        "images_per_s": summary["kept"] / seconds,
+        "images_per_s": summary.kept / seconds,
         "main_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * to_mb,
         "worker_peak_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * to_mb,
         "total_peak_mb": peak["total_mb"],

@@ -218,7 +218,7 @@ def package_bento(tmp: Path, model: str, batching: bool) -> str:
         clip_model.save_checkpoint(checkpoint, clip_model.create(model).model, model, extra={})
     overrides = [f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"serve.batching={str(batching).lower()}"]
     params = load_params(ROOT / "params.yaml", overrides=overrides)
-    return package(str(checkpoint), params, ROOT / "serving")["bento_tag"]
+    return package(str(checkpoint), params, ROOT / "serving").bento_tag
 
 
 def serve(bento_tag: str, port: int, log: Path) -> subprocess.Popen:

@@ -23,7 +23,6 @@ def ingest_component(
         source: `builtin`, or a manifest or shard location.
         data: the data directory this step fills.
     """
-    import json
     from collections import namedtuple
 
     from clipflow.artifacts import dvc_md5
@@ -31,11 +30,11 @@ def ingest_component(
     from clipflow.params import parse_params
 
     resolved = parse_params(params, overrides, profile or None)
-    summary = ingest(source, data.path, resolved.data, resolved.validate)
-    data.metadata.update({"data_version": summary["data_version"], "rows": summary["rows"]})
+    report = ingest(source, data.path, resolved.data, resolved.validate)
+    data.metadata.update({"data_version": report.data_version, "rows": report.kept})
     # What `dvc add` or dvc.lock would record for this folder, and the code that wrote it.
-    data.metadata.update({"dvc_md5": dvc_md5(data.path), "git_revision": summary["git_revision"] or ""})
-    return namedtuple("IngestOutputs", ["data_version", "report"])(summary["data_version"], json.dumps(summary))
+    data.metadata.update({"dvc_md5": dvc_md5(data.path), "git_revision": report.git_revision or ""})
+    return namedtuple("IngestOutputs", ["data_version", "report"])(report.data_version, report.to_json())
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ def package_component(params: str, overrides: list, profile: str, model_name: st
     resolved = parse_params(params, overrides, profile or None)
     serving = checkout() / "serving"  # the step runs in the checkout (kfp.local) or the image's copy of it
     # The BentoML store is the process's: `clipflow run` and the step image (deploy/Dockerfile) set BENTOML_HOME.
-    return json.dumps(package(f"models:/{model_name}@champion", resolved, serving, gallery=Path(data.path)))
+    result = package(f"models:/{model_name}@champion", resolved, serving, gallery=Path(data.path))
+    return json.dumps(result.to_dict())
 
 
 if __name__ == "__main__":

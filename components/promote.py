@@ -33,7 +33,7 @@ def promote_component(
     resolved = parse_params(params, overrides, profile or None)
     result = promote(model_uri, json.loads(metrics_json), resolved, data_version=data_version)
     outputs = namedtuple("PromoteOutputs", ["model_name", "model_version", "report"])
-    return outputs(result["model_name"], result["model_version"], json.dumps(result))
+    return outputs(result.model_name, result.model_version, json.dumps(result.to_dict()))
 
 
 if __name__ == "__main__":

@@ -36,9 +36,9 @@ def train_component(
     # Only the cluster build sets CLIPFLOW_LAUNCHER (to trainjob); kfp.local runs torchrun in the step itself.
     launcher = os.environ.get("CLIPFLOW_LAUNCHER", "torchrun")
     result = train(data.path, model.path, resolved, resume=resume or None, launcher=launcher, data_uri=data.uri)
-    model.metadata.update({"mlflow_run_id": result["mlflow_run_id"], "framework": "open_clip"})
+    model.metadata.update({"mlflow_run_id": result.mlflow_run_id, "framework": "open_clip"})
     outputs = namedtuple("TrainOutputs", ["mlflow_run_id", "model_uri", "report"])
-    return outputs(result["mlflow_run_id"], result["model_uri"], json.dumps(result))
+    return outputs(result.mlflow_run_id, result.model_uri, json.dumps(result.to_dict()))
 
 
 if __name__ == "__main__":

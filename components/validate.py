@@ -38,11 +38,11 @@ def validate_component(
 
     resolved = parse_params(params, overrides, profile or None)
     result = validate(data.path, validation.path, resolved.validate)
-    shutil.copyfile(Path(result["report"]), report.path)
-    validation.metadata.update({k: result[k] for k in ("rows", "kept", "quarantined")})
+    shutil.copyfile(Path(result.report), report.path)
+    validation.metadata.update({k: getattr(result, k) for k in ("input_rows", "kept", "quarantined")})
     validation.metadata["mlflow_run_id"] = log_report(validation.path, result, resolved.tracking, data.path)
     check_passed(result, resolved.validate)
-    return json.dumps(result)
+    return json.dumps(result.to_dict())
 
 
 if __name__ == "__main__":

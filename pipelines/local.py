@@ -12,8 +12,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from clipflow.artifacts import IngestReport, TrainReport, ValidationReport
 from clipflow.errors import ClipflowError
 from clipflow.params import Params
+from clipflow.registry.promote import PromoteResult
+from clipflow.serve.package import PackageResult
 from clipflow.tracking import absolute_uri
 from pipelines import params_json
 from pipelines.pipeline import STEPS, clipflow_pipeline
@@ -58,7 +61,7 @@ def run_pipeline(
         ).outputs
     except RuntimeError as exc:
         raise ClipflowError(f"pipeline failed at {_failed_step(str(exc))}; its error is in the log above") from None
-    reports = {step: json.loads(outputs[f"{step}_report"]) for step in STEPS}
+    reports = {step: outputs[f"{step}_report"] for step in STEPS}
     return summarize(reports, total_seconds=time.perf_counter() - started)
 
 
@@ -69,23 +72,36 @@ def _failed_step(message: str) -> str:
     return tasks[-1].removesuffix("-component") if tasks else "a step"
 
 
-def summarize(reports: dict[str, dict[str, Any]], total_seconds: float) -> dict[str, Any]:
-    """The run summary: what was trained, how it scored, where it went, and how long each step took."""
-    metrics = reports["evaluate"]["metrics"]
+def summarize(reports: dict[str, str], total_seconds: float) -> dict[str, Any]:
+    """The run summary from each step's JSON report: what was trained, how it scored, where it went, how long."""
+    ingested = IngestReport.from_json(reports["ingest"])
+    validated = ValidationReport.from_json(reports["validate"])
+    trained = TrainReport.from_json(reports["train"])
+    evaluated = json.loads(reports["evaluate"])
+    promoted = PromoteResult.from_json(reports["promote"])
+    packaged = PackageResult.from_json(reports["package"])
+    timings = {
+        "ingest": ingested.seconds,
+        "validate": validated.seconds,
+        "train": trained.seconds,
+        "evaluate": evaluated["seconds"],
+        "promote": promoted.seconds,
+        "package": packaged.seconds,
+    }
     return {
-        "mlflow_run_id": reports["train"]["mlflow_run_id"],
-        "checkpoint": reports["train"]["checkpoint"],
-        "model_name": reports["promote"]["model_name"],
-        "model_version": reports["promote"]["model_version"],
-        "aliases": reports["promote"]["aliases"],
-        "promoted": reports["promote"]["promoted"],
-        "promotion_reason": reports["promote"]["reason"],
-        "bento_tag": reports["package"]["bento_tag"],
-        "data_version": reports["ingest"]["data_version"],
-        "data_dir": reports["ingest"]["output"],
-        "validation": {k: reports["validate"][k] for k in ("rows", "kept", "quarantined")},
-        "metrics": metrics,
-        "timings": {**{step: reports[step]["seconds"] for step in STEPS}, "total": round(total_seconds, 2)},
+        "mlflow_run_id": trained.mlflow_run_id,
+        "checkpoint": trained.checkpoint,
+        "model_name": promoted.model_name,
+        "model_version": promoted.model_version,
+        "aliases": promoted.aliases,
+        "promoted": promoted.promoted,
+        "promotion_reason": promoted.reason,
+        "bento_tag": packaged.bento_tag,
+        "data_version": ingested.data_version,
+        "data_dir": ingested.output,
+        "validation": {k: getattr(validated, k) for k in ("input_rows", "kept", "quarantined")},
+        "metrics": evaluated["metrics"],
+        "timings": {**timings, "total": round(total_seconds, 2)},
     }
 
 

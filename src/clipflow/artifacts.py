@@ -7,10 +7,11 @@ code, so a step can change how it works without its readers noticing. A data dir
     {split}/sizes.json               shard name -> samples
     metadata.parquet                 one row per kept sample: key, split, shard, caption, sha256, ...
     quarantine.parquet               one row per rejected input row: row, key, source, reason
-    ingest.json                      the ingest report: counts per split, rows in and out, the data version
+    ingest.json                      `IngestReport`: rows in, kept per split, quarantined, the data version
 
-A training output folder holds the checkpoint and `train.json` (`TrainReport`); an evaluation
-folder holds `metrics.json` (read by `read_metrics`) beside its plots and tables.
+A validation folder holds `validation.json` (`ValidationReport`) beside its data docs; a training
+output folder holds the checkpoint and `train.json` (`TrainReport`); an evaluation folder holds
+`metrics.json` (read by `read_metrics`) beside its plots and tables.
 """
 
 from __future__ import annotations
@@ -33,16 +34,85 @@ TRAIN_REPORT = "train.json"
 METRICS_FILE = "metrics.json"
 
 
-def read_ingest_report(data_dir: str | Path) -> dict[str, Any]:
-    """What ingest wrote about a data directory (`ingest.json`).
+@dataclass(frozen=True)
+class IngestReport:
+    """What ingest wrote about a data directory (`ingest.json`), written last: it means the data is complete.
 
-    Raises:
-        ClipflowError: the folder is not an ingested data directory.
+    `input_rows` reconciles: every row read is either kept (in a shard and `metadata.parquet`)
+    or quarantined (in `quarantine.parquet`, with its reason).
     """
-    path = Path(data_dir) / INGEST_REPORT
-    if not path.is_file():
-        raise ClipflowError(f"not an ingested data directory (no {INGEST_REPORT}): {data_dir}")
-    return json.loads(path.read_text())
+
+    source: str
+    output: str
+    counts: dict[str, int]  # kept samples per split
+    input_rows: int
+    kept: int
+    quarantined: int
+    quarantine_reasons: dict[str, int]
+    data_version: str
+    git_revision: str | None
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def read(cls, data_dir: str | Path) -> IngestReport:
+        """Raises: ClipflowError: the folder is not an ingested data directory."""
+        path = Path(data_dir) / INGEST_REPORT
+        if not path.is_file():
+            raise ClipflowError(f"not an ingested data directory (no {INGEST_REPORT}): {data_dir}")
+        return cls.from_json(path.read_text())
+
+    @classmethod
+    def from_json(cls, text: str) -> IngestReport:
+        return cls(**json.loads(text))
+
+
+@dataclass(frozen=True)
+class ExpectationResult:
+    expectation: str
+    column: str
+    reason: str
+    success: bool
+    unexpected_count: int
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    """What validate wrote beside its data docs (`validation.json`).
+
+    `input_rows` counts the rows ingest read, so the quarantine covers both stages:
+    `quarantined = quarantined_at_ingest + quarantined_by_suite` and `kept + quarantined = input_rows`.
+    """
+
+    success: bool
+    input_rows: int
+    kept: int
+    quarantined: int
+    quarantined_at_ingest: int
+    quarantined_by_suite: int
+    quarantine_reasons: dict[str, int]
+    bad_fraction: float
+    max_bad_fraction: float
+    expectations: tuple[ExpectationResult, ...]
+    report: str  # the data docs' index.html
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def write(self, report_dir: str | Path) -> None:
+        (Path(report_dir) / VALIDATION_REPORT).write_text(json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def from_json(cls, text: str) -> ValidationReport:
+        values = json.loads(text)
+        expectations = tuple(ExpectationResult(**each) for each in values.pop("expectations"))
+        return cls(**values, expectations=expectations)
 
 
 @dataclass(frozen=True)
@@ -67,7 +137,11 @@ class TrainReport:
         path = Path(output_dir) / TRAIN_REPORT
         if not path.is_file():
             raise ClipflowError(f"not a training output folder (no {TRAIN_REPORT}): {output_dir}")
-        return cls(**json.loads(path.read_text()))
+        return cls.from_json(path.read_text())
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainReport:
+        return cls(**json.loads(text))
 
     @staticmethod
     def exists(output_dir: str | Path) -> bool:
@@ -84,9 +158,12 @@ def read_metrics(path: str | Path) -> dict[str, float]:
     if not path.is_file():
         raise ClipflowError(f"metrics file not found: {path}")
     try:
-        return json.loads(path.read_text())["metrics"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise ClipflowError(f"{path} is not a {METRICS_FILE} from `clipflow evaluate`") from None
+        metrics = json.loads(path.read_text())["metrics"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        metrics = None
+    if not isinstance(metrics, dict):
+        raise ClipflowError(f"{path} is not a {METRICS_FILE} from `clipflow evaluate`")
+    return metrics
 
 
 def data_version(data_dir: str | Path) -> str:
@@ -155,8 +232,8 @@ def git_revision(cwd: str | Path = ".") -> str | None:
 
 def lineage(data_dir: str | Path) -> dict[str, str]:
     """What ties a model to its data: the content version, the DVC hash and the git revision of ingest."""
-    report = read_ingest_report(data_dir)
-    tags = {"data_version": report["data_version"], "data_dvc_md5": dvc_md5(data_dir)}
-    if report.get("git_revision"):
-        tags["data_git_revision"] = report["git_revision"]
+    report = IngestReport.read(data_dir)
+    tags = {"data_version": report.data_version, "data_dvc_md5": dvc_md5(data_dir)}
+    if report.git_revision:
+        tags["data_git_revision"] = report.git_revision
     return tags

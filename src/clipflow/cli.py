@@ -11,7 +11,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -40,8 +40,10 @@ def _params(params_file: Path, overrides: list[str] | None, profile: str | None)
     return load_params(params_file, overrides or [], profile)
 
 
-def _print_json(result: dict) -> None:
-    typer.echo(json.dumps(result, indent=2, default=str))
+def _print_json(result: Any) -> None:
+    """Print a step's result: a dict, or one of the typed reports (anything with `to_dict`)."""
+    values = result if isinstance(result, dict) else result.to_dict()
+    typer.echo(json.dumps(values, indent=2, default=str))
 
 
 def _require_dir(path: Path, what: str) -> None:
@@ -109,8 +111,9 @@ def validate(
     if mlflow:
         from clipflow.validate.tracking import log_report
 
-        result["mlflow_run_id"] = log_report(report, result, params.tracking, data)
-    _print_json(result)
+        _print_json({**result.to_dict(), "mlflow_run_id": log_report(report, result, params.tracking, data)})
+    else:
+        _print_json(result)
     check_passed(result, params.validate)
 
 

@@ -168,6 +168,14 @@ class PromoteParams:
     floors: dict[str, float]
     max_drop: float
 
+    def check(self) -> None:
+        """Floors and the drop are fractions, as every metric the gate reads is."""
+        for name, floor in self.floors.items():
+            if not 0.0 <= floor <= 1.0:  # also false for NaN
+                raise ClipflowError(f"promote.floors.{name} must be a fraction in [0, 1], got {floor}")
+        if not 0.0 <= self.max_drop <= 1.0:
+            raise ClipflowError(f"promote.max_drop must be a fraction in [0, 1], got {self.max_drop}")
+
 
 @dataclass(frozen=True)
 class ServeParams:
@@ -275,7 +283,7 @@ class Params:
 
     def check(self) -> None:
         """Reject combinations that are well-typed but cannot work, section by section, then across them."""
-        for section in (self.data, self.validate, self.train, self.serve, self.cluster):
+        for section in (self.data, self.validate, self.train, self.promote, self.serve, self.cluster):
             section.check()
         if "heldout" not in self.evaluate.zeroshot:
             raise ClipflowError("evaluate.zeroshot must define the 'heldout' set that the gate and summary report")

@@ -63,7 +63,7 @@ def test_whole_pipeline_runs_through_kfp_local(pipeline_run):
     assert all(seconds > 0 for seconds in summary["timings"].values())
     for name in ("zeroshot_top1_heldout", "retrieval_i2t_r1", "retrieval_t2i_r1"):
         assert 0.0 <= summary["metrics"][name] <= 1.0
-    assert summary["validation"]["rows"] == summary["validation"]["kept"] + summary["validation"]["quarantined"]
+    assert summary["validation"]["input_rows"] == summary["validation"]["kept"] + summary["validation"]["quarantined"]
     # the test profile's gate has zero floors, so the first model becomes champion
     assert summary["promoted"] and "champion" in summary["aliases"]
     assert summary["bento_tag"].startswith("clipflow")

@@ -113,7 +113,7 @@ def test_ingest_writes_shards_per_split_and_reports_the_data_version(ingested, s
     assert report["output"] == data.path and report["source"] == "builtin"
     counts = {split: getattr(small_params.data, f"num_{split}") for split in ("train", "test", "heldout", "probe")}
     assert report["counts"] == counts
-    assert report["rows"] == data.metadata["rows"] == sum(counts.values())
+    assert report["kept"] == report["input_rows"] == data.metadata["rows"] == sum(counts.values())
     for split, count in counts.items():
         assert sum(json.loads((Path(data.path) / split / "sizes.json").read_text()).values()) == count
         assert sorted(Path(data.path, split).glob(f"{split}-*.tar"))
@@ -126,9 +126,9 @@ def test_validate_passes_the_generated_data_and_logs_its_report(run, ingested, v
     data, ingest_outputs = ingested
     report, validation, result = validated
     assert result["success"] is True
-    assert result["rows"] == result["kept"] == data.metadata["rows"] and result["quarantined"] == 0
-    assert {k: validation.metadata[k] for k in ("rows", "kept", "quarantined")} == {
-        k: result[k] for k in ("rows", "kept", "quarantined")
+    assert result["input_rows"] == result["kept"] == data.metadata["rows"] and result["quarantined"] == 0
+    assert {k: validation.metadata[k] for k in ("input_rows", "kept", "quarantined")} == {
+        k: result[k] for k in ("input_rows", "kept", "quarantined")
     }
     assert "<html" in Path(report.path).read_text().lower()
     for name in ("validation.json", "quarantine.parquet", "index.html"):

@@ -15,7 +15,7 @@ import pytest
 import webdataset as wds
 import yaml
 
-from clipflow.artifacts import data_version, dvc_md5, lineage
+from clipflow.artifacts import IngestReport, data_version, dvc_md5, lineage
 from clipflow.data.ingest import ingest
 from clipflow.params import Params
 from tests.support import bad_inputs
@@ -67,7 +67,7 @@ def test_manifest_in_a_bucket_to_shards_in_another(
 ) -> None:
     summary = ingest(manifest, "s3://shards/v1", params.data, params.validate)
 
-    assert summary["input_rows"] == IMAGES + 1 and summary["kept"] == IMAGES and summary["quarantined"] == 1
+    assert summary.input_rows == IMAGES + 1 and summary.kept == IMAGES and summary.quarantined == 1
     client = s3_env.client()
     keys = sorted(item["Key"] for item in client.list_objects_v2(Bucket="shards", Prefix="v1/")["Contents"])
     assert not [k for k in keys if "/.ingest" in k or k.endswith(".tmp")]
@@ -80,9 +80,9 @@ def test_manifest_in_a_bucket_to_shards_in_another(
     assert quarantine["reason"].tolist() == ["S3 object not found: s3://images/pics/missing.png"]
     metadata = pd.read_parquet(io.BytesIO(read("v1/metadata.parquet")))
     assert sorted(metadata["sku"]) == [f"sku-{i}" for i in range(IMAGES)]
-    assert json.loads(read("v1/ingest.json")) == summary
+    assert IngestReport.from_json(read("v1/ingest.json")) == summary
     stored = 0
-    for split in summary["counts"]:
+    for split in summary.counts:
         sizes = json.loads(read(f"v1/{split}/sizes.json"))
         for shard, count in sizes.items():
             local = tmp_path / shard
@@ -110,7 +110,7 @@ def test_dvc_push_and_pull_through_a_local_and_an_s3_remote(
     data = repo / "data" / "catalogue"
     summary = ingest(manifest, data, params.data, params.validate)
     version = data_version(data)
-    assert summary["data_version"] == version
+    assert summary.data_version == version
 
     _dvc(repo, "add", "data/catalogue", env=env)
     recorded = yaml.safe_load((repo / "data" / "catalogue.dvc").read_text())["outs"][0]["md5"]
@@ -135,7 +135,7 @@ def test_shards_under_an_s3_prefix_are_reingested(
 ) -> None:
     first = ingest(manifest, "s3://shards/v2", params.data, params.validate)
     again = ingest("s3://shards/v2/", tmp_path / "again", params.data, params.validate)
-    assert again["input_rows"] == again["kept"] == first["kept"]
+    assert again.input_rows == again.kept == first.kept
     metadata = pd.read_parquet(tmp_path / "again" / "metadata.parquet")
     assert set(metadata["orig_source"]) == {f"s3://images/pics/{i}.png" for i in range(IMAGES)}
     assert set(metadata["orig_sku"]) == {f"sku-{i}" for i in range(IMAGES)}

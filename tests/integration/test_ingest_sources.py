@@ -116,15 +116,15 @@ def _stored_image(out: Path, key: str) -> Image.Image:
 def _reconciles(summary: dict, out: Path) -> pd.DataFrame:
     metadata = pd.read_parquet(out / "metadata.parquet")
     quarantine = pd.read_parquet(out / "quarantine.parquet")
-    assert summary["input_rows"] == summary["kept"] + summary["quarantined"]
-    assert summary["kept"] == len(metadata) == sum(summary["counts"].values())
-    assert summary["quarantined"] == len(quarantine)
+    assert summary.input_rows == summary.kept + summary.quarantined
+    assert summary.kept == len(metadata) == sum(summary.counts.values())
+    assert summary.quarantined == len(quarantine)
     kept_rows = metadata["source_row"].tolist() if len(metadata) else []
-    assert sorted(kept_rows + quarantine["row"].tolist()) == list(range(summary["input_rows"]))
-    for split, count in summary["counts"].items():
+    assert sorted(kept_rows + quarantine["row"].tolist()) == list(range(summary.input_rows))
+    for split, count in summary.counts.items():
         assert sum(json.loads((out / split / "sizes.json").read_text()).values()) == count
     assert not list(out.rglob("*.tmp")) and not (out / ".ingest").exists()
-    assert summary["data_version"] == data_version(out)
+    assert summary.data_version == data_version(out)
     return quarantine
 
 
@@ -138,9 +138,9 @@ def test_each_bad_input_alone(case: str, web: str, params: Params, tmp_path: Pat
     summary = ingest(str(tmp_path / "manifest.csv"), tmp_path / "out", params.data, params.validate)
 
     quarantine = _reconciles(summary, tmp_path / "out")
-    assert summary["input_rows"] == 3
+    assert summary.input_rows == 3
     if reason is None:
-        assert summary["quarantined"] == 0
+        assert summary.quarantined == 0
         metadata = pd.read_parquet(tmp_path / "out" / "metadata.parquet").set_index("label")
         image = _stored_image(tmp_path / "out", metadata.loc[case, "key"])
         assert image.mode == "RGB"
@@ -170,15 +170,15 @@ def test_all_bad_inputs_mixed_in_one_manifest(web: str, params: Params, tmp_path
     assert sorted(quarantine.index) == sorted(expected)
     for row, reason in expected.items():
         assert pd.Series([quarantine.loc[row, "reason"]]).str.contains(reason).all(), (row, reason)
-    assert summary["input_rows"] == len(rows) + 1
+    assert summary.input_rows == len(rows) + 1
 
     # The validate step reports the same split of input rows, and fails on them with one line.
     result = validate(tmp_path / "out", tmp_path / "report", params.validate)
-    assert result["rows"] == summary["input_rows"] and result["kept"] == summary["kept"]
-    assert result["quarantined"] == result["quarantined_at_ingest"] == summary["quarantined"]
+    assert result.input_rows == summary.input_rows and result.kept == summary.kept
+    assert result.quarantined == result.quarantined_at_ingest == summary.quarantined
     report = pd.read_parquet(tmp_path / "report" / "quarantine.parquet")
-    assert len(report) == summary["quarantined"] and set(report["stage"]) == {"ingest"}
-    with pytest.raises(ClipflowError, match=f"{summary['quarantined']} of {summary['input_rows']} input rows"):
+    assert len(report) == summary.quarantined and set(report["stage"]) == {"ingest"}
+    with pytest.raises(ClipflowError, match=f"{summary.quarantined} of {summary.input_rows} input rows"):
         check_passed(result, params.validate)
 
 
@@ -190,7 +190,7 @@ def test_manifest_without_caption_column_is_one_clear_error(params: Params, tmp_
     assert "\n" not in str(error.value) and "text" in str(error.value)
     renamed = dataclasses.replace(params.data, caption_column="text")
     summary = ingest(str(tmp_path / "manifest.parquet"), tmp_path / "out", renamed, params.validate)
-    assert summary["kept"] == 2
+    assert summary.kept == 2
 
 
 def test_split_is_a_function_of_the_key_alone(params: Params, tmp_path: Path) -> None:
@@ -239,7 +239,7 @@ def test_crash_leaves_only_whole_shards_and_a_rerun_resumes(params: Params, tmp_
     monkeypatch.setattr(ingest_module, "fetch", lambda uri, limits: fetched.append(uri) or real_fetch(uri, limits))
     resumed = ingest(manifest, out, params.data, params.validate)
     assert len(fetched) == len(rows) - params.data.shard_size  # the first chunk was not redone
-    assert resumed["data_version"] == clean["data_version"]
+    assert resumed.data_version == clean.data_version
     _reconciles(resumed, out)
 
 
@@ -274,7 +274,7 @@ def test_shards_are_revalidated_and_resplit_and_unsafe_members_quarantined(param
     summary = ingest(str(tmp_path / "first"), tmp_path / "second", params.data, params.validate)
 
     quarantine = _reconciles(summary, tmp_path / "second")
-    assert summary["kept"] == first["kept"] + 1
+    assert summary.kept == first.kept + 1
     reasons = sorted(quarantine["reason"])
     assert any(r.startswith("unsafe member name '../evil.txt'") for r in reasons), reasons
     assert any(r.startswith("member 'link.jpg' is a link") for r in reasons), reasons
@@ -317,7 +317,7 @@ def test_all_rows_quarantined_fails_validation_with_one_line(params: Params, tmp
         tmp_path / "manifest.csv", index=False
     )
     summary = ingest(str(tmp_path / "manifest.csv"), tmp_path / "out", params.data, params.validate)
-    assert summary["kept"] == 0 and summary["quarantined"] == summary["input_rows"] == 2
+    assert summary.kept == 0 and summary.quarantined == summary.input_rows == 2
     _reconciles(summary, tmp_path / "out")
     with pytest.raises(ClipflowError, match=r"^validation failed: all 2 input rows were quarantined at ingest; see "):
         validate(tmp_path / "out", tmp_path / "report", params.validate)
@@ -346,7 +346,7 @@ def test_a_killed_ingest_resumes_to_the_same_data(params: Params, tmp_path: Path
             assert len(tar.getnames()) % 3 == 0
     assert not list(out.glob("*/.*.tmp"))
     resumed = ingest(manifest, out, params.data, params.validate)
-    assert resumed["data_version"] == clean["data_version"]
+    assert resumed.data_version == clean.data_version
     _reconciles(resumed, out)
 
 
@@ -357,5 +357,5 @@ def test_manifest_over_http_with_images_next_to_it(params: Params, tmp_path: Pat
     with bad_inputs.http_server(files, slow_delay_s=0) as url:
         summary = ingest(f"{url}/data/manifest.jsonl", tmp_path / "out", params.data, params.validate)
     quarantine = _reconciles(summary, tmp_path / "out")
-    assert summary["kept"] == 1
+    assert summary.kept == 1
     assert quarantine["reason"].tolist() == [f"HTTP 404 from {url}/data/gone.png"]

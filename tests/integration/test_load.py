@@ -63,7 +63,7 @@ def _client(url: str, worker: int, deadline: float, counts: Counter, lock: threa
 
 
 def test_sixteen_clients_for_a_minute_get_no_5xx(packaged):
-    with serve_bento(packaged["result"]["bento_tag"], packaged["tmp"]) as url:
+    with serve_bento(packaged["result"].bento_tag, packaged["tmp"]) as url:
         counts: Counter = Counter()
         lock = threading.Lock()
         deadline = time.monotonic() + SECONDS

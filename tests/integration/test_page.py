@@ -49,13 +49,13 @@ def browser():
 
 @pytest.fixture(scope="module")
 def open_server(packaged):
-    with serve_bento(packaged["result"]["bento_tag"], packaged["tmp"]) as url:
+    with serve_bento(packaged["result"].bento_tag, packaged["tmp"]) as url:
         yield url
 
 
 @pytest.fixture(scope="module")
 def keyed_gallery_server(packaged):
-    with serve_bento(packaged["result"]["bento_tag"], packaged["tmp"], CLIPFLOW_API_KEY=API_KEY) as url:
+    with serve_bento(packaged["result"].bento_tag, packaged["tmp"], CLIPFLOW_API_KEY=API_KEY) as url:
         yield url
 
 

@@ -15,7 +15,7 @@ from clipflow import model as clip_model
 from clipflow import tracking
 from clipflow.errors import ClipflowError
 from clipflow.registry.models import download_checkpoint, log_clip_model
-from clipflow.registry.promote import CHAMPION, gate, promote, promotion_lock, rollback
+from clipflow.registry.promote import CHAMPION, check_metrics, gate, promote, promotion_lock, rollback
 from tests.support.servers import mlflow_server, seaweedfs
 
 CLIPFLOW = str(Path(sys.executable).with_name("clipflow"))
@@ -30,6 +30,27 @@ def test_gate_floors_and_allowed_drop():
     dropped = gate({"acc": 0.55}, floors, 0.02, {"acc": 0.6})
     assert not dropped.passed and "drops more than 0.02" in dropped.reason
     assert not gate({}, floors, 0.02, None).passed
+    assert not gate({"acc": float("nan")}, floors, 0.02, None).passed
+    # a champion tagged inf before the metrics were checked does not block every later model
+    assert gate({"acc": 0.6}, floors, 0.02, {"acc": float("inf")}).passed
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        (float("nan"), "not a finite number"),
+        (float("inf"), "not a finite number"),
+        ("0.9", "not a finite number"),
+        (None, "not a finite number"),
+        (True, "not a finite number"),
+        (1.5, r"outside \[0, 1\]"),
+        (-0.1, r"outside \[0, 1\]"),
+    ],
+)
+def test_gated_metrics_must_be_finite_fractions(value, problem):
+    with pytest.raises(ClipflowError, match=f"metric acc={value!r} is {problem}; nothing was registered"):
+        check_metrics({"acc": value, "other": "ignored: not gated"}, {"acc": 0.5})
+    check_metrics({"acc": 0.5}, {"acc": 0.5})  # a floor value is a valid metric
 
 
 @pytest.fixture(scope="module")
@@ -71,22 +92,22 @@ def test_register_gate_refuse_and_roll_back(registry, small_params):
     params = _params(small_params, registry, "clip-gate")
     tracking.setup(params.tracking)
     first = promote(_logged_model(registry), {"zeroshot_top1_heldout": 0.5}, params, data_version="v1")
-    assert first["promoted"] and first["aliases"] == ["challenger", "champion"]
+    assert first.promoted and first.aliases == ["challenger", "champion"]
 
     worse = promote(_logged_model(registry), {"zeroshot_top1_heldout": 0.4}, params, data_version="v1")
-    assert not worse["promoted"] and worse["aliases"] == ["challenger"]
-    assert "drops more than 0.05" in worse["reason"]
+    assert not worse.promoted and worse.aliases == ["challenger"]
+    assert "drops more than 0.05" in worse.reason
     below_floor = promote(_logged_model(registry), {"zeroshot_top1_heldout": 0.2}, params)
-    assert not below_floor["promoted"] and "below its floor" in below_floor["reason"]
+    assert not below_floor.promoted and "below its floor" in below_floor.reason
 
     better = promote(_logged_model(registry), {"zeroshot_top1_heldout": 0.6}, params, data_version="v2")
-    assert better["promoted"] and better["previous_champion"] == first["model_version"]
+    assert better.promoted and better.previous_champion == first.model_version
 
     client = mlflow.MlflowClient()
     champion = client.get_model_version_by_alias("clip-gate", CHAMPION)
-    assert str(champion.version) == better["model_version"]
+    assert str(champion.version) == better.model_version
     assert champion.tags["data_version"] == "v2" and champion.tags["metric.zeroshot_top1_heldout"] == "0.6"
-    rejected = client.get_model_version("clip-gate", worse["model_version"]).tags
+    rejected = client.get_model_version("clip-gate", worse.model_version).tags
     assert rejected["promotion"] == "rejected" and "drops more than" in rejected["promotion_reason"]
 
     # the champion's weights come back from the S3 bucket, through the tracking server
@@ -99,9 +120,9 @@ def test_register_gate_refuse_and_roll_back(registry, small_params):
         [CLIPFLOW, "promote", "--rollback", *_cli_args(params)], capture_output=True, text=True, timeout=300
     )
     assert rolled.returncode == 0, rolled.stderr
-    assert json.loads(rolled.stdout)["champion"] == first["model_version"]
-    assert str(client.get_model_version_by_alias("clip-gate", CHAMPION).version) == first["model_version"]
-    assert client.get_model_version("clip-gate", better["model_version"]).tags["promotion"] == "rolled_back"
+    assert json.loads(rolled.stdout)["champion"] == first.model_version
+    assert str(client.get_model_version_by_alias("clip-gate", CHAMPION).version) == first.model_version
+    assert client.get_model_version("clip-gate", better.model_version).tags["promotion"] == "rolled_back"
     with pytest.raises(ClipflowError, match="nothing to roll back to"):
         rollback(params)
 
@@ -158,3 +179,24 @@ def test_a_promotion_waits_while_another_holds_the_lock(registry, small_params, 
     assert process.returncode == 0, stderr
     assert json.loads(stdout)["promoted"]
     assert str(client.get_model_version_by_alias("clip-lock", CHAMPION).version) == "1"
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", '"0.9"', "null"])
+def test_promote_refuses_a_bad_metric_before_registering_anything(registry, small_params, tmp_path, value):
+    params = _params(small_params, registry, "clip-hostile")
+    tracking.setup(params.tracking)
+    uri = _logged_model(registry)
+    metrics = tmp_path / "metrics.json"
+    # What json.dumps writes for NaN and inf, and what a hand-edited file holds.
+    metrics.write_text(f'{{"metrics": {{"zeroshot_top1_heldout": {value}}}}}')
+    promoted = subprocess.run(
+        [CLIPFLOW, "promote", "--model-uri", uri, "--metrics", str(metrics), *_cli_args(params)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert promoted.returncode == 1 and "Traceback" not in promoted.stderr
+    assert "zeroshot_top1_heldout" in promoted.stderr and "nothing was registered" in promoted.stderr
+    assert len(promoted.stderr.strip().splitlines()) == 1
+    client = mlflow.MlflowClient()
+    assert not client.search_model_versions("name = 'clip-hostile'")

@@ -72,7 +72,7 @@ def _unit(row: list[float]) -> bool:
 @pytest.fixture(scope="module")
 def server(packaged):
     started = time.monotonic()
-    with serve_bento(packaged["result"]["bento_tag"], packaged["tmp"]) as url:
+    with serve_bento(packaged["result"].bento_tag, packaged["tmp"]) as url:
         print(f"bentoml serve ready in {time.monotonic() - started:.1f} s")
         yield url
 
@@ -80,7 +80,7 @@ def server(packaged):
 @pytest.fixture(scope="module")
 def keyed_server(packaged):
     """The Bento without a gallery, served with an API key."""
-    with serve_bento(packaged["bare"]["bento_tag"], packaged["tmp"], CLIPFLOW_API_KEY=API_KEY) as url:
+    with serve_bento(packaged["bare"].bento_tag, packaged["tmp"], CLIPFLOW_API_KEY=API_KEY) as url:
         yield url
 
 
@@ -119,23 +119,23 @@ def test_package_stores_the_model_the_gallery_and_the_registry_facts(packaged):
     from clipflow.data.shards import ShardIndex, split_shards
 
     result = packaged["result"]
-    assert result["model_uri"] == "models:/clipflow-clip@champion"
-    assert result["gallery"] == {"split": "test", "size": 200, "data_version": packaged["data"]["data_version"]}
-    bento = bentoml.bentos.get(result["bento_tag"])
-    assert bento.info.args["model_tag"] == result["bento_model_tag"]
+    assert result.model_uri == "models:/clipflow-clip@champion"
+    assert result.gallery == {"split": "test", "size": 200, "data_version": packaged["data"].data_version}
+    bento = bentoml.bentos.get(result.bento_tag)
+    assert bento.info.args["model_tag"] == result.bento_model_tag
     assert bento.info.args["max_request_bytes"] == MAX_REQUEST_BYTES
-    assert [str(m.tag) for m in bento.info.all_models] == [result["bento_model_tag"]]
+    assert [str(m.tag) for m in bento.info.all_models] == [result.bento_model_tag]
     assert bento.info.labels["mlflow_version"] == packaged["version"]
 
-    stored = bentoml.models.get(result["bento_model_tag"])
+    stored = bentoml.models.get(result.bento_model_tag)
     assert Path(stored.path_of("checkpoint.pt")).is_file()
     metadata = stored.info.metadata
     assert metadata["limits"]["max_labels"] == MAX_LABELS
     assert metadata["limits"]["max_k"] == MAX_K
-    assert metadata["model_uri"] == result["model_uri"]
+    assert metadata["model_uri"] == result.model_uri
     assert metadata["metrics"] == METRICS
-    assert metadata["data_version"] == packaged["data"]["data_version"]
-    assert metadata["gallery"] == result["gallery"]
+    assert metadata["data_version"] == packaged["data"].data_version
+    assert metadata["gallery"] == result.gallery
     assert stored.info.labels["mlflow_version"] == packaged["version"]
 
     embeddings = torch.load(stored.path_of("gallery/embeddings.pt"), weights_only=True)
@@ -145,8 +145,8 @@ def test_package_stores_the_model_the_gallery_and_the_registry_facts(packaged):
     assert torch.allclose(embeddings.norm(dim=-1), torch.ones(200), atol=1e-5)
     assert items["ids"] == keys and len(items["captions"]) == 200
 
-    bare = bentoml.models.get(packaged["bare"]["bento_model_tag"])
-    assert packaged["bare"]["gallery"] is None and "gallery" not in bare.info.metadata
+    bare = bentoml.models.get(packaged["bare"].bento_model_tag)
+    assert packaged["bare"].gallery is None and "gallery" not in bare.info.metadata
     assert not Path(bare.path_of("gallery")).exists()
 
 
@@ -484,7 +484,7 @@ def test_the_bento_runs_this_service_with_pinned_packages(packaged):
 
     from clipflow.serve.package import RUNTIME_DISTRIBUTIONS
 
-    bento = Path(bentoml.bentos.get(packaged["result"]["bento_tag"]).path)
+    bento = Path(bentoml.bentos.get(packaged["result"].bento_tag).path)
     for name in ("service.py", "page.html"):
         assert (bento / "src" / name).read_bytes() == (REPO / "serving" / name).read_bytes(), name
     requirements = (bento / "env/python/requirements.txt").read_text().split()

@@ -70,14 +70,14 @@ def packaged(tmp_path_factory, small_params):
             logged_uri = log_clip_model(checkpoint)
         name = params.promote.model_name
         # The tags `clipflow promote` writes on a version.
-        tags = {**{f"metric.{k}": str(v) for k, v in METRICS.items()}, "data_version": data["data_version"]}
+        tags = {**{f"metric.{k}": str(v) for k, v in METRICS.items()}, "data_version": data.data_version}
         registered = mlflow.register_model(logged_uri, name, tags=tags)
         mlflow.MlflowClient().set_registered_model_alias(name, "champion", registered.version)
 
         result = package(f"models:/{name}@champion", params, SERVING, gallery=tmp / "data")
-        print(f"package() with a {result['gallery']['size']}-image gallery took {result['seconds']:.2f} s")
+        print(f"package() with a {result.gallery['size']}-image gallery took {result.seconds:.2f} s")
         bare = package(f"models:/{name}@champion", params, SERVING)
-        print(f"package() without a gallery took {bare['seconds']:.2f} s")
+        print(f"package() without a gallery took {bare.seconds:.2f} s")
         yield {
             "result": result,
             "bare": bare,

@@ -27,8 +27,8 @@ def test_counts_reconcile_with_params_metadata_and_sizes(dataset, small_params):
     metadata = pd.read_parquet(out / "metadata.parquet")
     expected = {"train": small_params.data.num_train, "test": small_params.data.num_test}
     expected |= {"heldout": small_params.data.num_heldout, "probe": small_params.data.num_probe}
-    assert summary["counts"] == expected
-    assert len(metadata) == summary["rows"] == sum(expected.values())
+    assert summary.counts == expected
+    assert len(metadata) == summary.kept == sum(expected.values())
     for split, count in expected.items():
         sizes = json.loads((out / split / "sizes.json").read_text())
         assert sum(sizes.values()) == count
@@ -38,15 +38,15 @@ def test_counts_reconcile_with_params_metadata_and_sizes(dataset, small_params):
 
 def test_builtin_report_has_the_schema_of_every_source_and_shards_number_per_split(dataset, small_params):
     out, summary = dataset
-    assert summary["input_rows"] == summary["kept"] + summary["quarantined"] == summary["rows"]
-    assert summary["quarantined"] == 0 and summary["quarantine_reasons"] == {}
+    assert summary.input_rows == summary.kept + summary.quarantined
+    assert summary.quarantined == 0 and summary.quarantine_reasons == {}
     assert pd.read_parquet(out / "quarantine.parquet").columns.tolist() == ["row", "key", "source", "reason"]
     shards_per_split = -(-small_params.data.num_train // small_params.data.shard_size)
     train = json.loads((out / "train" / "sizes.json").read_text())
     assert sorted(train) == [f"train-{i:06d}.tar" for i in range(shards_per_split)]
     assert sorted(json.loads((out / "test" / "sizes.json").read_text()))[0] == "test-000000.tar"
     assert not (out / ".ingest").exists()
-    assert summary["data_version"] == data_version(out)
+    assert summary.data_version == data_version(out)
 
 
 def test_an_interrupted_builtin_ingest_resumes_from_its_committed_chunks(dataset, small_params, tmp_path, monkeypatch):
@@ -69,7 +69,7 @@ def test_an_interrupted_builtin_ingest_resumes_from_its_committed_chunks(dataset
     monkeypatch.setattr(ChunkWriter, "write", lambda self, *a, **k: written.append(self.chunks) or write(self, *a, **k))
     rerun = ingest("builtin", tmp_path / "data", small_params.data)
     assert written[0] == 2
-    assert rerun["data_version"] == summary["data_version"]
+    assert rerun.data_version == summary.data_version
     assert pd.read_parquet(tmp_path / "data" / "metadata.parquet").equals(pd.read_parquet(out / "metadata.parquet"))
 
 
@@ -122,7 +122,7 @@ def test_shard_members_are_where_tarfile_finds_them(dataset):
     shards = split_shards(out, "train")
     members = [member for shard in shards for member in tar_members(shard)]
     assert members == [member for shard in shards for member in _tarfile_members(shard)]
-    assert len(members) == 3 * summary["counts"]["train"]
+    assert len(members) == 3 * summary.counts["train"]
     with shards[0].open("rb") as file:
         name, offset, size = tar_members(shards[0])[1]
         file.seek(offset)
@@ -183,7 +183,7 @@ def test_a_shard_that_lost_samples_to_a_damaged_header_is_refused(dataset, tmp_p
 def test_generation_is_deterministic_by_seed(small_params, tmp_path):
     first = ingest("builtin", tmp_path / "a", small_params.data)
     second = ingest("builtin", tmp_path / "b", small_params.data)
-    assert first["data_version"] == second["data_version"] == data_version(tmp_path / "a")
+    assert first.data_version == second.data_version == data_version(tmp_path / "a")
     sample = next(builtin.generate(small_params.data, "train"))
     assert sample.caption == pd.read_parquet(tmp_path / "a" / "metadata.parquet").caption[0]
 

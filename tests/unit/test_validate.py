@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from clipflow.artifacts import ExpectationResult, ValidationReport
 from clipflow.data.ingest import ingest
 from clipflow.errors import ClipflowError
 from clipflow.params import Params
@@ -34,15 +34,15 @@ def test_clean_dataset_passes(data_dir: Path, tmp_path: Path, small_params: Para
     # A second run into the same folder must replace the data docs, not add to them.
     result = validate(data_dir, report, small_params.validate)
 
-    assert result["success"] is True
-    assert result["rows"] == result["kept"] == len(pd.read_parquet(data_dir / "metadata.parquet"))
-    assert result["quarantined"] == 0 and result["bad_fraction"] == 0.0
-    assert all(e["success"] and e["unexpected_count"] == 0 for e in result["expectations"])
-    assert result["report"] == str(report / "index.html")
+    assert result.success is True
+    assert result.input_rows == result.kept == len(pd.read_parquet(data_dir / "metadata.parquet"))
+    assert result.quarantined == 0 and result.bad_fraction == 0.0
+    assert all(e.success and e.unexpected_count == 0 for e in result.expectations)
+    assert result.report == str(report / "index.html")
     assert "<html" in (report / "index.html").read_text()
     assert "<html" in (report / "data_docs" / "index.html").read_text()
     assert len(list((report / "data_docs" / "validations").rglob("*.html"))) == 1
-    assert json.loads((report / "validation.json").read_text()) == result
+    assert ValidationReport.from_json((report / "validation.json").read_text()) == result
     quarantine = pd.read_parquet(report / "quarantine.parquet")
     assert len(quarantine) == 0 and {"key", "split", "reason"} <= set(quarantine.columns)
     check_passed(result, small_params.validate)
@@ -81,22 +81,22 @@ def test_corrupt_rows_are_quarantined(data_dir: Path, tmp_path: Path, small_para
         assert quarantine.loc[row, "split"] == metadata.loc[row, "split"]
     assert quarantine.loc[3, "key"] == keys[3]
     assert quarantine.loc[10, "key"] == keys[9]
-    assert result["success"] is False
-    assert result["quarantined"] == len(expected)
-    assert result["rows"] == result["kept"] + result["quarantined"] == len(metadata)
-    assert result["bad_fraction"] == pytest.approx(len(expected) / len(metadata))
-    width = [e for e in result["expectations"] if e["column"] == "width" and "between" in e["expectation"]]
+    assert result.success is False
+    assert result.quarantined == len(expected)
+    assert result.input_rows == result.kept + result.quarantined == len(metadata)
+    assert result.bad_fraction == pytest.approx(len(expected) / len(metadata))
+    width = [e for e in result.expectations if e.column == "width" and "between" in e.expectation]
     assert width == [
-        {
-            "expectation": "expect_column_values_to_be_between",
-            "column": "width",
-            "reason": "width outside [16, 4096]",
-            "success": False,
-            "unexpected_count": 1,
-        }
+        ExpectationResult(
+            expectation="expect_column_values_to_be_between",
+            column="width",
+            reason="width outside [16, 4096]",
+            success=False,
+            unexpected_count=1,
+        )
     ]
     assert (report / "index.html").is_file() and (report / "data_docs" / "index.html").is_file()
-    assert json.loads((report / "validation.json").read_text()) == result
+    assert ValidationReport.from_json((report / "validation.json").read_text()) == result
 
     with pytest.raises(ClipflowError) as failure:
         check_passed(result, small_params.validate)
@@ -106,7 +106,7 @@ def test_corrupt_rows_are_quarantined(data_dir: Path, tmp_path: Path, small_para
     assert message.startswith(
         f"validation failed: 8 of {rows} input rows ({8 / rows:.2%}) quarantined (0 at ingest, 8 by expectations)"
     )
-    assert "validate.max_bad_fraction=0.0" in message and message.endswith(result["report"])
+    assert "validate.max_bad_fraction=0.0" in message and message.endswith(result.report)
     check_passed(result, dataclasses.replace(small_params.validate, max_bad_fraction=0.01))
 
 
@@ -135,7 +135,7 @@ def test_malformed_metadata_is_a_user_error(
 def test_report_is_logged_to_mlflow_with_the_data_lineage(data_dir: Path, tmp_path: Path, small_params: Params) -> None:
     import mlflow
 
-    from clipflow.artifacts import dvc_md5, read_ingest_report
+    from clipflow.artifacts import IngestReport, dvc_md5
     from clipflow.params import TrackingParams
     from clipflow.validate.tracking import log_report
 
@@ -146,9 +146,9 @@ def test_report_is_logged_to_mlflow_with_the_data_lineage(data_dir: Path, tmp_pa
 
     run = mlflow.MlflowClient().get_run(run_id)
     assert run.data.tags["clipflow.step"] == "validate"
-    assert run.data.tags["data_version"] == read_ingest_report(data_dir)["data_version"]
+    assert run.data.tags["data_version"] == IngestReport.read(data_dir).data_version
     assert run.data.tags["data_dvc_md5"] == dvc_md5(data_dir)
-    assert run.data.metrics["validation_rows"] == result["rows"]
+    assert run.data.metrics["validation_input_rows"] == result.input_rows
     logged = tmp_path / "logged"
     mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="validation", dst_path=str(logged))
     assert (logged / "validation" / "index.html").is_file()

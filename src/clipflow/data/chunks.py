@@ -38,6 +38,17 @@ class KeptSample:
     row: dict[str, Any]  # metadata columns besides key, split, shard and caption
 
 
+@dataclass(frozen=True)
+class Totals:
+    """What every committed chunk adds up to: the counts of the ingest report."""
+
+    counts: dict[str, int]  # kept samples per split
+    kept: int
+    quarantined: int
+    quarantine_reasons: dict[str, int]
+    data_version: str  # of everything written, see `clipflow.artifacts.data_version`
+
+
 class ChunkWriter:
     """Writes the chunks of one ingest into a store, in order; `committed` tells a resumed run what to skip."""
 
@@ -104,13 +115,8 @@ class ChunkWriter:
         self._shards.update(splits)
         self.chunks += 1
 
-    def finish(self) -> dict[str, Any]:
-        """Gather the chunk records into sizes.json, metadata.parquet and quarantine.parquet.
-
-        Returns:
-            The ingest report's counts: `counts` per split, `rows`, `input_rows`, `kept`,
-            `quarantined`, `quarantine_reasons` and the `data_version` of what was written.
-        """
+    def finish(self) -> Totals:
+        """Gather the chunk records into sizes.json, metadata.parquet and quarantine.parquet."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -158,16 +164,13 @@ class ChunkWriter:
         self.store.put_file(local, QUARANTINE_FILE)
 
         counts = {split: sum(split_sizes.values()) for split, split_sizes in sorted(sizes.items())}
-        kept = sum(counts.values())
-        return {
-            "counts": counts,
-            "rows": kept,
-            "input_rows": kept + len(quarantine),
-            "kept": kept,
-            "quarantined": len(quarantine),
-            "quarantine_reasons": reason_counts(quarantine["reason"]),
-            "data_version": version_of(hashes),
-        }
+        return Totals(
+            counts=counts,
+            kept=sum(counts.values()),
+            quarantined=len(quarantine),
+            quarantine_reasons=reason_counts(quarantine["reason"]),
+            data_version=version_of(hashes),
+        )
 
     def _local(self, name: str) -> Path:
         return self.scratch / f".{Path(name).name}.tmp"

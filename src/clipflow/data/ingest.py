@@ -24,13 +24,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from clipflow.artifacts import (
-    INGEST_REPORT,
-    git_revision,
-    sha256_file,
-)
+from clipflow.artifacts import INGEST_REPORT, IngestReport, git_revision, sha256_file
 from clipflow.data import builtin
-from clipflow.data.chunks import STAGING, ChunkWriter, KeptSample
+from clipflow.data.chunks import STAGING, ChunkWriter, KeptSample, Totals
 from clipflow.data.shards import ShardRecord
 from clipflow.data.sources import SourceRow, read_rows
 from clipflow.errors import ClipflowError
@@ -42,8 +38,8 @@ from clipflow.validate.rows import CheckedImage, Rejected, check_caption, check_
 SOURCE_SCHEMES = {"", "s3", "http", "https"}
 
 
-def ingest(source: str, output: str | Path, params: DataParams, checks: ValidateParams | None = None) -> dict[str, Any]:
-    """Run the ingest step and return its summary (also written to `ingest.json`).
+def ingest(source: str, output: str | Path, params: DataParams, checks: ValidateParams | None = None) -> IngestReport:
+    """Run the ingest step and return its report (also written to `ingest.json`).
 
     Args:
         source: `builtin` for the generated dataset; a manifest (`.csv`, `.parquet`, `.jsonl`;
@@ -70,7 +66,7 @@ def ingest(source: str, output: str | Path, params: DataParams, checks: Validate
     return _ingest_builtin(str(output), params)
 
 
-def _ingest_builtin(output: str, params: DataParams) -> dict[str, Any]:
+def _ingest_builtin(output: str, params: DataParams) -> IngestReport:
     """The generated dataset, split by split, through the same chunks as every other source."""
     started = time.perf_counter()
     store = Store(output)
@@ -84,8 +80,8 @@ def _ingest_builtin(output: str, params: DataParams) -> dict[str, Any]:
                 # A committed chunk is rendered again, as the generator must pass it, but not encoded or written.
                 if chunks.committed() is None:
                     chunks.write([_builtin_sample(sample) for sample in chunk], quarantined=[])
-        counts = chunks.finish()
-    return _report("builtin", store, counts, started)
+        totals = chunks.finish()
+    return _report("builtin", store, totals, started)
 
 
 def _builtin_sample(sample: builtin.Sample) -> KeptSample:
@@ -104,16 +100,21 @@ def _builtin_sample(sample: builtin.Sample) -> KeptSample:
     return KeptSample(sample.split, ShardRecord(sample.key, image, "png", sample.caption, meta), row)
 
 
-def _report(source: str, store: Store, counts: dict[str, Any], started: float) -> dict[str, Any]:
+def _report(source: str, store: Store, totals: Totals, started: float) -> IngestReport:
     """The ingest report of every source, written last: its presence means the data is complete."""
-    report = {
-        "source": source,
-        "output": store.root if store.is_s3 else str(Path(store.root).resolve()),
-        **counts,
-        "git_revision": git_revision(),
-        "seconds": round(time.perf_counter() - started, 2),
-    }
-    store.put_bytes(json.dumps(report, indent=2).encode(), INGEST_REPORT)
+    report = IngestReport(
+        source=source,
+        output=store.root if store.is_s3 else str(Path(store.root).resolve()),
+        counts=totals.counts,
+        input_rows=totals.kept + totals.quarantined,
+        kept=totals.kept,
+        quarantined=totals.quarantined,
+        quarantine_reasons=totals.quarantine_reasons,
+        data_version=totals.data_version,
+        git_revision=git_revision(),
+        seconds=round(time.perf_counter() - started, 2),
+    )
+    store.put_bytes(report.to_json().encode(), INGEST_REPORT)
     store.delete(STAGING)
     return report
 
@@ -163,7 +164,7 @@ def _check_row(row: SourceRow) -> _Checked | str:
     return _Checked(caption, image, hashlib.sha256(payload).hexdigest())
 
 
-def _ingest_source(source: str, output: str, params: DataParams, checks: ValidateParams) -> dict[str, Any]:
+def _ingest_source(source: str, output: str, params: DataParams, checks: ValidateParams) -> IngestReport:
     started = time.perf_counter()
     limits = FetchLimits(params.max_image_bytes, params.http_timeout_s, params.http_retries)
     rows = read_rows(source, params.image_column, params.caption_column, limits)
@@ -183,8 +184,8 @@ def _ingest_source(source: str, output: str, params: DataParams, checks: Validat
                 seen.update((bytes.fromhex(digest), row) for digest, row in record["digests"].items())
                 continue
             _ingest_chunk(chunks, chunk, check(chunk), seen, params.split_fractions)
-        counts = chunks.finish()
-    return _report(source, store, counts, started)
+        totals = chunks.finish()
+    return _report(source, store, totals, started)
 
 
 def _split_of(key: str, fractions: dict[str, float]) -> str:

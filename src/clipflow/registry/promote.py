@@ -14,12 +14,14 @@ one in place.
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import random
 import socket
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from clipflow import tracking
@@ -42,6 +44,53 @@ class GateDecision:
     reason: str
 
 
+@dataclass(frozen=True)
+class PromoteResult:
+    model_name: str
+    model_version: str
+    aliases: list[str]  # of this version
+    promoted: bool
+    reason: str
+    previous_champion: str | None  # the version it replaced
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, text: str) -> PromoteResult:
+        return cls(**json.loads(text))
+
+
+@dataclass(frozen=True)
+class RollbackResult:
+    model_name: str
+    champion: str  # the version that is champion again
+    rolled_back: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_metrics(metrics: dict[str, Any], floors: dict[str, float]) -> None:
+    """Every gated metric must be a finite fraction, as `clipflow evaluate` writes them.
+
+    NaN compares false with every floor and would pass; Infinity would make a champion that no
+    later model can beat; a string or null would fail only after the version is registered.
+
+    Raises:
+        ClipflowError: a gated metric that is missing, not a number, or outside [0, 1].
+    """
+    for name in sorted(floors):
+        if name not in metrics:
+            continue  # the gate rejects it, with its reason recorded on the version
+        value = metrics[name]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ClipflowError(f"metric {name}={value!r} is not a finite number; nothing was registered")
+        if not 0.0 <= value <= 1.0:
+            raise ClipflowError(f"metric {name}={value!r} is outside [0, 1]; nothing was registered")
+
+
 def gate(
     metrics: dict[str, float], floors: dict[str, float], max_drop: float, champion: dict[str, float] | None
 ) -> GateDecision:
@@ -50,11 +99,12 @@ def gate(
     if missing:
         return GateDecision(False, f"metrics missing for the gate: {', '.join(missing)}")
     for name, floor in sorted(floors.items()):
-        if metrics[name] < floor:
+        if not metrics[name] >= floor:  # NaN fails here too
             return GateDecision(False, f"{name}={metrics[name]:.4f} is below its floor {floor:.4f}")
     if champion:
         for name in sorted(floors):
-            if name in champion and metrics[name] < champion[name] - max_drop:
+            # A champion tagged with a non-finite metric (before check_metrics existed) must not block every successor.
+            if name in champion and math.isfinite(champion[name]) and metrics[name] < champion[name] - max_drop:
                 return GateDecision(
                     False,
                     f"{name}={metrics[name]:.4f} drops more than {max_drop} below the champion's {champion[name]:.4f}",
@@ -65,17 +115,19 @@ def gate(
 
 def promote(
     model_uri: str, metrics: dict[str, float], params: Params, data_version: str | None = None
-) -> dict[str, Any]:
+) -> PromoteResult:
     """Register `model_uri`, alias it `challenger`, and make it `champion` if the gate passes.
 
-    Returns:
-        `model_name`, `model_version`, `aliases` (of this version), `promoted`, `reason`,
-        `previous_champion` (the version it replaced, or None), `seconds`.
+    Raises:
+        ClipflowError: a gated metric that is not a finite fraction (before anything is
+            registered), or a model the registry cannot register.
     """
     import mlflow
     from mlflow.exceptions import MlflowException
 
     started = time.perf_counter()
+    params.promote.check()  # at params load too; params built in code reach here unchecked
+    check_metrics(metrics, params.promote.floors)
     tracking.setup(params.tracking)
     client = mlflow.MlflowClient()
     name = params.promote.model_name
@@ -98,18 +150,18 @@ def promote(
             client.set_registered_model_alias(name, CHAMPION, version)
     client.set_model_version_tag(name, version, "promotion", "champion" if decision.passed else "rejected")
     client.set_model_version_tag(name, version, "promotion_reason", decision.reason)
-    return {
-        "model_name": name,
-        "model_version": version,
-        "aliases": sorted(client.get_model_version(name, version).aliases),
-        "promoted": decision.passed,
-        "reason": decision.reason,
-        "previous_champion": None if previous is None else str(previous),
-        "seconds": round(time.perf_counter() - started, 2),
-    }
+    return PromoteResult(
+        model_name=name,
+        model_version=version,
+        aliases=sorted(client.get_model_version(name, version).aliases),
+        promoted=decision.passed,
+        reason=decision.reason,
+        previous_champion=None if previous is None else str(previous),
+        seconds=round(time.perf_counter() - started, 2),
+    )
 
 
-def rollback(params: Params) -> dict[str, Any]:
+def rollback(params: Params) -> RollbackResult:
     """Move `champion` back to the version the current champion replaced.
 
     Repeated rollbacks walk further back through the champions' history.
@@ -134,7 +186,7 @@ def rollback(params: Params) -> dict[str, Any]:
         client.set_registered_model_alias(name, CHAMPION, previous)
     client.set_model_version_tag(name, current.version, "promotion", "rolled_back")
     client.set_model_version_tag(name, current.version, "promotion_reason", f"rolled back to version {previous}")
-    return {"model_name": name, "champion": str(previous), "rolled_back": str(current.version)}
+    return RollbackResult(model_name=name, champion=str(previous), rolled_back=str(current.version))
 
 
 @contextlib.contextmanager

@@ -20,13 +20,14 @@ sets `$BENTOML_HOME` before BentoML first uses its store; this module changes no
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,22 @@ RUNTIME_DISTRIBUTIONS = (
 _REGISTRY_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))")
 
 
+@dataclass(frozen=True)
+class PackageResult:
+    bento_tag: str
+    bento_model_tag: str
+    model_uri: str
+    gallery: dict[str, Any] | None  # split, size and data_version of the search gallery
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, text: str) -> PackageResult:
+        return cls(**json.loads(text))
+
+
 def bentoml_home() -> Path:
     """The BentoML store clipflow uses: `$BENTOML_HOME` when set, else `./bentoml_home`; reads only."""
     return Path(os.environ.get(HOME_ENV) or DEFAULT_HOME).resolve()
@@ -74,7 +91,7 @@ def bentoml_env() -> dict[str, str]:
     return {**os.environ, HOME_ENV: str(bentoml_home()), "BENTOML_DO_NOT_TRACK": "true"}
 
 
-def package(model_uri: str, params: Params, serving_dir: Path, gallery: Path | None = None) -> dict[str, Any]:
+def package(model_uri: str, params: Params, serving_dir: Path, gallery: Path | None = None) -> PackageResult:
     """Import an MLflow model into the BentoML store and build a Bento serving it.
 
     Args:
@@ -85,10 +102,6 @@ def package(model_uri: str, params: Params, serving_dir: Path, gallery: Path | N
         serving_dir: the folder holding the BentoML service and its page, `serving/` in the checkout.
         gallery: an ingested data directory whose `serve.gallery_split` images become the
             search gallery, or None for a Bento whose `search` answers that it has none.
-
-    Returns:
-        `bento_tag`, `bento_model_tag`, `model_uri`, `gallery` (its split, size and data
-        version, or None) and `seconds`.
 
     Raises:
         ClipflowError: the model cannot be resolved or fetched, the gallery cannot be read, the
@@ -124,13 +137,13 @@ def package(model_uri: str, params: Params, serving_dir: Path, gallery: Path | N
                 raise
     except BentoMLException as exc:
         raise ClipflowError(f"cannot package {model_uri}: {' '.join(str(exc).split())}") from None
-    return {
-        "bento_tag": str(bento.tag),
-        "bento_model_tag": model_tag,
-        "model_uri": model_uri,
-        "gallery": gallery_info,
-        "seconds": round(time.perf_counter() - start, 3),
-    }
+    return PackageResult(
+        bento_tag=str(bento.tag),
+        bento_model_tag=model_tag,
+        model_uri=model_uri,
+        gallery=gallery_info,
+        seconds=round(time.perf_counter() - start, 3),
+    )
 
 
 def _check_store_home(home: Path) -> None:
@@ -179,7 +192,7 @@ def _resolve_registry_version(model_uri: str) -> tuple[str, RegistryFacts]:
 
 def _build_gallery(checkpoint: Path, data_dir: Path, params: Params) -> tuple[clip_gallery.Gallery, dict[str, Any]]:
     """Embed the gallery split of `data_dir` with the packaged model; returns it and its summary."""
-    from clipflow.artifacts import INGEST_REPORT, read_ingest_report
+    from clipflow.artifacts import INGEST_REPORT, IngestReport
 
     index = clip_gallery.build(
         clip_model.load(checkpoint),
@@ -190,7 +203,7 @@ def _build_gallery(checkpoint: Path, data_dir: Path, params: Params) -> tuple[cl
     )
     info: dict[str, Any] = {"split": params.serve.gallery_split, "size": len(index)}
     if (data_dir / INGEST_REPORT).is_file():
-        info["data_version"] = read_ingest_report(data_dir)["data_version"]
+        info["data_version"] = IngestReport.read(data_dir).data_version
     return index, info
 
 

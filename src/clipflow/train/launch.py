@@ -7,13 +7,13 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from clipflow import model as clip_model
 from clipflow import tracking
-from clipflow.artifacts import TrainReport, lineage, read_ingest_report
+from clipflow.artifacts import IngestReport, TrainReport, lineage
 from clipflow.errors import ClipflowError
 from clipflow.params import Params, TrainParams
 from clipflow.registry.models import log_clip_model
@@ -24,6 +24,17 @@ from clipflow.train.metrics import FILE_NAME as METRICS_FILE
 from clipflow.train.metrics import MetricsRelay
 
 
+@dataclass(frozen=True)
+class NodeReport:
+    """What a node other than node 0 reports: node 0 owns the run and the model."""
+
+    node_rank: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 def train(
     data_dir: str | Path,
     output_dir: str | Path,
@@ -31,7 +42,7 @@ def train(
     resume: str | None = None,
     launcher: str = "torchrun",
     data_uri: str | None = None,
-) -> dict[str, Any]:
+) -> TrainReport | NodeReport:
     """Train a model on `data_dir`'s train split with torchrun and log it to MLflow.
 
     Node 0 (`train.node_rank`) owns the MLflow run and logs the model; with `train.nnodes` > 1
@@ -48,15 +59,15 @@ def train(
             nodes, which reads the data from `data_uri` (the same data in S3).
 
     Returns:
-        `mlflow_run_id`, `model_uri` (the logged MLflow model), `checkpoint`, `data_version`, `seconds`;
-        the same is written to `train.json` in `output_dir`. Nodes other than 0 return `node_rank` and `seconds`.
+        On node 0 the report also written to `train.json` in `output_dir`; on the other nodes
+        their rank and time.
 
     Raises:
         ClipflowError: missing data or checkpoint, or a worker that exited with an error.
     """
     started = time.perf_counter()
     data_dir, output_dir = Path(data_dir), Path(output_dir)
-    data_version = read_ingest_report(data_dir)["data_version"]
+    data_version = IngestReport.read(data_dir).data_version
     _check_loss_fits_model(params.train)
     output_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_dir = params.train.checkpoint_dir or str(output_dir.resolve() / "checkpoints")
@@ -103,7 +114,7 @@ def train(
             mlflow.MlflowClient().set_terminated(run_id, status="FAILED")
         raise
     if not leads:
-        return {"node_rank": params.train.node_rank, "seconds": round(time.perf_counter() - started, 2)}
+        return NodeReport(node_rank=params.train.node_rank, seconds=round(time.perf_counter() - started, 2))
 
     with mlflow.start_run(run_id=run_id):
         model_uri = log_clip_model(output_dir)
@@ -115,7 +126,7 @@ def train(
         seconds=round(time.perf_counter() - started, 2),
     )
     report.write(output_dir)
-    return report.to_dict()
+    return report
 
 
 def _check_loss_fits_model(params: TrainParams) -> None:

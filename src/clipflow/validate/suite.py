@@ -4,7 +4,7 @@ Output layout (a report directory):
 
     index.html           a one-page summary linking into the data docs; open this one
     data_docs/           the Great Expectations data docs site for this run
-    validation.json      the summary that `validate` returns, with per-expectation results
+    validation.json      the report that `validate` returns (`ValidationReport`), with per-expectation results
     quarantine.parquet   one row per rejected input row: stage, row, key, split, source, reason
 
 Rows rejected by ingest's per-row checks (the data directory's own `quarantine.parquet`: the
@@ -12,14 +12,13 @@ image did not fetch or decode, a bad caption, a duplicate) come first, with stag
 their input row; rows of the metadata table that break an expectation follow, with stage
 `validate` and their metadata row. Input rows = kept rows + quarantined rows.
 
-`validate` always writes the whole report and returns the summary; `check_passed` turns a
-summary over the `validate.max_bad_fraction` threshold into a one-line `ClipflowError`.
+`validate` always writes the whole report and returns it; `check_passed` turns a report over
+the `validate.max_bad_fraction` threshold into a one-line `ClipflowError`.
 """
 
 from __future__ import annotations
 
 import html
-import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from urllib.request import url2pathname
 
 import pandas as pd
 
-from clipflow.artifacts import METADATA_FILE, QUARANTINE_FILE, VALIDATION_REPORT
+from clipflow.artifacts import METADATA_FILE, QUARANTINE_FILE, ExpectationResult, ValidationReport
 from clipflow.errors import ClipflowError
 from clipflow.params import ValidateParams
 from clipflow.validate.rows import reason_counts
@@ -77,7 +76,7 @@ def checks(params: ValidateParams) -> list[Check]:
     ]
 
 
-def validate(data_dir: str | Path, report_dir: str | Path, params: ValidateParams) -> dict[str, Any]:
+def validate(data_dir: str | Path, report_dir: str | Path, params: ValidateParams) -> ValidationReport:
     """Validate an ingested data directory's metadata table and write the report.
 
     Args:
@@ -87,9 +86,8 @@ def validate(data_dir: str | Path, report_dir: str | Path, params: ValidateParam
         params: the `validate` section of params.yaml.
 
     Returns:
-        `success` (bad_fraction <= max_bad_fraction), `rows`, `kept`, `quarantined`,
-        `bad_fraction`, `expectations` (type, column, reason, success, unexpected_count),
-        `report` (path to index.html) and `seconds`. Also written to `validation.json`.
+        The report, also written to `validation.json`; `success` is
+        `bad_fraction <= max_bad_fraction`.
 
     Raises:
         ClipflowError: not an ingested data directory, a table without the needed columns
@@ -118,13 +116,13 @@ def validate(data_dir: str | Path, report_dir: str | Path, params: ValidateParam
         for row in failed:
             reasons.setdefault(int(row[ROW]), []).append(check.reason)
         expectations.append(
-            {
-                "expectation": result.expectation_config.type,
-                "column": check.column,
-                "reason": check.reason,
-                "success": bool(result.success),
-                "unexpected_count": int(result.result.get("unexpected_count", len(failed))),
-            }
+            ExpectationResult(
+                expectation=result.expectation_config.type,
+                column=check.column,
+                reason=check.reason,
+                success=bool(result.success),
+                unexpected_count=int(result.result.get("unexpected_count", len(failed))),
+            )
         )
 
     bad_rows = sorted(reasons)
@@ -143,39 +141,38 @@ def validate(data_dir: str | Path, report_dir: str | Path, params: ValidateParam
 
     input_rows = len(metadata) + len(rejected_at_ingest)
     bad_fraction = len(quarantine) / input_rows
-    summary = {
-        "success": bad_fraction <= params.max_bad_fraction,
-        "rows": input_rows,
-        "kept": len(metadata) - len(bad_rows),
-        "quarantined": len(quarantine),
-        "quarantined_at_ingest": len(rejected_at_ingest),
-        "quarantined_by_suite": len(bad_rows),
-        "quarantine_reasons": reason_counts(quarantine["reason"]),
-        "bad_fraction": bad_fraction,
-        "max_bad_fraction": params.max_bad_fraction,
-        "expectations": expectations,
-        "report": str(report_dir / INDEX_FILE),
-    }
     page = Path(DOCS_DIR) / validation_page.relative_to(docs_dir.resolve())
-    (report_dir / INDEX_FILE).write_text(_index_html(summary, page))
-    summary["seconds"] = round(time.perf_counter() - started, 2)
-    (report_dir / VALIDATION_REPORT).write_text(json.dumps(summary, indent=2))
-    return summary
+    report = ValidationReport(
+        success=bad_fraction <= params.max_bad_fraction,
+        input_rows=input_rows,
+        kept=len(metadata) - len(bad_rows),
+        quarantined=len(quarantine),
+        quarantined_at_ingest=len(rejected_at_ingest),
+        quarantined_by_suite=len(bad_rows),
+        quarantine_reasons=reason_counts(quarantine["reason"]),
+        bad_fraction=bad_fraction,
+        max_bad_fraction=params.max_bad_fraction,
+        expectations=tuple(expectations),
+        report=str(report_dir / INDEX_FILE),
+        seconds=round(time.perf_counter() - started, 2),
+    )
+    (report_dir / INDEX_FILE).write_text(_index_html(report, page))
+    report.write(report_dir)
+    return report
 
 
-def check_passed(result: dict[str, Any], params: ValidateParams) -> None:
+def check_passed(result: ValidationReport, params: ValidateParams) -> None:
     """Raise a one-line `ClipflowError` when a `validate` result breaks `max_bad_fraction`.
 
     Raises:
         ClipflowError: more rows were quarantined than `params.max_bad_fraction` allows.
     """
-    if result["bad_fraction"] <= params.max_bad_fraction:
+    if result.bad_fraction <= params.max_bad_fraction:
         return
-    share = _percent(result["bad_fraction"])
     raise ClipflowError(
-        f"validation failed: {result['quarantined']} of {result['rows']} input rows ({share}) "
-        f"quarantined ({result['quarantined_at_ingest']} at ingest, {result['quarantined_by_suite']} by expectations), "
-        f"above validate.max_bad_fraction={params.max_bad_fraction}; see {result['report']}"
+        f"validation failed: {result.quarantined} of {result.input_rows} input rows ({_percent(result.bad_fraction)}) "
+        f"quarantined ({result.quarantined_at_ingest} at ingest, {result.quarantined_by_suite} by expectations), "
+        f"above validate.max_bad_fraction={params.max_bad_fraction}; see {result.report}"
     )
 
 
@@ -287,17 +284,17 @@ def _percent(fraction: float) -> str:
     return f"{value:.2f}%" if value == 0 or value >= 0.01 else f"{value:.2g}%"
 
 
-def _index_html(summary: dict[str, Any], validation_page: Path) -> str:
+def _index_html(report: ValidationReport, validation_page: Path) -> str:
     """A self-contained summary page, readable where the data docs' relative links are not."""
-    status = "passed" if summary["success"] else "failed"
+    status = "passed" if report.success else "failed"
     cells = "".join(
-        f"<tr><td>{html.escape(e['expectation'])}</td><td>{html.escape(e['column'])}</td>"
-        f"<td>{'yes' if e['success'] else 'no'}</td><td>{e['unexpected_count']}</td></tr>"
-        for e in summary["expectations"]
+        f"<tr><td>{html.escape(e.expectation)}</td><td>{html.escape(e.column)}</td>"
+        f"<td>{'yes' if e.success else 'no'}</td><td>{e.unexpected_count}</td></tr>"
+        for e in report.expectations
     )
     reasons = "".join(
         f"<tr><td>{html.escape(reason)}</td><td>{count}</td></tr>"
-        for reason, count in summary["quarantine_reasons"].items()
+        for reason, count in report.quarantine_reasons.items()
     )
     return f"""<!DOCTYPE html>
 <html lang="en">
@@ -305,9 +302,9 @@ def _index_html(summary: dict[str, Any], validation_page: Path) -> str:
 <style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:.2em .8em;text-align:left}}</style></head>
 <body>
 <h1>Validation {status}</h1>
-<p>{summary["quarantined"]} of {summary["rows"]} input rows ({_percent(summary["bad_fraction"])}) quarantined:
-{summary["quarantined_at_ingest"]} by ingest's image and caption checks, {summary["quarantined_by_suite"]} by the
-expectations below; allowed: {_percent(summary["max_bad_fraction"])}. Kept {summary["kept"]} rows.
+<p>{report.quarantined} of {report.input_rows} input rows ({_percent(report.bad_fraction)}) quarantined:
+{report.quarantined_at_ingest} by ingest's image and caption checks, {report.quarantined_by_suite} by the
+expectations below; allowed: {_percent(report.max_bad_fraction)}. Kept {report.kept} rows.
 Rejected rows and reasons: <code>{QUARANTINE_FILE}</code>.</p>
 <p><a href="{html.escape(validation_page.as_posix())}">Validation result</a> ·
 <a href="{DOCS_DIR}/index.html">Great Expectations data docs</a></p>
