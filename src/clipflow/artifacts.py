@@ -21,7 +21,7 @@ import json
 import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from clipflow.errors import ClipflowError
 
@@ -34,8 +34,29 @@ TRAIN_REPORT = "train.json"
 METRICS_FILE = "metrics.json"
 
 
+class JsonRecord:
+    """JSON in and out for a frozen dataclass of JSON values: a step's report, as a file or a KFP output."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> Self:
+        return cls(**json.loads(text))
+
+
+def _report_text(folder: str | Path, name: str, what: str) -> str:
+    path = Path(folder) / name
+    if not path.is_file():
+        raise ClipflowError(f"not {what} (no {name}): {folder}")
+    return path.read_text()
+
+
 @dataclass(frozen=True)
-class IngestReport:
+class IngestReport(JsonRecord):
     """What ingest wrote about a data directory (`ingest.json`), written last: it means the data is complete.
 
     `input_rows` reconciles: every row read is either kept (in a shard and `metadata.parquet`)
@@ -53,23 +74,10 @@ class IngestReport:
     git_revision: str | None
     seconds: float
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
     @classmethod
     def read(cls, data_dir: str | Path) -> IngestReport:
         """Raises: ClipflowError: the folder is not an ingested data directory."""
-        path = Path(data_dir) / INGEST_REPORT
-        if not path.is_file():
-            raise ClipflowError(f"not an ingested data directory (no {INGEST_REPORT}): {data_dir}")
-        return cls.from_json(path.read_text())
-
-    @classmethod
-    def from_json(cls, text: str) -> IngestReport:
-        return cls(**json.loads(text))
+        return cls.from_json(_report_text(data_dir, INGEST_REPORT, "an ingested data directory"))
 
 
 @dataclass(frozen=True)
@@ -82,7 +90,7 @@ class ExpectationResult:
 
 
 @dataclass(frozen=True)
-class ValidationReport:
+class ValidationReport(JsonRecord):
     """What validate wrote beside its data docs (`validation.json`).
 
     `input_rows` counts the rows ingest read, so the quarantine covers both stages:
@@ -102,11 +110,8 @@ class ValidationReport:
     report: str  # the data docs' index.html
     seconds: float
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
     def write(self, report_dir: str | Path) -> None:
-        (Path(report_dir) / VALIDATION_REPORT).write_text(json.dumps(self.to_dict(), indent=2))
+        (Path(report_dir) / VALIDATION_REPORT).write_text(self.to_json())
 
     @classmethod
     def from_json(cls, text: str) -> ValidationReport:
@@ -116,7 +121,7 @@ class ValidationReport:
 
 
 @dataclass(frozen=True)
-class TrainReport:
+class TrainReport(JsonRecord):
     """What a finished training wrote beside its checkpoint (`train.json`)."""
 
     mlflow_run_id: str
@@ -125,23 +130,13 @@ class TrainReport:
     data_version: str
     seconds: float
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
     def write(self, output_dir: str | Path) -> None:
-        (Path(output_dir) / TRAIN_REPORT).write_text(json.dumps(self.to_dict(), indent=2))
+        (Path(output_dir) / TRAIN_REPORT).write_text(self.to_json())
 
     @classmethod
     def read(cls, output_dir: str | Path) -> TrainReport:
         """Raises: ClipflowError: the folder holds no finished training."""
-        path = Path(output_dir) / TRAIN_REPORT
-        if not path.is_file():
-            raise ClipflowError(f"not a training output folder (no {TRAIN_REPORT}): {output_dir}")
-        return cls.from_json(path.read_text())
-
-    @classmethod
-    def from_json(cls, text: str) -> TrainReport:
-        return cls(**json.loads(text))
+        return cls.from_json(_report_text(output_dir, TRAIN_REPORT, "a training output folder"))
 
     @staticmethod
     def exists(output_dir: str | Path) -> bool:

@@ -14,17 +14,17 @@ one in place.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import random
 import socket
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from clipflow import tracking
+from clipflow.artifacts import JsonRecord
 from clipflow.errors import ClipflowError
 from clipflow.params import Params
 
@@ -45,7 +45,7 @@ class GateDecision:
 
 
 @dataclass(frozen=True)
-class PromoteResult:
+class PromoteResult(JsonRecord):
     model_name: str
     model_version: str
     aliases: list[str]  # of this version
@@ -54,22 +54,12 @@ class PromoteResult:
     previous_champion: str | None  # the version it replaced
     seconds: float
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, text: str) -> PromoteResult:
-        return cls(**json.loads(text))
-
 
 @dataclass(frozen=True)
-class RollbackResult:
+class RollbackResult(JsonRecord):
     model_name: str
     champion: str  # the version that is champion again
     rolled_back: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def check_metrics(metrics: dict[str, Any], floors: dict[str, float]) -> None:

@@ -20,14 +20,13 @@ sets `$BENTOML_HOME` before BentoML first uses its store; this module changes no
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ import yaml
 import clipflow
 from clipflow import model as clip_model
 from clipflow import tracking
+from clipflow.artifacts import JsonRecord
 from clipflow.errors import ClipflowError
 from clipflow.params import Params, ServeParams
 from clipflow.registry.models import download_checkpoint
@@ -66,19 +66,12 @@ _REGISTRY_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<v
 
 
 @dataclass(frozen=True)
-class PackageResult:
+class PackageResult(JsonRecord):
     bento_tag: str
     bento_model_tag: str
     model_uri: str
     gallery: dict[str, Any] | None  # split, size and data_version of the search gallery
     seconds: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, text: str) -> PackageResult:
-        return cls(**json.loads(text))
 
 
 def bentoml_home() -> Path:

@@ -7,13 +7,12 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from clipflow import model as clip_model
 from clipflow import tracking
-from clipflow.artifacts import IngestReport, TrainReport, lineage
+from clipflow.artifacts import IngestReport, JsonRecord, TrainReport, lineage
 from clipflow.errors import ClipflowError
 from clipflow.params import Params, TrainParams
 from clipflow.registry.models import log_clip_model
@@ -25,14 +24,11 @@ from clipflow.train.metrics import MetricsRelay
 
 
 @dataclass(frozen=True)
-class NodeReport:
+class NodeReport(JsonRecord):
     """What a node other than node 0 reports: node 0 owns the run and the model."""
 
     node_rank: int
     seconds: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def train(
