@@ -5,7 +5,7 @@ import dataclasses
 import json
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import mlflow
@@ -14,8 +14,17 @@ import pytest
 from clipflow import model as clip_model
 from clipflow import tracking
 from clipflow.errors import ClipflowError
+from clipflow.registry import promote as promotion
 from clipflow.registry.models import download_checkpoint, log_clip_model
-from clipflow.registry.promote import CHAMPION, check_metrics, gate, promote, promotion_lock, rollback
+from clipflow.registry.promote import (
+    CHALLENGER,
+    CHAMPION,
+    check_metrics,
+    gate,
+    promote,
+    promotion_lock,
+    rollback,
+)
 from tests.support.servers import mlflow_server, seaweedfs
 
 CLIPFLOW = str(Path(sys.executable).with_name("clipflow"))
@@ -127,58 +136,94 @@ def test_register_gate_refuse_and_roll_back(registry, small_params):
         rollback(params)
 
 
-def test_two_racing_promotions_leave_the_better_champion(registry, small_params, tmp_path):
+class LockWaiters:
+    """Which promotion threads have found the lock taken: they are waiting for it, not merely slow.
+
+    `promotion_lock` checks for a stale lock after every failed attempt to take it; noting that
+    call is how a test knows, without sleeping, that a promotion stands at the lock.
+    """
+
+    def __init__(self, monkeypatch):
+        self.names: set[str] = set()
+        self.changed = threading.Condition()
+        check_stale = promotion._remove_if_stale
+
+        def note_then_check(client, lock):
+            with self.changed:
+                self.names.add(threading.current_thread().name)
+                self.changed.notify_all()
+            check_stale(client, lock)
+
+        monkeypatch.setattr(promotion, "_remove_if_stale", note_then_check)
+
+    def wait_for(self, names: set[str], timeout_s: float = 120) -> bool:
+        with self.changed:
+            return self.changed.wait_for(lambda: names <= self.names, timeout_s)
+
+
+def _promote_in_thread(name: str, uri: str, value: float, params) -> tuple[threading.Thread, dict]:
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["result"] = promote(uri, {"zeroshot_top1_heldout": value}, params)
+        except BaseException as exc:  # handed to the test, which re-raises it
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def _finished(thread: threading.Thread, outcome: dict):
+    thread.join(timeout=300)
+    assert not thread.is_alive(), f"promotion {thread.name} still running"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def _aliases(client, name: str) -> set[str]:
+    return set(client.get_registered_model(name).aliases)
+
+
+def test_two_racing_promotions_leave_the_better_champion(registry, small_params, monkeypatch):
     params = _params(small_params, registry, "clip-race")
     tracking.setup(params.tracking)
     promote(_logged_model(registry), {"zeroshot_top1_heldout": 0.60}, params)
-    # each passes against the old champion; only the better one may win against the other
+    # Each passes against the old champion; only the better one may win against the other. Both
+    # are held at the lock until both wait there, so they race for it every time this test runs.
     better, worse = _logged_model(registry), _logged_model(registry)
-    processes = []
-    for name, uri, value in (("better", better, 0.90), ("worse", worse, 0.58)):
-        metrics = tmp_path / f"{name}.json"
-        metrics.write_text(json.dumps({"metrics": {"zeroshot_top1_heldout": value}}))
-        command = [CLIPFLOW, "promote", "--model-uri", uri, "--metrics", str(metrics), *_cli_args(params)]
-        processes.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    results = []
-    for process in processes:
-        stdout, stderr = process.communicate(timeout=300)
-        assert process.returncode == 0, stderr
-        results.append(json.loads(stdout))
-
+    waiters = LockWaiters(monkeypatch)
     client = mlflow.MlflowClient()
+    with promotion_lock(client, "clip-race"):
+        racing = [
+            _promote_in_thread(n, uri, v, params) for n, uri, v in (("better", better, 0.90), ("worse", worse, 0.58))
+        ]
+        assert waiters.wait_for({"better", "worse"})
+    results = {thread.name: _finished(thread, outcome) for thread, outcome in racing}
+
     champion = client.get_model_version_by_alias("clip-race", CHAMPION)
-    assert champion.tags["metric.zeroshot_top1_heldout"] == "0.9"
-    assert champion.tags["promotion"] == "champion"
-    assert results[0]["promoted"]
+    assert str(champion.version) == results["better"].model_version
+    assert champion.tags["metric.zeroshot_top1_heldout"] == "0.9" and champion.tags["promotion"] == "champion"
+    assert results["better"].promoted
     assert not client.search_registered_models(filter_string="name = 'clip-race.promotion-lock'")
 
 
-def test_a_promotion_waits_while_another_holds_the_lock(registry, small_params, tmp_path):
+def test_a_promotion_waits_while_another_holds_the_lock(registry, small_params, monkeypatch):
     params = _params(small_params, registry, "clip-lock")
     tracking.setup(params.tracking)
     uri = _logged_model(registry)
-    metrics = tmp_path / "metrics.json"
-    metrics.write_text(json.dumps({"metrics": {"zeroshot_top1_heldout": 0.7}}))
+    waiters = LockWaiters(monkeypatch)
     client = mlflow.MlflowClient()
     with promotion_lock(client, "clip-lock"):
-        process = subprocess.Popen(
-            [CLIPFLOW, "promote", "--model-uri", uri, "--metrics", str(metrics), *_cli_args(params)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        # it registers its version and aliases it challenger, then waits for the lock
-        deadline = time.monotonic() + 120
-        while not client.search_model_versions("name = 'clip-lock'") and time.monotonic() < deadline:
-            time.sleep(0.5)
-        time.sleep(3)
-        assert process.poll() is None
-        with pytest.raises(mlflow.exceptions.MlflowException):
-            client.get_model_version_by_alias("clip-lock", CHAMPION)
-    stdout, stderr = process.communicate(timeout=300)
-    assert process.returncode == 0, stderr
-    assert json.loads(stdout)["promoted"]
-    assert str(client.get_model_version_by_alias("clip-lock", CHAMPION).version) == "1"
+        thread, outcome = _promote_in_thread("waiting", uri, 0.7, params)
+        # it registers its version and aliases it challenger, then stands at the lock
+        assert waiters.wait_for({"waiting"})
+        assert thread.is_alive() and _aliases(client, "clip-lock") == {CHALLENGER}
+    result = _finished(thread, outcome)
+    assert result.promoted and result.model_version == "1"
+    assert _aliases(client, "clip-lock") == {CHALLENGER, CHAMPION}
 
 
 @pytest.mark.parametrize("value", ["NaN", "Infinity", '"0.9"', "null"])
