@@ -37,15 +37,34 @@ def test_recall_counts_rank_of_the_paired_candidate():
     assert recall == pytest.approx({1: 2 / 3, 2: 2 / 3, 3: 1.0})
 
 
-def test_chunked_recall_equals_dense_computation():
+def _dense_topk_recall(queries, candidates, ks):
+    """CLIP_benchmark's count on the whole N x N matrix: a hit when the own candidate is in torch.topk's k."""
+    scores = queries @ candidates.T
+    own = torch.arange(len(queries))[:, None]
+    return {k: (scores.topk(k, dim=1).indices == own).any(dim=1).float().mean().item() for k in ks}
+
+
+def test_chunked_recall_equals_dense_topk_computation_ties_included():
     generator = torch.Generator().manual_seed(0)
     images = torch.nn.functional.normalize(torch.randn(500, 16, generator=generator), dim=-1)
     texts = torch.nn.functional.normalize(images + 0.8 * torch.randn(500, 16, generator=generator), dim=-1)
-    dense_scores = images @ texts.T
-    dense_ranks = (dense_scores > dense_scores.diag()[:, None]).sum(dim=1)
-    dense = {k: (dense_ranks < k).float().mean().item() for k in (1, 5, 10)}
+    # Every fifth caption repeats the one before it, as identical captions do in the built-in data.
+    texts[1::5] = texts[0::5]
+    dense = _dense_topk_recall(images, texts, (1, 5, 10))
     assert recall_at_k(images, texts, [1, 5, 10], chunk_size=64) == dense
+    assert recall_at_k(texts, images, [1, 5, 10], chunk_size=64) == _dense_topk_recall(texts, images, (1, 5, 10))
     assert 0 < dense[1] < dense[10] <= 1
+
+
+def test_tied_candidates_count_once_each_not_all_as_hits():
+    n, ks = 50, [1, 5, 10]
+    # All embeddings equal: every score is exactly 1.0, and topk keeps k of the n tied candidates,
+    # the same k for every query, so only those k queries find their own.
+    same = torch.zeros(n, 8)
+    same[:, 0] = 1.0
+    recall = recall_at_k(same, same, ks, chunk_size=16)
+    assert recall == pytest.approx({k: k / n for k in ks})
+    assert recall == _dense_topk_recall(same, same, ks)
 
 
 def test_classification_report_on_known_scores():

@@ -21,22 +21,25 @@ def zeroshot_topk(
 def recall_at_k(
     queries: torch.Tensor, candidates: torch.Tensor, ks: Sequence[int], chunk_size: int = 1024
 ) -> dict[int, float]:
-    """Recall@k when query i's one correct candidate is candidate i.
+    """Recall@k when query i's one correct candidate is candidate i, as LAION's CLIP_benchmark counts it.
 
-    The rank of the correct candidate is the number of candidates scoring strictly higher,
-    computed chunk by chunk so memory is O(chunk_size x N).
+    Query i is a hit at k when candidate i is among `torch.topk` of its k best scores. Candidates
+    that score the same (identical captions) are ranked as `torch.topk` ranks them, so a tie counts
+    only where topk keeps the paired one, never for every candidate in it. Scores are computed chunk
+    by chunk, so memory is O(chunk_size x N).
     """
     if queries.shape != candidates.shape:
         raise ValueError(f"queries {tuple(queries.shape)} and candidates {tuple(candidates.shape)} must pair up")
-    ranks = torch.empty(queries.shape[0], dtype=torch.long)
+    hits = torch.zeros(len(ks), queries.shape[0], dtype=torch.bool)
     for start in range(0, queries.shape[0], chunk_size):
         block = queries[start : start + chunk_size]
         scores = block @ candidates.T  # (chunk, N)
-        # Read the paired score out of the same product, so float rounding cannot rank a pair above itself.
-        rows = torch.arange(block.shape[0])
-        correct = scores[rows, start + rows][:, None]
-        ranks[start : start + chunk_size] = (scores > correct).sum(dim=1)
-    return {k: (ranks < k).float().mean().item() for k in ks}
+        own = torch.arange(start, start + block.shape[0])[:, None]
+        for row, k in enumerate(ks):
+            # One topk per k, as CLIP_benchmark calls it: the first k of a larger topk may keep other members of a tie.
+            top = scores.topk(min(k, candidates.shape[0]), dim=1).indices
+            hits[row, start : start + block.shape[0]] = (top == own).any(dim=1)
+    return {k: hits[row].float().mean().item() for row, k in enumerate(ks)}
 
 
 def classification_report(scores: torch.Tensor, targets: torch.Tensor, top_k: int = 5) -> dict:
