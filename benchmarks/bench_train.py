@@ -39,8 +39,6 @@ from common import case, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "CLIP-Tiny"
-# Lets open_clip_train 3.3 read WebDataset shards with webdataset 1.0 (see its docstring).
-OPEN_CLIP_COMPAT = REPO / "tests" / "open_clip_compat"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -152,7 +150,7 @@ def _open_clip(work: Path, data: Path, train, precision: str, steps: int, batch:
     command += ["--workers", "1", "--device", "cpu", "--logs", str(work / "open_clip"), "--name", name]
     command += ["--save-frequency", "1", "--log-every-n-steps", "10", "--report-to", ""]
     checkpoint = work / "open_clip" / name / "checkpoints" / "epoch_1.pt"
-    return _timed("open_clip", name, precision, steps * batch, command, work, checkpoint, OPEN_CLIP_COMPAT)
+    return _timed("open_clip", name, precision, steps * batch, command, work, checkpoint)
 
 
 def _timed(
@@ -163,15 +161,13 @@ def _timed(
     command: list[str],
     work: Path,
     checkpoint: Path,
-    *extra_path: Path,
 ):
     """Run a training command; wall and CPU time of its process tree (every process is waited for)."""
-    path = os.pathsep.join([*map(str, extra_path), str(REPO / "src"), str(REPO), os.environ.get("PYTHONPATH", "")])
     log = work / f"{name}.log"
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     with log.open("w") as out:
-        result = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": path})
+        result = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT)
     seconds = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if result.returncode != 0:

@@ -1,9 +1,7 @@
 """`python -m open_clip_train.main` that also knows clipflow's model configs (CLIP-Tiny).
 
 open_clip_train resolves `--model` among open_clip's registered configs; this registers
-clipflow's first and then hands every argument to open_clip_train unchanged. Run it with
-tests/open_clip_compat on PYTHONPATH, as bench_train.py does: open_clip_train 3.3 needs that
-shim to read any WebDataset with webdataset 1.0 (the shards themselves are read unchanged).
+clipflow's first and then hands every argument to open_clip_train unchanged.
 """
 
 import sys

@@ -1,10 +1,9 @@
-"""open_clip's own trainer reads clipflow's shards as they are."""
+"""open_clip's own trainer, unpatched, reads clipflow's shards as they are."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import subprocess
 import sys
@@ -15,9 +14,8 @@ import pandas as pd
 from clipflow.data.ingest import ingest
 from clipflow.model import CONFIG_DIR
 from clipflow.params import Params
-from tests.support import REPO, bad_inputs
+from tests.support import bad_inputs
 
-COMPAT = REPO / "tests" / "support" / "open_clip_compat"
 BATCH, STEPS = 8, 3
 
 
@@ -44,8 +42,7 @@ def test_open_clip_train_runs_on_ingested_shards(small_params: Params, tmp_path:
     command += ["--workers", "1", "--model", f"local-dir:{model}", "--device", "cpu", "--precision", "fp32"]
     command += ["--logs", str(tmp_path / "logs"), "--name", "run", "--report-to", "", "--save-frequency", "1"]
     command += ["--warmup", "1", "--log-every-n-steps", "1", "--seed", "0"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(COMPAT), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
 
     log = (tmp_path / "logs" / "run" / "out.log").read_text() if (tmp_path / "logs").exists() else ""
     assert done.returncode == 0, (done.stderr[-3000:], log[-2000:])
