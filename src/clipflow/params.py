@@ -54,12 +54,13 @@ class DataParams:
     http_timeout_s: float
     http_retries: int
     max_image_bytes: int
+    max_manifest_bytes: int
     backgrounds: list[str]
     relation_fraction: float
     count_fraction: float
 
     def check(self) -> None:
-        _require_positive("data", self, "num_train", "shard_size", "max_image_bytes")
+        _require_positive("data", self, "num_train", "shard_size", "max_image_bytes", "max_manifest_bytes")
         if self.workers < 0 or self.http_retries < 0 or self.http_timeout_s <= 0:
             raise ClipflowError("data.workers and data.http_retries must not be negative, data.http_timeout_s positive")
         fractions = self.split_fractions

@@ -1,20 +1,27 @@
-"""The one local/S3 layer: a store of files under a root, whole-tree copies, and reading one object with limits.
+"""The one local/S3/HTTP layer: a store of files under a root, whole-tree copies, reading sources with limits.
 
 S3 goes through boto3, which takes `AWS_ENDPOINT_URL` (MinIO, SeaweedFS) and credentials from
 the environment. A file is only ever made visible whole: locally by renaming a finished
 temporary file, on S3 by a single upload, which S3 publishes atomically when it completes.
+
+Sources (images, manifests, shards) are untrusted: `fetch`, `fetch_file` and `open_stream` read
+regular files only, and `fetch` and `fetch_file` stop one chunk past a byte cap and at a deadline.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
+import stat
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import urlparse
 
 from clipflow.errors import ClipflowError
@@ -198,54 +205,161 @@ class FetchError(Exception):
 
 @dataclass(frozen=True)
 class FetchLimits:
+    """How much of one source object to read, and for how long.
+
+    `timeout_s` bounds connecting and each network read of one attempt. A source that sends a
+    byte now and then never trips it, so the whole fetch also ends at `deadline_s`: as long as
+    every attempt timing out in full, with the pauses between them.
+    """
+
     max_bytes: int
     timeout_s: float
     retries: int
+    name: str = "data.max_image_bytes"  # the parameter behind `max_bytes`, for the reasons that name it
+
+    def pause_s(self, attempt: int) -> float:
+        """The pause before attempt number `attempt` (the first retry is 1): backing off, at most 2 s."""
+        return min(0.2 * 2**attempt, 2.0)
+
+    @property
+    def deadline_s(self) -> float:
+        return self.timeout_s * (self.retries + 1) + sum(self.pause_s(a) for a in range(1, self.retries + 1))
+
+
+_CHUNK = 1 << 16
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # Windows has neither the flag nor named pipes among files
+
+_NOT_REGULAR = {
+    stat.S_IFIFO: "a named pipe",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
 
 
 def fetch(uri: str, limits: FetchLimits) -> bytes:
     """The bytes of a local file, an `s3://` object or an `http(s)://` URL, at most `max_bytes`.
 
     Raises:
-        FetchError: missing, too large, an unsupported scheme, or a network failure after retries.
+        FetchError: missing, not a regular file, too large, past the deadline, an unsupported
+            scheme, or a network failure after retries.
     """
+    buffer = io.BytesIO()
+    _fetch_into(uri, limits, buffer)
+    return buffer.getvalue()
+
+
+def fetch_file(uri: str, target: Path, limits: FetchLimits) -> Path:
+    """`fetch` into the file `target`, which appears only whole; for objects too large to hold in memory.
+
+    Raises:
+        FetchError: as `fetch`.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as sink:
+            _fetch_into(uri, limits, sink)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+@contextmanager
+def open_stream(uri: str) -> Iterator[BinaryIO]:
+    """A local regular file or an `s3://` object as a stream to read front to back, such as a tar shard.
+
+    Raises:
+        FetchError: missing, not a regular file, or S3 refused or unreachable.
+    """
+    if not is_s3(uri):
+        with os.fdopen(_open_regular(uri)[0], "rb") as handle:
+            yield handle
+        return
+    bucket, key = split_s3(uri)
+    with _s3_problems(uri):
+        body = s3_client().get_object(Bucket=bucket, Key=key)["Body"]
+    with closing(body):
+        yield body
+
+
+def _fetch_into(uri: str, limits: FetchLimits, sink: BinaryIO) -> None:
+    deadline = time.monotonic() + limits.deadline_s
     scheme = urlparse(uri).scheme.lower()
     if scheme == "s3":
-        return _fetch_s3(uri, limits)
-    if scheme in {"http", "https"}:
-        return _fetch_http(uri, limits)
-    if scheme in {"", "file"} or len(scheme) == 1:  # a Windows drive letter is a path, not a scheme
-        return _fetch_local(uri[7:] if scheme == "file" else uri, limits)
-    raise FetchError(f"unsupported URI scheme {scheme!r}: only local paths, s3://, http:// and https://")
+        _fetch_s3(uri, limits, sink, deadline)
+    elif scheme in {"http", "https"}:
+        _fetch_http(uri, limits, sink, deadline)
+    elif scheme in {"", "file"} or len(scheme) == 1:  # a Windows drive letter is a path, not a scheme
+        _fetch_local(uri[7:] if scheme == "file" else uri, limits, sink, deadline)
+    else:
+        raise FetchError(f"unsupported URI scheme {scheme!r}: only local paths, s3://, http:// and https://")
 
 
-def _fetch_local(path: str, limits: FetchLimits) -> bytes:
-    try:
-        size = os.path.getsize(path)
+def _drain(chunks: Iterable[bytes], sink: BinaryIO, limits: FetchLimits, deadline: float, what: str) -> None:
+    """Copy `chunks` into `sink`, stopping one chunk past `max_bytes` or at the deadline, whatever was declared."""
+    size = 0
+    for chunk in chunks:
+        size += len(chunk)
         if size > limits.max_bytes:
-            raise FetchError(f"file is {size} bytes, more than data.max_image_bytes={limits.max_bytes}")
-        with open(path, "rb") as handle:
-            return handle.read()
+            raise FetchError(f"{what} exceeds {limits.name}={limits.max_bytes}")
+        if time.monotonic() > deadline:
+            raise FetchError(f"{what} not complete after {limits.deadline_s:g} s (the deadline of one fetch)")
+        sink.write(chunk)
+
+
+def _open_regular(path: str) -> tuple[int, int]:
+    """A read-only descriptor of the regular file at `path`, and its size.
+
+    Raises:
+        FetchError: missing, a directory, or anything else that is not a regular file: a device
+            never ends and a named pipe waits for a writer, so neither is ever read.
+    """
+    try:
+        _require_regular(os.stat(path), path)
+        # Should a pipe take the file's place after the stat, opening it must not wait for a writer.
+        fd = os.open(path, os.O_RDONLY | _NONBLOCK)
+        try:
+            info = os.fstat(fd)
+            _require_regular(info, path)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, info.st_size
     except FileNotFoundError:
         raise FetchError(f"file not found: {path}") from None
-    except IsADirectoryError:
-        raise FetchError(f"a directory, not a file: {path}") from None
     except OSError as exc:
         raise FetchError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
-def _fetch_s3(uri: str, limits: FetchLimits) -> bytes:
+def _require_regular(info: os.stat_result, path: str) -> None:
+    if stat.S_ISDIR(info.st_mode):
+        raise FetchError(f"a directory, not a file: {path}")
+    if not stat.S_ISREG(info.st_mode):
+        raise FetchError(f"not a regular file ({_NOT_REGULAR.get(stat.S_IFMT(info.st_mode), 'special')}): {path}")
+
+
+def _fetch_local(path: str, limits: FetchLimits, sink: BinaryIO, deadline: float) -> None:
+    fd, size = _open_regular(path)
+    try:
+        if size > limits.max_bytes:
+            raise FetchError(f"file is {size} bytes, more than {limits.name}={limits.max_bytes}")
+        # The size was a promise only: a file that grows after the stat is still cut off.
+        _drain(iter(partial(os.read, fd, _CHUNK), b""), sink, limits, deadline, "file")
+    except OSError as exc:
+        raise FetchError(f"cannot read {path}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def _s3_problems(uri: str) -> Iterator[None]:
+    """botocore's errors as the FetchError a row is quarantined with."""
     import botocore.exceptions
 
-    bucket, key = split_s3(uri)
     try:
-        response = s3_client().get_object(Bucket=bucket, Key=key)
-        if response["ContentLength"] > limits.max_bytes:
-            response["Body"].close()
-            raise FetchError(
-                f"S3 object is {response['ContentLength']} bytes, more than data.max_image_bytes={limits.max_bytes}"
-            )
-        return response["Body"].read()
+        yield
     except botocore.exceptions.ClientError as exc:
         code = exc.response.get("Error", {}).get("Code", "")
         if code in {"NoSuchKey", "404", "NotFound"}:
@@ -257,18 +371,37 @@ def _fetch_s3(uri: str, limits: FetchLimits) -> bytes:
         raise FetchError(f"S3 unreachable reading {uri}: {exc}") from None
 
 
-def _fetch_http(url: str, limits: FetchLimits) -> bytes:
+def _fetch_s3(uri: str, limits: FetchLimits, sink: BinaryIO, deadline: float) -> None:
+    bucket, key = split_s3(uri)
+    with _s3_problems(uri):
+        response = s3_client().get_object(Bucket=bucket, Key=key)
+        with closing(response["Body"]) as body:
+            if response["ContentLength"] > limits.max_bytes:
+                raise FetchError(
+                    f"S3 object is {response['ContentLength']} bytes, more than {limits.name}={limits.max_bytes}"
+                )
+            _drain(body.iter_chunks(_CHUNK), sink, limits, deadline, "S3 object")
+
+
+def _fetch_http(url: str, limits: FetchLimits, sink: BinaryIO, deadline: float) -> None:
     import httpx
 
-    attempts = limits.retries + 1
     problem = ""
-    for attempt in range(attempts):
+    attempt = 0
+    while attempt <= limits.retries:
         if attempt:
-            time.sleep(min(0.2 * 2**attempt, 2.0))
+            time.sleep(limits.pause_s(attempt))
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        attempt += 1
+        sink.seek(0)
+        sink.truncate()
         try:
             # httpx follows redirects only to http(s) URLs; a redirect loop ends after five hops.
-            client = httpx.Client(timeout=limits.timeout_s, follow_redirects=True, max_redirects=5)
-            with client, client.stream("GET", url) as response:
+            client = httpx.Client(timeout=min(limits.timeout_s, remaining), follow_redirects=True, max_redirects=5)
+            # identity: a compressed body could inflate a thousandfold between two checks of its size.
+            with client, client.stream("GET", url, headers={"Accept-Encoding": "identity"}) as response:
                 if response.status_code >= 500:
                     problem = f"HTTP {response.status_code}"
                     continue
@@ -276,15 +409,9 @@ def _fetch_http(url: str, limits: FetchLimits) -> bytes:
                     raise FetchError(f"HTTP {response.status_code} from {url}")
                 declared = int(response.headers.get("content-length") or 0)
                 if declared > limits.max_bytes:
-                    raise FetchError(
-                        f"HTTP body is {declared} bytes, more than data.max_image_bytes={limits.max_bytes}"
-                    )
-                body = bytearray()
-                for piece in response.iter_bytes():
-                    body += piece
-                    if len(body) > limits.max_bytes:
-                        raise FetchError(f"HTTP body exceeds data.max_image_bytes={limits.max_bytes}")
-                return bytes(body)
+                    raise FetchError(f"HTTP body is {declared} bytes, more than {limits.name}={limits.max_bytes}")
+                _drain(response.iter_bytes(), sink, limits, deadline, "HTTP body")
+                return
         except httpx.TimeoutException:
             problem = f"timed out after {limits.timeout_s:g} s"
         except httpx.TooManyRedirects:
@@ -293,4 +420,4 @@ def _fetch_http(url: str, limits: FetchLimits) -> bytes:
             raise FetchError(f"redirected to an unsupported scheme from {url}") from None
         except httpx.HTTPError as exc:
             problem = f"{type(exc).__name__}: {exc}"
-    raise FetchError(f"{problem} ({attempts} attempts) fetching {url}")
+    raise FetchError(f"{problem} ({attempt} attempts) fetching {url}")

@@ -17,7 +17,10 @@ import yaml
 
 from clipflow.artifacts import IngestReport, data_version, dvc_md5, lineage
 from clipflow.data.ingest import ingest
+from clipflow.data.sources import read_rows
+from clipflow.errors import ClipflowError
 from clipflow.params import Params
+from clipflow.storage import FetchLimits
 from tests.support import bad_inputs
 from tests.support.servers import BIN, S3Server, seaweedfs
 
@@ -139,3 +142,33 @@ def test_shards_under_an_s3_prefix_are_reingested(
     metadata = pd.read_parquet(tmp_path / "again" / "metadata.parquet")
     assert set(metadata["orig_source"]) == {f"s3://images/pics/{i}.png" for i in range(IMAGES)}
     assert set(metadata["orig_sku"]) == {f"sku-{i}" for i in range(IMAGES)}
+
+
+def test_an_s3_manifest_past_its_cap_or_missing_is_one_clear_error(
+    manifest: str, s3_env: S3Server, params: Params, tmp_path: Path
+) -> None:
+    size = s3_env.client().head_object(Bucket="images", Key="manifest.csv")["ContentLength"]
+    limits = FetchLimits(params.data.max_image_bytes, params.data.http_timeout_s, params.data.http_retries)
+    expected = (
+        f"cannot read manifest {manifest}: S3 object is {size} bytes, more than data.max_manifest_bytes={size - 1}$"
+    )
+    with pytest.raises(ClipflowError, match=expected):
+        next(read_rows(manifest, "url", "text", limits, max_manifest_bytes=size - 1))
+    assert next(read_rows(manifest, "url", "text", limits, max_manifest_bytes=size)).row == 0
+
+    absent = "s3://images/absent.csv"
+    with pytest.raises(ClipflowError, match=f"^cannot read manifest {absent}: S3 object not found: {absent}$"):
+        ingest(absent, tmp_path / "out", params.data, params.validate)
+
+
+def test_an_s3_image_past_the_cap_is_quarantined_unread(
+    manifest: str, s3_env: S3Server, params: Params, tmp_path: Path
+) -> None:
+    client = s3_env.client()
+    sizes = [client.head_object(Bucket="images", Key=f"pics/{i}.png")["ContentLength"] for i in range(IMAGES)]
+    cap = max(sizes) - 1
+    summary = ingest(manifest, tmp_path / "out", dataclasses.replace(params.data, max_image_bytes=cap), params.validate)
+    reasons = pd.read_parquet(tmp_path / "out" / "quarantine.parquet")["reason"].tolist()
+    too_large = [f"S3 object is {size} bytes, more than data.max_image_bytes={cap}" for size in sizes if size > cap]
+    assert sorted(reasons) == sorted([*too_large, "S3 object not found: s3://images/pics/missing.png"])
+    assert summary.kept == sum(size <= cap for size in sizes)

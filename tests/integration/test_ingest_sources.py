@@ -20,6 +20,7 @@ from PIL import Image
 
 from clipflow.artifacts import data_version
 from clipflow.data import ingest as ingest_module
+from clipflow.data import sources
 from clipflow.data.ingest import ingest
 from clipflow.errors import ClipflowError
 from clipflow.params import Params
@@ -359,3 +360,19 @@ def test_manifest_over_http_with_images_next_to_it(params: Params, tmp_path: Pat
     quarantine = _reconciles(summary, tmp_path / "out")
     assert summary.kept == 1
     assert quarantine["reason"].tolist() == [f"HTTP 404 from {url}/data/gone.png"]
+
+
+def test_a_jsonl_manifest_with_a_byte_order_mark_and_an_overlong_line(
+    params: Params, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sources, "MAX_RECORD_CHARS", 200)
+    rows = _good_rows(tmp_path, 2)
+    lines = [json.dumps(rows[0]), json.dumps({**rows[1], "caption": "y" * 300}), json.dumps(rows[1]), "{not json"]
+    (tmp_path / "manifest.jsonl").write_bytes("\n".join(lines).encode("utf-8-sig"))
+
+    summary = ingest(str(tmp_path / "manifest.jsonl"), tmp_path / "out", params.data, params.validate)
+
+    reasons = _reconciles(summary, tmp_path / "out").set_index("row")["reason"]
+    assert summary.kept == 2 and sorted(reasons.index) == [1, 3]
+    assert reasons[1] == "row is longer than 200 characters"
+    assert reasons[3].startswith("line is not valid JSON")

@@ -96,3 +96,47 @@ def http_server(files: dict[str, bytes], slow_delay_s: float) -> Iterator[str]:
     handler = type("Handler", (_Handler,), {"files": files, "delay_s": slow_delay_s})
     with local_http_server(handler) as url:
         yield url
+
+
+# Bodies that never finish, by path. The endless ones send no Content-Length: HTTP/1.0 ends a body at close.
+ENDLESS = {
+    "/endless.png": (b"\x89PNG\r\n\x1a\n", b"\x00" * 65536),
+    "/endless.csv": (b"image,caption\n", b"a.png,a row of a manifest that never ends\n" * 1500),
+}
+
+
+class _Hostile(BaseHTTPRequestHandler):
+    image = b""
+    gap_s = 2.0
+
+    def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
+        path = self.path.split("?")[0]
+        # Each body only ends when the client hangs up, which is what the client must do.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            if path == "/trickle.png":
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(self.image)))
+                self.end_headers()
+                for i in range(len(self.image)):
+                    self.wfile.write(self.image[i : i + 1])
+                    time.sleep(self.gap_s)
+            elif path in ENDLESS:
+                head, filler = ENDLESS[path]
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(head)
+                while True:
+                    self.wfile.write(filler)
+            else:
+                self.send_error(404)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def hostile_http_server(image: bytes, gap_s: float = 2.0) -> Iterator[str]:
+    """`/trickle.png`: `image` one byte every `gap_s`; `/endless.png` and `/endless.csv`: bodies without end."""
+    handler = type("Hostile", (_Hostile,), {"image": image, "gap_s": gap_s})
+    with local_http_server(handler) as url:
+        yield url

@@ -3,7 +3,8 @@
 Nothing here holds a whole source in memory: manifests are read a record or a record batch at
 a time and tar shards as streams. A row that is already known to be bad (a JSONL line that is
 not JSON, an unsafe tar member) still comes out, carrying its reason, so that input rows always
-equal kept plus quarantined rows.
+equal kept plus quarantined rows. A row is also bounded in length (`MAX_RECORD_CHARS`): a longer
+one comes out as its reason, as does a shard that is not a regular file.
 """
 
 from __future__ import annotations
@@ -18,14 +19,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 from urllib.parse import urlparse
 
 from clipflow.errors import ClipflowError
-from clipflow.storage import FetchError, FetchLimits, Store, fetch, s3_client, split_s3
+from clipflow.storage import FetchError, FetchLimits, Store, fetch_file, open_stream
 
 MANIFEST_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+SAMPLE_MEMBERS = {*IMAGE_EXTS, "txt", "json"}  # what a sample is made of; other members are never read
 PARQUET_BATCH = 1024
+# Far beyond any caption and its metadata: csv and line reading would otherwise hold a whole line in memory.
+MAX_RECORD_CHARS = 1 << 24
 
 
 @dataclass
@@ -52,17 +57,36 @@ def is_shard_source(source: str) -> bool:
     return suffix == ".tar" or suffix not in MANIFEST_FORMATS
 
 
-def read_rows(source: str, image_column: str, caption_column: str, limits: FetchLimits) -> Iterator[SourceRow]:
+def read_rows(
+    source: str,
+    image_column: str,
+    caption_column: str,
+    limits: FetchLimits,
+    max_manifest_bytes: int | None = None,
+) -> Iterator[SourceRow]:
     """Stream the rows of a manifest or of shards.
+
+    Args:
+        source: a manifest or shards, local or `s3://` (a manifest also `http(s)://`).
+        image_column, caption_column: the manifest's columns of image URIs and captions.
+        limits: how an image is read; a remote manifest is read with its deadline and retries too.
+        max_manifest_bytes: `data.max_manifest_bytes`, the size at which a remote manifest is
+            refused; None leaves it to the deadline alone.
 
     Raises:
         ClipflowError: a source that cannot be read as a whole (missing, unknown format,
-            no image or caption column, no shards).
+            no image or caption column, no shards, a remote manifest too large or too slow).
     """
     if is_shard_source(source):
         yield from _shard_rows(source, limits)
-    else:
-        yield from _manifest_rows(source, image_column, caption_column, limits)
+        return
+    manifest_limits = FetchLimits(
+        sys.maxsize if max_manifest_bytes is None else max_manifest_bytes,
+        limits.timeout_s,
+        limits.retries,
+        "data.max_manifest_bytes",
+    )
+    yield from _manifest_rows(source, image_column, caption_column, manifest_limits)
 
 
 def _manifest_rows(source: str, image_column: str, caption_column: str, limits: FetchLimits) -> Iterator[SourceRow]:
@@ -94,38 +118,81 @@ def _manifest_rows(source: str, image_column: str, caption_column: str, limits: 
 
 @contextmanager
 def _local_copy(source: str, limits: FetchLimits) -> Iterator[Path]:
-    """The manifest as a local file: itself, or a temporary download of a remote one."""
+    """The manifest as a local file: itself, or a temporary download of a remote one, streamed to disk."""
     if not urlparse(source).scheme:
-        if not Path(source).is_file():
+        if not Path(source).exists():
             raise ClipflowError(f"manifest not found: {source}")
+        if not Path(source).is_file():
+            raise ClipflowError(f"manifest is not a regular file: {source}")
         yield Path(source)
         return
     with tempfile.TemporaryDirectory(prefix="clipflow-manifest-") as tmp:
-        path = Path(tmp) / Path(urlparse(source).path).name
-        if source.startswith("s3://"):
-            import botocore.exceptions
-
-            try:
-                s3_client().download_file(*split_s3(source), str(path))
-            except botocore.exceptions.ClientError as exc:
-                raise ClipflowError(f"cannot read manifest {source}: {exc}") from None
-        else:
-            # A remote manifest is not an image: it may be far larger than one.
-            manifest_limits = FetchLimits(sys.maxsize, limits.timeout_s, limits.retries)
-            try:
-                path.write_bytes(fetch(source, manifest_limits))
-            except FetchError as exc:
-                raise ClipflowError(f"cannot read manifest {source}: {exc}") from None
+        try:
+            path = fetch_file(source, Path(tmp) / Path(urlparse(source).path).name, limits)
+        except FetchError as exc:
+            raise ClipflowError(f"cannot read manifest {source}: {exc}") from None
         yield path
+
+
+class _RecordTooLong(Exception):
+    pass
+
+
+class _BoundedLines:
+    """The lines of a text file, one record at a time, cut off once a record passes `MAX_RECORD_CHARS`.
+
+    After a cut the rest of that physical line is skipped: the next record starts on the next line.
+    """
+
+    def __init__(self, handle: TextIO):
+        self.handle = handle
+        self.used = 0
+
+    def __iter__(self) -> _BoundedLines:
+        return self
+
+    def __next__(self) -> str:
+        line = self.handle.readline(MAX_RECORD_CHARS - self.used + 1)
+        if not line:
+            raise StopIteration
+        self.used += len(line)
+        if self.used > MAX_RECORD_CHARS:
+            while line and line[-1] not in "\r\n":
+                line = self.handle.readline(MAX_RECORD_CHARS)
+            raise _RecordTooLong
+        return line
+
+    def records(self, reader: Iterator) -> Iterator:
+        """`next(reader)` until it ends, each from a fresh budget; a record past it, or not valid CSV, as its reason."""
+        while True:
+            self.used = 0
+            try:
+                record = next(reader)
+            except StopIteration:
+                return
+            except _RecordTooLong:
+                record = f"row is longer than {MAX_RECORD_CHARS} characters"
+            except csv.Error as exc:
+                record = f"row is not valid CSV: {exc}"
+            yield record
 
 
 def _csv_records(path: Path) -> Iterator[list[str] | dict | str]:
     """First the column names, then one dict per row (values as text, a missing cell as None)."""
-    csv.field_size_limit(1 << 26)
-    with open(path, newline="", encoding="utf-8", errors="replace") as handle:
-        reader = csv.DictReader(handle)
-        yield list(reader.fieldnames or [])
-        for record in reader:
+    csv.field_size_limit(MAX_RECORD_CHARS)  # a record is cut off first; csv's own default is far smaller
+    # utf-8-sig: Excel starts its CSV files with a byte-order mark, which would stick to the first name.
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as handle:
+        lines = _BoundedLines(handle)
+        reader = csv.DictReader(lines)
+        try:
+            columns = list(reader.fieldnames or [])
+        except _RecordTooLong:
+            raise ClipflowError(f"manifest header is longer than {MAX_RECORD_CHARS} characters") from None
+        yield columns
+        for record in lines.records(reader):
+            if isinstance(record, str):
+                yield record
+                continue
             extra = record.pop(None, None)
             if extra:
                 yield f"row has {len(extra)} more fields than the header"
@@ -148,20 +215,20 @@ def _parquet_records(path: Path) -> Iterator[list[str] | dict]:
 
 def _jsonl_records(path: Path) -> Iterator[list[str] | dict | str]:
     """Column names come from the first valid object; later objects may add or omit keys."""
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        lines = (line for line in handle if line.strip())
+    with open(path, encoding="utf-8-sig", errors="replace") as handle:
+        lines = _BoundedLines(handle)
+        # map and filter, unlike a generator, go on after the bounded lines raise for a long one.
+        records = lines.records(map(_json_object, filter(str.strip, lines)))
         pending: list[dict | str] = []
         columns: list[str] | None = None
-        for line in lines:
-            record = _json_object(line)
+        for record in records:
             pending.append(record)
             if isinstance(record, dict):
                 columns = list(record)
                 break
         yield columns or []
         yield from pending
-        for line in lines:
-            yield _json_object(line)
+        yield from records
 
 
 def _json_object(line: str) -> dict | str:
@@ -186,19 +253,6 @@ def _shard_paths(source: str) -> list[str]:
     return sorted(str(p) for p in path.rglob("*.tar"))
 
 
-@contextmanager
-def _open_stream(uri: str):
-    if uri.startswith("s3://"):
-        body = s3_client().get_object(Bucket=split_s3(uri)[0], Key=split_s3(uri)[1])["Body"]
-        try:
-            yield body
-        finally:
-            body.close()
-    else:
-        with open(uri, "rb") as handle:
-            yield handle
-
-
 def _shard_rows(source: str, limits: FetchLimits) -> Iterator[SourceRow]:
     """Samples of WebDataset tars, grouped as webdataset groups them: by name up to the first dot.
 
@@ -210,12 +264,11 @@ def _shard_rows(source: str, limits: FetchLimits) -> Iterator[SourceRow]:
         raise ClipflowError(f"no .tar shards under {source}")
     counter = iter(range(sys.maxsize))
     for shard in shards:
-        with _open_stream(shard) as stream:
-            try:
-                with tarfile.open(fileobj=stream, mode="r|*") as tar:
-                    yield from _tar_samples(tar, shard, counter, limits)
-            except tarfile.TarError as exc:
-                yield SourceRow(next(counter), sample_key(f"{shard}#error"), shard, reject=f"unreadable tar: {exc}")
+        try:
+            with open_stream(shard) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+                yield from _tar_samples(tar, shard, counter, limits)
+        except (tarfile.TarError, FetchError) as exc:
+            yield SourceRow(next(counter), sample_key(f"{shard}#error"), shard, reject=f"unreadable tar: {exc}")
 
 
 def _tar_samples(tar: tarfile.TarFile, shard: str, counter: Iterator[int], limits: FetchLimits) -> Iterator[SourceRow]:
@@ -236,8 +289,10 @@ def _tar_samples(tar: tarfile.TarFile, shard: str, counter: Iterator[int], limit
             if current is not None:
                 yield _sample_row(next(counter), shard, current, members, problem)
             current, members, problem = key, {}, None
+        if ext.lower() not in SAMPLE_MEMBERS:
+            continue
         if info.size > limits.max_bytes:
-            problem = f"member {info.name} is {info.size} bytes, more than data.max_image_bytes={limits.max_bytes}"
+            problem = f"member {info.name} is {info.size} bytes, more than {limits.name}={limits.max_bytes}"
             continue
         handle = tar.extractfile(info)
         members[ext.lower()] = handle.read() if handle else b""
