@@ -208,8 +208,8 @@ class FetchLimits:
     """How much of one source object to read, and for how long.
 
     `timeout_s` bounds connecting and each network read of one attempt. A source that sends a
-    byte now and then never trips it, so the whole fetch also ends at `deadline_s`: as long as
-    every attempt timing out in full, with the pauses between them.
+    byte now and then never trips it, so the whole fetch also ends at `deadline_s`: the time that
+    every attempt would take to time out in full, with the pauses between them.
     """
 
     max_bytes: int
@@ -298,7 +298,7 @@ def _fetch_into(uri: str, limits: FetchLimits, sink: BinaryIO) -> None:
 
 
 def _drain(chunks: Iterable[bytes], sink: BinaryIO, limits: FetchLimits, deadline: float, what: str) -> None:
-    """Copy `chunks` into `sink`, stopping one chunk past `max_bytes` or at the deadline, whatever was declared."""
+    """Copy `chunks` into `sink`, stopping one chunk past `max_bytes` or at the deadline, whatever size was declared."""
     size = 0
     for chunk in chunks:
         size += len(chunk)
