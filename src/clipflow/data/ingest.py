@@ -167,7 +167,7 @@ def _check_row(row: SourceRow) -> _Checked | str:
 def _ingest_source(source: str, output: str, params: DataParams, checks: ValidateParams) -> IngestReport:
     started = time.perf_counter()
     limits = FetchLimits(params.max_image_bytes, params.http_timeout_s, params.http_retries)
-    rows = read_rows(source, params.image_column, params.caption_column, limits)
+    rows = read_rows(source, params.image_column, params.caption_column, limits, params.max_manifest_bytes)
     # The first row comes before the output is touched: a missing source or column must not
     # cost the user the data already in the output folder.
     rows = chain(list(islice(rows, 1)), rows)

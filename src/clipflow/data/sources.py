@@ -62,7 +62,7 @@ def read_rows(
     image_column: str,
     caption_column: str,
     limits: FetchLimits,
-    max_manifest_bytes: int | None = None,
+    max_manifest_bytes: int,
 ) -> Iterator[SourceRow]:
     """Stream the rows of a manifest or of shards.
 
@@ -70,8 +70,7 @@ def read_rows(
         source: a manifest or shards, local or `s3://` (a manifest also `http(s)://`).
         image_column, caption_column: the manifest's columns of image URIs and captions.
         limits: how an image is read; a remote manifest is read with its deadline and retries too.
-        max_manifest_bytes: `data.max_manifest_bytes`, the size at which a remote manifest is
-            refused; None leaves it to the deadline alone.
+        max_manifest_bytes: `data.max_manifest_bytes`, the size at which a remote manifest is refused.
 
     Raises:
         ClipflowError: a source that cannot be read as a whole (missing, unknown format,
@@ -80,12 +79,7 @@ def read_rows(
     if is_shard_source(source):
         yield from _shard_rows(source, limits)
         return
-    manifest_limits = FetchLimits(
-        sys.maxsize if max_manifest_bytes is None else max_manifest_bytes,
-        limits.timeout_s,
-        limits.retries,
-        "data.max_manifest_bytes",
-    )
+    manifest_limits = FetchLimits(max_manifest_bytes, limits.timeout_s, limits.retries, "data.max_manifest_bytes")
     yield from _manifest_rows(source, image_column, caption_column, manifest_limits)
 
 
