@@ -1,8 +1,9 @@
-"""A bounded load test: 16 concurrent clients for 60 s against the served Bento, mixed endpoints.
+"""A bounded load test: 16 concurrent clients, each through the whole endpoint mix twice, against the served Bento.
 
 Every request's status is counted and checked against what that request should get (200, or 400
 for the deliberately bad ones); the run must end with no 5xx, no timeout and no other surprise.
-The counts go to `test-artifacts/load.json`.
+The load is a number of requests, not a duration, so a slow machine runs the same test; the
+counts and the wall time go to `test-artifacts/load.json`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from tests.support import REPO
 from tests.support.serving_fixtures import serve_bento
 
 CLIENTS = 16
-SECONDS = 60
+ROUNDS = 2  # passes of each client through MIX
 
 
 def _png(color: str) -> bytes:
@@ -48,12 +49,10 @@ MIX = [
 ]
 
 
-def _client(url: str, worker: int, deadline: float, counts: Counter, lock: threading.Lock) -> None:
+def _client(url: str, worker: int, counts: Counter, lock: threading.Lock) -> None:
     with httpx.Client(base_url=url, timeout=120) as client:
-        n = worker  # clients start at different points of the mix
-        while time.monotonic() < deadline:
+        for n in range(worker, worker + ROUNDS * len(MIX)):  # clients start at different points of the mix
             name, expected, endpoint, kwargs = MIX[n % len(MIX)]
-            n += 1
             try:
                 status = client.post(f"/{endpoint}", **kwargs).status_code
             except httpx.HTTPError as exc:
@@ -62,18 +61,17 @@ def _client(url: str, worker: int, deadline: float, counts: Counter, lock: threa
                 counts[(name, expected, status)] += 1
 
 
-def test_sixteen_clients_for_a_minute_get_no_5xx(packaged):
+def test_sixteen_concurrent_clients_get_no_5xx(packaged):
     with serve_bento(packaged["result"].bento_tag, packaged["tmp"]) as url:
         counts: Counter = Counter()
         lock = threading.Lock()
-        deadline = time.monotonic() + SECONDS
-        threads = [
-            threading.Thread(target=_client, args=(url, i, deadline, counts, lock), daemon=True) for i in range(CLIENTS)
-        ]
+        started = time.monotonic()
+        threads = [threading.Thread(target=_client, args=(url, i, counts, lock), daemon=True) for i in range(CLIENTS)]
         for thread in threads:
             thread.start()
         for thread in threads:
-            thread.join(timeout=SECONDS + 300)
+            thread.join(timeout=600)
+        seconds = time.monotonic() - started
         assert not any(thread.is_alive() for thread in threads)
         assert httpx.get(f"{url}/readyz", timeout=30).status_code == 200
 
@@ -83,7 +81,7 @@ def test_sixteen_clients_for_a_minute_get_no_5xx(packaged):
         by_status[str(status)] += n
     report = {
         "clients": CLIENTS,
-        "seconds": SECONDS,
+        "seconds": round(seconds, 1),
         "requests": done,
         "by_status": dict(by_status),
         "by_endpoint": {f"{name} -> {status}": n for (name, _, status), n in sorted(counts.items(), key=str)},
@@ -96,5 +94,7 @@ def test_sixteen_clients_for_a_minute_get_no_5xx(packaged):
     assert server_errors == {}
     unexpected = {key: n for key, n in counts.items() if key[1] != key[2]}
     assert unexpected == {}
-    assert {name for name, _, _ in counts} == {name for name, *_ in MIX}
-    assert done >= len(MIX) * CLIENTS
+    per_endpoint: Counter = Counter()
+    for (name, _, _), n in counts.items():
+        per_endpoint[name] += n
+    assert per_endpoint == {name: CLIENTS * ROUNDS for name, *_ in MIX}  # every request answered, none lost
