@@ -34,9 +34,11 @@ client still sends a list and gets its own list back. Once a lane is free, its b
 requests keep arriving, so clients that ask again as soon as they are answered fill the next
 batch; what is queued when requests stop arriving is spread over the free lanes
 (`clipflow.serve.dispatch`). The other endpoints split each model call across the lanes.
-Batched inputs are checked and decoded while the request is parsed, so a bad input fails its own
-request only, never a batch it would have joined; a request that waits more than
-`serve.batch_max_latency_ms` answers 503.
+Batched inputs are checked and decoded while the request is parsed, in a worker thread, so a bad
+input fails its own request only, never a batch it would have joined; a request that would wait
+more than `serve.batch_max_latency_ms` behind those queued answers 503 with `Retry-After` when it
+arrives. Images are decoded to near the model's input size (`clipflow.images`, as ingest
+decodes them), within `serve.max_request_pixels` for all the images of one request.
 
 Every embedding is L2-normalised, so a dot product is a cosine. Labels are words ("red circle");
 `classify` turns each into a prompt ensemble (by default `evaluate.templates`), so served
@@ -47,7 +49,8 @@ probabilities behave like the evaluated zero-shot accuracy. When the server's en
 Errors: 400 input outside a limit or undecodable (the message names the field and the limit),
 401 a missing or wrong API key, 404 `search` on a Bento packaged without a gallery, 413 a body
 over `serve.max_request_bytes`, 415 a content type other than JSON or multipart, 422 a request
-that does not fit the endpoint's signature (see `clipflow.serve.http`).
+that does not fit the endpoint's signature (see `clipflow.serve.http`), 503 with `Retry-After`
+a batched request the server is too busy to answer in time.
 """
 
 from __future__ import annotations
@@ -62,13 +65,16 @@ import PIL.Image
 from bentoml.exceptions import NotFound
 from pydantic import AfterValidator, BaseModel
 
+from clipflow.model import image_side
 from clipflow.serve import bentoml_patches, encoder
 from clipflow.serve.dispatch import FillingDispatcher
 from clipflow.serve.encoder import usable_cores
 from clipflow.serve.http import (
+    OPEN_PATHS,
     ApiKeyMiddleware,
     PageMiddleware,
     RequestGateMiddleware,
+    ShedMiddleware,
     StrictJSONSerde,
     StrictMultipartSerde,
 )
@@ -136,9 +142,12 @@ BATCHED = {
     "max_latency_ms": ARGS.batch_max_latency_ms,
 }
 # BentoML's own dispatcher runs one call at a time and splits closed-loop clients into a batch of
-# one and a batch of the rest; its own parsers answer some malformed requests with 500.
+# one and a batch of the rest; its own parsers answer some malformed requests with 500 and
+# validate on the event loop; its metrics add series for every path a client makes up.
 bentoml_patches.install(
-    functools.partial(FillingDispatcher, lanes=usable_cores()), serdes=(StrictJSONSerde, StrictMultipartSerde)
+    functools.partial(FillingDispatcher, lanes=usable_cores()),
+    serdes=(StrictJSONSerde, StrictMultipartSerde),
+    labelled_paths=OPEN_PATHS,
 )
 
 
@@ -146,6 +155,12 @@ bentoml_patches.install(
 def limits() -> Limits:
     """The request limits packaged with the model; read once per worker."""
     return Limits(**BENTO_MODEL.resolve().info.metadata["limits"])
+
+
+@functools.cache
+def decode_side() -> int:
+    """The shorter side the model's preprocess resizes images to: uploads are decoded to near it."""
+    return image_side(BENTO_MODEL.resolve().info.metadata["model_config"])
 
 
 # Validators of the batched endpoints' single argument: they run per request, while BentoML
@@ -157,11 +172,11 @@ def _checked_texts(texts: list[str]) -> list[str]:
 
 
 def _decoded_files(paths: list[Path]) -> list[PIL.Image.Image]:
-    return open_images("images", paths, limits())
+    return open_images("images", paths, limits(), decode_side())
 
 
 def _decoded_base64(texts: list[str]) -> list[PIL.Image.Image]:
-    return decode_base64_images("images", texts, limits())
+    return decode_base64_images("images", texts, limits(), decode_side())
 
 
 # Clients (and the API schema) see text lists and file uploads; the endpoints get checked texts
@@ -214,7 +229,7 @@ class Clipflow:
         `{}` where the label goes; default: the evaluation's templates).
         """
         check_labels(labels, templates, self.limits)
-        image_features = self.encoder.images([open_image(image, self.limits)])
+        image_features = self.encoder.images([open_image(image, self.limits, decode_side())])
         label_features = self.encoder.labels(labels, templates or self.templates)
         scores = encoder.classify(image_features, label_features, labels, self.encoder.logit_scale)
         return [LabelProbability(label=score.label, probability=score.probability) for score in scores]
@@ -228,7 +243,7 @@ class Clipflow:
         model's logit scale times the cosine, most probable first.
         """
         check_text_list("queries", queries, self.limits)
-        decoded = open_images("candidates", candidates, self.limits)
+        decoded = open_images("candidates", candidates, self.limits, decode_side())
         return self._rank(self.encoder.texts(queries), self.encoder.images(decoded))
 
     @bentoml.api
@@ -236,7 +251,7 @@ class Clipflow:
         """Rank candidate texts for each query image: `rank` the other way round."""
         check_image_count("queries", queries, self.limits)
         check_text_list("candidates", candidates, self.limits)
-        decoded = open_images("queries", queries, self.limits)
+        decoded = open_images("queries", queries, self.limits, decode_side())
         return self._rank(self.encoder.images(decoded), self.encoder.texts(candidates))
 
     @bentoml.api
@@ -255,7 +270,7 @@ class Clipflow:
     def search_image(self, image: Path, k: int = 5) -> list[GalleryItem]:
         """`search` with an uploaded image as the query."""
         gallery = self._gallery(k)
-        query = self.encoder.images([open_image(image, self.limits)])[0]
+        query = self.encoder.images([open_image(image, self.limits, decode_side())])[0]
         return [GalleryItem(**item) for item in gallery.search(query, k)]
 
     @bentoml.api
@@ -287,3 +302,4 @@ class Clipflow:
 Clipflow.add_asgi_middleware(PageMiddleware, page=PAGE)
 Clipflow.add_asgi_middleware(ApiKeyMiddleware)
 Clipflow.add_asgi_middleware(RequestGateMiddleware, max_bytes=ARGS.max_request_bytes)
+Clipflow.add_asgi_middleware(ShedMiddleware)

@@ -188,6 +188,7 @@ class ServeParams:
     max_text_chars: int
     max_image_bytes: int
     max_image_pixels: int
+    max_request_pixels: int
     max_request_bytes: int
     max_prompts: int
     max_batch: int
@@ -212,6 +213,11 @@ class ServeParams:
             raise ClipflowError(f"serve.port must be a TCP port (1 to 65535), got {self.port}")
         numbers = [f.name for f in dataclasses.fields(self) if f.type in ("int", int)]
         _require_positive("serve", self, *numbers)
+        if self.max_request_pixels < self.max_image_pixels:  # else an image within its limit could not be sent
+            raise ClipflowError(
+                f"serve.max_request_pixels ({self.max_request_pixels}) must be at least "
+                f"serve.max_image_pixels ({self.max_image_pixels})"
+            )
         if self.batch_max_size < 2:  # BentoML refuses a batch of one at import time
             raise ClipflowError(f"serve.batch_max_size must be at least 2, got {self.batch_max_size}")
 

@@ -140,3 +140,43 @@ def hostile_http_server(image: bytes, gap_s: float = 2.0) -> Iterator[str]:
     handler = type("Hostile", (_Hostile,), {"image": image, "gap_s": gap_s})
     with local_http_server(handler) as url:
         yield url
+
+
+def scene(size: tuple[int, int] = (96, 64)) -> Image.Image:
+    """An RGB picture with regions of several colours, so a rotation or a lost channel changes it."""
+    pixels = np.zeros((size[1], size[0], 3), dtype=np.uint8)
+    pixels[:] = (30, 60, 200)
+    pixels[size[1] // 6 : size[1] * 2 // 3, size[0] // 20 : size[0] // 2] = (250, 200, 20)
+    pixels[: size[1] // 2, size[0] // 2 :] = (20, 180, 60)
+    return Image.fromarray(pixels)
+
+
+def exif_rotated_jpeg(image: Image.Image) -> bytes:
+    """`image` stored on its side with EXIF orientation 6, which tells a viewer to turn it back upright."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    return encoded(image.transpose(Image.Transpose.ROTATE_90), "JPEG", quality=95, exif=exif.tobytes())
+
+
+def gray16_scene_png(image: Image.Image) -> bytes:
+    """`image` in 16-bit grayscale, every sample using the whole 16-bit range."""
+    return encoded(Image.fromarray(np.asarray(image.convert("L"), dtype=np.uint16) * 257), "PNG")
+
+
+def half_transparent_png(image: Image.Image) -> bytes:
+    """`image` with its left half fully transparent: on white, not on black, it matches the ingested one."""
+    rgba = image.convert("RGBA")
+    alpha = np.full((image.height, image.width), 255, dtype=np.uint8)
+    alpha[:, : image.width // 2] = 0
+    rgba.putalpha(Image.fromarray(alpha))
+    return encoded(rgba, "PNG")
+
+
+def flat_png(side: int, colour: tuple[int, int, int] = (200, 10, 10)) -> bytes:
+    """A valid RGB PNG of side x side pixels of one colour: tiny to send, side x side x 3 bytes to decode."""
+    return encoded(Image.new("RGB", (side, side), colour), "PNG")
+
+
+def flat_jpeg(size: tuple[int, int], colour: tuple[int, int, int] = (10, 120, 200)) -> bytes:
+    """A JPEG photo's size in pixels, of one colour, so it stays small to send."""
+    return encoded(Image.new("RGB", size, colour), "JPEG", quality=90)

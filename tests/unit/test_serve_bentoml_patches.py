@@ -9,6 +9,7 @@ import tomllib
 import pytest
 from _bentoml_impl import serde
 from _bentoml_impl.server import app
+from bentoml._internal.server.http import instruments
 
 from clipflow.errors import ClipflowError
 from clipflow.serve import bentoml_patches
@@ -21,8 +22,10 @@ STRICT_SERDES = (StrictJSONSerde, StrictMultipartSerde)
 
 @pytest.fixture
 def unpatched(monkeypatch):
-    """BentoML's service app and parser table as BentoML ships them; as they were again after the test."""
+    """BentoML's service app, parser table and metrics as BentoML ships them; as they were again after the test."""
     monkeypatch.setattr(app, "CorkDispatcher", bentoml_patches.CorkDispatcher)
+    monkeypatch.setattr(app, "log_exception", bentoml_patches._log_exception)
+    monkeypatch.setattr(instruments, "RunnerTrafficMetricsMiddleware", bentoml_patches._instruments_middleware)
     monkeypatch.setitem(serde.ALL_SERDE, StrictJSONSerde.media_type, serde.JSONSerde)
     monkeypatch.setitem(serde.ALL_SERDE, StrictMultipartSerde.media_type, serde.MultipartSerde)
     return app.CorkDispatcher, dict(serde.ALL_SERDE)
@@ -56,6 +59,8 @@ def test_install_on_the_pinned_version_patches_the_dispatcher_and_the_parsers(un
     assert isinstance(built, FillingDispatcher) and built._sema.sema == 2
     assert serde.ALL_SERDE["application/json"] is StrictJSONSerde
     assert serde.ALL_SERDE["multipart/form-data"] is StrictMultipartSerde
+    assert issubclass(instruments.RunnerTrafficMetricsMiddleware, bentoml_patches._instruments_middleware)
+    assert app.log_exception is bentoml_patches._log_request_error
     # The subclasses stand on the classes BentoML's own code uses.
     assert issubclass(FillingDispatcher, bentoml_patches.CorkDispatcher)
     assert issubclass(StrictJSONSerde, serde.JSONSerde) and issubclass(StrictMultipartSerde, serde.MultipartSerde)

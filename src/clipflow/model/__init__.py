@@ -9,21 +9,32 @@ rebuilt and traced.
 
 from __future__ import annotations
 
+import collections
+import functools
 import importlib.util
 import json
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from clipflow.errors import ClipflowError
+from clipflow.prompts import split_template
 
 if TYPE_CHECKING:
     import torch
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 CHECKPOINT_FILE = "checkpoint.pt"
+# Words (BPE input, after cleaning) the tokenizer keeps the merges of: open_clip's own cache
+# keeps every word it has ever seen, which random words grow without bound in a server.
+TOKENIZER_CACHE_WORDS = 100_000
+# Longer words are cut to this many UTF-8 bytes before BPE, whose cost grows with the square of
+# a word's length (5 ms at 128 letters, 136 ms at 1,000). No English word comes near it; a run of
+# CJK text without spaces is one word, whose first 42 characters already make about 75 tokens.
+MAX_WORD_BYTES = 128
 _registered = False
 
 
@@ -92,7 +103,8 @@ def prompt_ensemble(
     """
     import torch
 
-    prompts = [template.format(label) for label in labels for template in templates]
+    parts = [split_template(template) for template in templates]
+    prompts = [before + label + after for label in labels for before, after in parts]
     per_prompt = encode_text(prompts).reshape(len(labels), len(templates), -1)
     return torch.nn.functional.normalize(per_prompt.mean(dim=1), dim=-1)
 
@@ -112,7 +124,88 @@ def create(name: str, pretrained: str | None = None) -> ClipModel:
     model, preprocess_train, preprocess = open_clip.create_model_and_transforms(
         name, pretrained=pretrained, weights_only=True
     )
-    return ClipModel(name, model, preprocess_train, preprocess, open_clip.get_tokenizer(name))
+    return ClipModel(name, model, preprocess_train, preprocess, bounded_tokenizer(open_clip.get_tokenizer(name)))
+
+
+def image_side(name: str) -> int:
+    """The shorter side of the images the model config `name` takes (its vision tower's input).
+
+    Raises:
+        ClipflowError: no config of that name is known.
+    """
+    config = model_config(name)
+    if config is None:
+        raise ClipflowError(f"unknown model config {name!r}")
+    size = config["vision_cfg"]["image_size"]
+    return min(size) if isinstance(size, list) else size
+
+
+class _WordCache(collections.OrderedDict):
+    """open_clip's BPE cache, keeping the `maxsize` words used last; safe across the serving lanes.
+
+    `SimpleTokenizer.bpe` only tests a word, reads it and stores it. A word found is moved to
+    the newest end, so other lanes' stores cannot evict it before it is read. The entries it
+    starts with (the start and end markers, which map to their own tokens) are never evicted.
+    """
+
+    def __init__(self, pinned: dict[str, str], maxsize: int) -> None:
+        super().__init__()
+        self.pinned = dict(pinned)
+        self.maxsize = maxsize
+        self.lock = threading.Lock()
+
+    def __contains__(self, word: object) -> bool:
+        if word in self.pinned:
+            return True
+        with self.lock:
+            found = super().__contains__(word)
+            if found:
+                self.move_to_end(word)
+            return found
+
+    def __getitem__(self, word: str) -> str:
+        if word in self.pinned:
+            return self.pinned[word]
+        with self.lock:
+            return super().__getitem__(word)
+
+    def __setitem__(self, word: str, merged: str) -> None:
+        with self.lock:
+            super().__setitem__(word, merged)
+            if len(self) > self.maxsize:
+                self.popitem(last=False)
+
+
+def bounded_tokenizer(tokenizer: Callable) -> Callable:
+    """Bound the memory and the work of open_clip's BPE tokenizer, in place; returns it.
+
+    Its word cache keeps `TOKENIZER_CACHE_WORDS` words, and a text is encoded only until the
+    context is full: the model sees its first `context_length - 2` tokens, so the words after
+    them are never split. The tokens are the same as open_clip's for every text whose words
+    are at most `MAX_WORD_BYTES` long; longer words are cut to that before BPE.
+
+    Other tokenizers (Hugging Face's, for `hf-hub:` text towers) truncate on their own and are
+    returned unchanged, as is a SimpleTokenizer with a reduction mask, which samples words
+    from the whole text.
+    """
+    from open_clip.tokenizer import SimpleTokenizer
+
+    if type(tokenizer) is SimpleTokenizer and tokenizer.reduction_fn is None and tokenizer.context_length:
+        tokenizer.cache = _WordCache(tokenizer.cache, TOKENIZER_CACHE_WORDS)
+        tokenizer.encode = functools.partial(_encode_context, tokenizer)
+    return tokenizer
+
+
+def _encode_context(tokenizer: Any, text: str) -> list[int]:
+    """`SimpleTokenizer.encode`, stopping once the words read fill the context."""
+    budget = tokenizer.context_length - 2  # the start and end tokens take the other two
+    tokens: list[int] = []
+    for match in tokenizer.pat.finditer(tokenizer.clean_fn(text)):
+        word = "".join(tokenizer.byte_encoder[b] for b in match.group().encode("utf-8")[:MAX_WORD_BYTES])
+        tokens.extend(tokenizer.encoder[piece] for piece in tokenizer.bpe(word).split(" "))
+        if len(tokens) >= budget:
+            break
+    return tokens
 
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, name: str, extra: dict[str, Any]) -> Path:

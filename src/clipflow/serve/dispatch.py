@@ -14,6 +14,11 @@ while the other lanes compute, where a single batch across all lanes left every 
 event loop's idle for that turnaround (6% of the time with 16 clients on ViT-B-32 images). See the
 bench_serve section of benchmarks/README.md for the numbers.
 
+A request whose items would wait longer than the dispatcher's max latency behind those already
+queued is refused when it arrives, before any of its work is done, rather than cancelled once it
+has waited that long: `Overloaded` says for how long, and `clipflow.serve.http.ShedMiddleware`
+answers it with a 503 that says so and a `Retry-After` header.
+
 `clipflow.serve.bentoml_patches.install()` makes BentoML's service app build this dispatcher.
 """
 
@@ -21,10 +26,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
+from contextvars import ContextVar
 from typing import Any
 
+from bentoml.exceptions import ServiceUnavailable
+
 from clipflow.serve.bentoml_patches import CorkDispatcher, NonBlockSema
+
+# Set for each request by `clipflow.serve.http.ShedMiddleware`; a refused request leaves its
+# `Overloaded` here, since BentoML answers every 5xx exception with one generic message.
+SHED: ContextVar[list[Overloaded] | None] = ContextVar("clipflow_shed", default=None)
+
+
+class Overloaded(ServiceUnavailable):
+    """A request refused on arrival: its items would wait `wait_s` for the model, past the max latency."""
+
+    def __init__(self, items: int, wait_s: float, max_latency_s: float, retry_after_s: int) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(
+            f"the server is busy: this request's {items} items would wait about {wait_s:.1f} s for the model, "
+            f"more than serve.batch_max_latency_ms = {max_latency_s * 1000:.0f}; retry after {retry_after_s} s"
+        )
 
 
 class FillingDispatcher(CorkDispatcher):
@@ -32,8 +56,13 @@ class FillingDispatcher(CorkDispatcher):
 
     When the free lanes can all be given full batches, they are, at once. Otherwise the free lanes
     wait while requests keep arriving, and once none has arrived for LINGER seconds, what is queued
-    is spread evenly over them, so a lone request of several items uses every free lane. A request
-    queued longer than the dispatcher's max latency is cancelled, which BentoML answers with 503.
+    is spread evenly over them, so a lone request of several items uses every free lane.
+
+    Each batch's seconds per item feed a moving average, the expected wait of a new request is
+    the queued items and its own over the lanes at that rate, and a request that would wait
+    longer than the max latency is refused with `Overloaded`. One still queued that long with
+    none of its items sent (the estimate was low) is cancelled, which BentoML answers with 503;
+    once a request's first items are computed, the rest is never cancelled.
     """
 
     # Requests that answer a batch arrive a few milliseconds apart; a gap of two polls means the
@@ -43,19 +72,42 @@ class FillingDispatcher(CorkDispatcher):
     # takes the GIL from the lanes' forward passes. At 10 ms a ViT-B-32 text batch of 8 took 395 ms
     # in the server against 503 ms at 1 ms.
     TICKET_INTERVAL = 0.01
+    # Weight of the latest batch in the moving average of seconds per item.
+    RATE_WEIGHT = 0.2
 
     def __init__(self, *args: Any, lanes: int = 1, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # Its count is the free lanes; BentoML's outbound_call releases it when a batch ends.
         self._sema = NonBlockSema(lanes)
+        self._lanes = lanes
         self._free_since = 0.0
+        self._item_seconds = 0.0  # none measured yet: nothing is refused before the first batch
+        self._computing = 0  # items in the batches sent to the lanes and not yet answered
+
+    def expected_wait(self, items: int) -> float:
+        """Seconds until `items` more would be computed, behind what is computing and queued, at the measured rate."""
+        queued = sum(self.get_batch_size(job.data) for job in self._queue)
+        return (self._computing + queued + items) * self._item_seconds / self._lanes
+
+    async def inbound_call(self, data: Any) -> Any:
+        items = self.get_batch_size(data)
+        wait = self.expected_wait(items)
+        if wait > self.max_latency:
+            # Once the queue ahead of it has drained, it would be next.
+            refusal = Overloaded(items, wait, self.max_latency, max(1, math.ceil(self.expected_wait(0))))
+            notices = SHED.get()
+            if notices is not None:
+                notices.append(refusal)
+            raise refusal
+        return await super().inbound_call(data)
 
     async def controller(self) -> None:
         while True:
             async with self._wake_event:  # until a request is queued
                 await self._wake_event.wait_for(self._queue.__len__)
             now = time.time()
-            if now - self._queue[0].enqueue_time >= self.max_latency:
+            head = self._queue[0]
+            if not head.dispatch_time and now - head.enqueue_time >= self.max_latency:
                 self._queue.popleft().future.cancel()
                 continue
             if self._sema.is_locked():
@@ -78,8 +130,27 @@ class FillingDispatcher(CorkDispatcher):
     def _send(self, size: int) -> None:
         """Start a batch of up to `size` queued items in a free lane (splitting a request if needed)."""
         self._sema.acquire()
-        self._loop.create_task(self.outbound_call(tuple(self._get_inputs(size))))
+        inputs = tuple(self._get_inputs(size))
+        # Counted from now, not when the task starts: a request arriving meanwhile waits behind them.
+        self._computing += sum(self.get_batch_size(job.data) for job in inputs)
+        self._loop.create_task(self.outbound_call(inputs))
+
+    def split_job(self, job: Any, split_indexes: list[int]) -> tuple[Any, Any]:
+        """BentoML's split of a request over two batches, the rest marked as started, never to be cancelled."""
+        first, rest = super().split_job(job, split_indexes)
+        # The rest keeps the request's arrival time: waiting behind its own first part, it would
+        # otherwise be cancelled after most of its work was done.
+        rest.dispatch_time = time.time()
+        return first, rest
 
     async def outbound_call(self, inputs_info: tuple, training: bool = False) -> None:
-        await super().outbound_call(inputs_info, training)
+        started = time.time()
+        items = sum(self.get_batch_size(job.data) for job in inputs_info)
+        try:
+            await super().outbound_call(inputs_info, training)
+        finally:
+            self._computing -= items
         self._free_since = time.time()
+        per_item = (self._free_since - started) / max(1, items)
+        weight = self.RATE_WEIGHT if self._item_seconds else 1.0
+        self._item_seconds += weight * (per_item - self._item_seconds)

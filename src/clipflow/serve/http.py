@@ -10,25 +10,35 @@ into arguments, so that what a client sends maps to clear 4xx answers:
   type) answers 422, with the fields at fault, where BentoML would answer 400;
 - a malformed multipart body answers 400, where BentoML would answer 500;
 - text in a file field answers 400, where BentoML would download it as a URL from the server;
-- a file in a text field answers 400, where BentoML would answer 500.
+- a file in a text field answers 400, where BentoML would answer 500;
+- a client that hangs up mid-upload is answered 400, where BentoML would count a 500.
+
+They also validate each request, which decodes its images, in a worker thread rather than on
+the event loop, so a request of large images never stalls the others or the probes.
 """
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from types import SimpleNamespace
+from typing import Any, TypeVar
 
+import anyio
 from bentoml.exceptions import BentoMLException, HTTPStatus, InvalidArgument, UnprocessableEntity
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from clipflow.serve.bentoml_patches import JSONSerde, MultipartSerde
+from clipflow.serve.bentoml_patches import JSONSerde, MultipartSerde, Payload
+from clipflow.serve.dispatch import SHED, Overloaded
+from clipflow.serve.encoder import usable_cores
 
 T = TypeVar("T")
 
@@ -186,18 +196,61 @@ class RequestGateMiddleware:
         return f"request body over {self.max_bytes} bytes (serve.max_request_bytes)"
 
 
+class ShedMiddleware:
+    """Answer a request the batch dispatcher refused (`clipflow.serve.dispatch.Overloaded`) with
+    its own message and a `Retry-After` header.
+
+    BentoML answers every 5xx exception with one generic message and no headers, so the
+    dispatcher leaves its refusal in `SHED` and the 503 BentoML sends is replaced here.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        refusals: list[Overloaded] = []
+        token = SHED.set(refusals)
+        replaced = False
+
+        async def sending(message: Message) -> None:
+            nonlocal replaced
+            if message["type"] == "http.response.start" and message["status"] == 503 and refusals:
+                replaced = True
+                retry_after = str(refusals[0].retry_after_s).encode()
+                await send_error(send, 503, refusals[0].message, ((b"retry-after", retry_after),))
+            elif not replaced:
+                await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            SHED.reset(token)
+
+
 class StrictJSONSerde(JSONSerde):
-    """BentoML's JSON parsing, with a request that does not fit the signature answered 422."""
+    """BentoML's JSON parsing, validated off the event loop; a request that does not fit the signature answers 422.
+
+    BentoML would download a body that is a URL when the endpoint takes files; this parses it as
+    JSON like any other body (URLs are not fetched).
+    """
 
     async def parse_request(self, request: Request, cls: type[T]) -> T:
         try:
-            return await super().parse_request(request, cls)
+            body = await request.body()
+        except ClientDisconnect:
+            raise InvalidArgument(CLIENT_GONE) from None
+        try:
+            return await off_loop(self.deserialize_model, Payload((body,), metadata=request.headers), cls)
         except ValidationError as exc:
             raise UnprocessableEntity(describe_validation_error(exc)) from None
 
 
 class StrictMultipartSerde(MultipartSerde):
-    """BentoML's multipart parsing, taking uploads only and answering malformed bodies with 4xx."""
+    """BentoML's multipart parsing, taking uploads only, validated off the event loop, and
+    answering malformed bodies with 4xx."""
 
     @staticmethod
     async def ensure_file(obj: str | UploadFile) -> UploadFile:
@@ -206,14 +259,41 @@ class StrictMultipartSerde(MultipartSerde):
         raise InvalidArgument("a file field holds text: upload the file itself (URLs are not fetched)")
 
     async def parse_request(self, request: Request, cls: type[T]) -> T:
+        # BentoML reads the form and validates it in one coroutine; the stand-in it is given here
+        # hands the fields back unvalidated (`dict`), so the validation runs in a thread.
+        form_fields = SimpleNamespace(
+            multipart_fields=cls.multipart_fields, model_fields=cls.model_fields, model_validate=dict
+        )
         try:
-            return await super().parse_request(request, cls)
+            fields = await super().parse_request(request, form_fields)
+            return await off_loop(cls.model_validate, fields)
         except ValidationError as exc:
             raise UnprocessableEntity(describe_validation_error(exc)) from None
+        except ClientDisconnect:
+            raise InvalidArgument(CLIENT_GONE) from None
         except HTTPException as exc:  # Starlette's answer to a malformed multipart body
             raise InvalidArgument(f"multipart body: {exc.detail}") from None
         except UnicodeDecodeError:  # BentoML reads a text field as JSON text
             raise InvalidArgument("multipart body: a text field holds binary data (a file in a text field?)") from None
+
+
+# A client that hangs up mid-upload gets no answer; the 400 keeps it out of the server errors.
+CLIENT_GONE = "the client closed the connection before the request body was complete"
+
+
+async def off_loop(function: Callable[..., T], *args: Any) -> T:
+    """Run `function` in a worker thread, at most one per core at a time.
+
+    Validating a request decodes its images, seconds of work for large ones; on the event loop
+    that would stall every other request and the probes. One thread per core keeps the images
+    being decoded at once, and so the memory they take, to the cores that can decode them.
+    """
+    return await anyio.to_thread.run_sync(functools.partial(function, *args), limiter=_decode_limiter())
+
+
+@functools.cache
+def _decode_limiter() -> anyio.CapacityLimiter:
+    return anyio.CapacityLimiter(usable_cores())
 
 
 def describe_validation_error(exc: ValidationError) -> str:

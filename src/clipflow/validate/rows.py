@@ -13,9 +13,9 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
+from clipflow.images import decode
 from clipflow.params import ValidateParams
 
 ALLOWED_CONTROL = {"\t", "\n", "\r"}
@@ -95,8 +95,7 @@ def check_image(payload: bytes, params: ValidateParams, short_side: int) -> Chec
         )
     mode = image.mode
     try:
-        image.load()
-        rgb = to_rgb(ImageOps.exif_transpose(image))
+        rgb = decode(image, short_side)
     except Exception as exc:  # truncated or corrupt pixel data surfaces only while decoding
         raise Rejected(f"image data does not decode ({image.format}): {_first_line(exc)}") from None
     scale = short_side / min(rgb.size)
@@ -107,21 +106,6 @@ def check_image(payload: bytes, params: ValidateParams, short_side: int) -> Chec
     buffer = io.BytesIO()
     rgb.save(buffer, format="JPEG", quality=95)
     return CheckedImage(buffer.getvalue(), rgb.width, rgb.height, width, height, image.format, mode)
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB from CMYK, palette, 16-bit and alpha modes; transparency goes on white."""
-    if image.mode in {"I;16", "I;16B", "I;16L", "I"}:
-        # 16-bit samples scaled to 8 bits; Pillow's own convert would clip everything above 255.
-        samples = np.asarray(image, dtype=np.int64).clip(0, 65535) >> 8
-        image = Image.fromarray(samples.astype(np.uint8))
-    if image.mode == "P":
-        image = image.convert("RGBA")
-    if image.mode in {"RGBA", "LA", "PA"}:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 def reason_counts(reasons: Iterable[str]) -> dict[str, int]:
