@@ -27,6 +27,7 @@ from clipflow.params import Params
 from clipflow.storage import Store
 from clipflow.validate.suite import check_passed, validate
 from tests.support import REPO, bad_inputs
+from tests.support.processes import process_group
 
 HTTP_TIMEOUT_S = 0.5
 
@@ -334,13 +335,13 @@ def test_a_killed_ingest_resumes_to_the_same_data(params: Params, tmp_path: Path
     command += ["--params", str(REPO / "params.yaml"), "--profile", "test"]
     command += ["--set", f"data.shard_size={params.data.shard_size}", "--set", "data.workers=0"]
     command += ["--set", f"data.http_timeout_s={HTTP_TIMEOUT_S}", "--set", "data.http_retries=1"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not (out / ".ingest" / "chunk-000004.json").exists() and process.poll() is None:
-        assert time.monotonic() < deadline, "ingest made no progress"
-        time.sleep(0.02)
-    os.kill(process.pid, signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL
+    with process_group(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as process:
+        deadline = time.monotonic() + 120
+        while not (out / ".ingest" / "chunk-000004.json").exists() and process.poll() is None:
+            assert time.monotonic() < deadline, "ingest made no progress"
+            time.sleep(0.02)
+        os.kill(process.pid, signal.SIGKILL)
+        assert process.wait() == -signal.SIGKILL
     assert not (out / "metadata.parquet").exists()  # killed before the end
     for shard in out.glob("*/*.tar"):
         with tarfile.open(shard) as tar:

@@ -5,6 +5,7 @@ from its mid-epoch checkpoint, a run whose worker is SIGKILLed, and a 2 nodes x 
 must all end with the same weights, bit for bit (CPU ops here are deterministic).
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -20,9 +21,10 @@ import pytest
 import torch
 
 from clipflow.data.ingest import ingest
-from clipflow.train.checkpoint import CheckpointStore
+from clipflow.train.checkpoint import CheckpointStore, load_state
 from tests.support import REPO
-from tests.support.servers import free_port
+from tests.support.processes import process_group
+from tests.support.servers import free_port, seaweedfs
 
 CLIPFLOW = str(Path(sys.executable).with_name("clipflow"))
 STEPS = 10
@@ -102,18 +104,48 @@ def test_resuming_from_a_mid_epoch_checkpoint_reproduces_the_uninterrupted_run(w
     assert _history(workdir, reference["mlflow_run_id"]) == {key: list(range(1, STEPS + 1)) for key in METRICS}
 
 
+def test_resume_latest_continues_from_the_newest_checkpoint_in_the_output(workdir, reference):
+    """What an interrupted run left: its checkpoint folder, pointing at step 6."""
+    mid_run = load_state(workdir / "reference" / "checkpoints" / "step-000006.pt")
+    CheckpointStore(workdir / "latest" / "checkpoints").save(6, mid_run, reference["mlflow_run_id"])
+    result = subprocess.run(
+        _train_command("latest", "--resume", "latest"), cwd=workdir, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "resuming at step 6" in result.stderr
+    resumed = json.loads((workdir / "latest" / "train.json").read_text())
+    _assert_same_weights(Path(resumed["checkpoint"]), Path(reference["checkpoint"]))
+    assert resumed["mlflow_run_id"] == reference["mlflow_run_id"]
+
+
+def test_resume_from_s3_with_checkpoints_written_to_s3(workdir, reference, tmp_path):
+    with seaweedfs(tmp_path / "s3") as s3:
+        client = s3.client()
+        client.create_bucket(Bucket="ckpt")
+        client.upload_file(str(workdir / "reference" / "checkpoints" / "step-000003.pt"), "ckpt", "old/step-3.pt")
+        command = _train_command("from-s3", "--resume", "s3://ckpt/old/step-3.pt")
+        command += ["--set", "train.checkpoint_dir=s3://ckpt/run"]
+        result = subprocess.run(
+            command, cwd=workdir, env={**os.environ, **s3.env}, capture_output=True, text=True, timeout=900
+        )
+        assert result.returncode == 0, result.stderr[-4000:]
+        assert "resuming at step 3" in result.stderr
+        with pytest.MonkeyPatch.context() as patch:
+            for key, value in s3.env.items():
+                patch.setenv(key, value)
+            latest = CheckpointStore("s3://ckpt/run").latest()
+        assert latest.step == STEPS and latest.location == f"s3://ckpt/run/step-{STEPS:06d}.pt"
+    resumed = json.loads((workdir / "from-s3" / "train.json").read_text())
+    _assert_same_weights(Path(resumed["checkpoint"]), Path(reference["checkpoint"]))
+
+
 def test_a_killed_worker_is_restarted_and_resumes_without_gaps_or_duplicates(workdir, reference):
     """SIGKILL a worker after a checkpoint and after later steps were logged: torchrun restarts both."""
     output = workdir / "faulty"
-    launcher = subprocess.Popen(
-        _train_command("faulty"), cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
+    command = _train_command("faulty")
+    with process_group(command, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as launcher:
         _kill_a_worker_after_a_checkpoint(launcher, output)
         _, stderr = launcher.communicate(timeout=900)
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
     assert launcher.returncode == 0, stderr[-20000:]
     assert "resuming at step" in stderr, stderr[-4000:]
     result = json.loads((output / "train.json").read_text())
@@ -144,22 +176,20 @@ def _kill_a_worker_after_a_checkpoint(launcher: subprocess.Popen, output: Path) 
 
 def test_two_nodes_rendezvous_and_match_one_node_with_as_many_processes(workdir, reference):
     endpoint = f"127.0.0.1:{free_port()}"
-    nodes = [
-        subprocess.Popen(
-            _train_command("two-nodes", "--nnodes", "2", "--node-rank", str(rank), "--rdzv-endpoint", endpoint),
-            cwd=workdir,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in (0, 1)
-    ]
-    try:
+    with contextlib.ExitStack() as running:
+        nodes = [
+            running.enter_context(
+                process_group(
+                    _train_command("two-nodes", "--nnodes", "2", "--node-rank", str(rank), "--rdzv-endpoint", endpoint),
+                    cwd=workdir,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
+            for rank in (0, 1)
+        ]
         outputs = [node.communicate(timeout=900) for node in nodes]
-    finally:
-        for node in nodes:
-            if node.poll() is None:
-                node.kill()
     for node, (_, stderr) in zip(nodes, outputs, strict=True):
         assert node.returncode == 0, stderr[-4000:]
     leader = json.loads((workdir / "two-nodes" / "train.json").read_text())

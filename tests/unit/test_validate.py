@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
 from pathlib import Path
 
 import pandas as pd
@@ -13,6 +14,7 @@ from clipflow.data.ingest import ingest
 from clipflow.errors import ClipflowError
 from clipflow.params import Params
 from clipflow.validate.suite import check_passed, validate
+from tests.support import REPO
 
 
 @pytest.fixture(scope="session")
@@ -148,6 +150,9 @@ def test_report_is_logged_to_mlflow_with_the_data_lineage(data_dir: Path, tmp_pa
     assert run.data.tags["clipflow.step"] == "validate"
     assert run.data.tags["data_version"] == IngestReport.read(data_dir).data_version
     assert run.data.tags["data_dvc_md5"] == dvc_md5(data_dir)
+    # the commit ingest ran from (the tests run in the checkout), with -dirty when its tree had changes
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
+    assert run.data.tags["data_git_revision"].removesuffix("-dirty") == head.stdout.strip()
     assert run.data.metrics["validation_input_rows"] == result.input_rows
     logged = tmp_path / "logged"
     mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="validation", dst_path=str(logged))
