@@ -18,7 +18,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from clipflow.artifacts import data_version
+from clipflow.artifacts import IngestReport, data_version
 from clipflow.data import ingest as ingest_module
 from clipflow.data import sources
 from clipflow.data.ingest import ingest
@@ -115,7 +115,7 @@ def _stored_image(out: Path, key: str) -> Image.Image:
     raise AssertionError(f"{key} not in the shards")
 
 
-def _reconciles(summary: dict, out: Path) -> pd.DataFrame:
+def _reconciles(summary: IngestReport, out: Path) -> pd.DataFrame:
     metadata = pd.read_parquet(out / "metadata.parquet")
     quarantine = pd.read_parquet(out / "quarantine.parquet")
     assert summary.input_rows == summary.kept + summary.quarantined
@@ -182,6 +182,20 @@ def test_all_bad_inputs_mixed_in_one_manifest(web: str, params: Params, tmp_path
     assert len(report) == summary.quarantined and set(report["stage"]) == {"ingest"}
     with pytest.raises(ClipflowError, match=f"{summary.quarantined} of {summary.input_rows} input rows"):
         check_passed(result, params.validate)
+
+
+def test_large_images_are_stored_at_the_training_size_and_small_ones_as_they_are(params: Params, tmp_path: Path):
+    side = params.data.image_size
+    sizes = {"large": (3 * side + 7, 2 * side + 5), "small": (side // 2, side // 3)}
+    _files(tmp_path, {f"{name}.png": bad_inputs.rgb_png((200, 40, 40), size=size) for name, size in sizes.items()})
+    rows = [{"image": f"{name}.png", "caption": f"a {name} red picture"} for name in sizes]
+    pd.DataFrame(rows).to_csv(tmp_path / "manifest.csv", index=False)
+    out = tmp_path / "out"
+    _reconciles(ingest(str(tmp_path / "manifest.csv"), out, params.data, params.validate), out)
+    metadata = pd.read_parquet(out / "metadata.parquet").set_index("caption")
+    large = _stored_image(out, metadata.loc["a large red picture", "key"]).size
+    assert min(large) == side and large[0] / large[1] == pytest.approx(sizes["large"][0] / sizes["large"][1], rel=0.01)
+    assert _stored_image(out, metadata.loc["a small red picture", "key"]).size == sizes["small"]  # never upscaled
 
 
 def test_manifest_without_caption_column_is_one_clear_error(params: Params, tmp_path: Path) -> None:
