@@ -43,6 +43,7 @@ def params(small_params: Params) -> Params:
 @pytest.fixture(scope="module")
 def web():
     files = {"/red.png": bad_inputs.rgb_png((220, 20, 20)), "/slow.png": bad_inputs.rgb_png((1, 2, 3))}
+    files["/flaky.png"] = bad_inputs.rgb_png((20, 200, 20))
     with bad_inputs.http_server(files, slow_delay_s=HTTP_TIMEOUT_S * 6) as url:
         yield url
 
@@ -88,6 +89,8 @@ def _cases(web: str) -> dict[str, tuple[dict[str, bytes], dict, str | None]]:
         "missing_file": ({}, {"image": "nowhere.png"}, "file not found"),
         "http_404": ({}, {"image": f"{web}/absent.png"}, "HTTP 404"),
         "http_timeout": ({}, {"image": f"{web}/slow.png"}, r"timed out after 0.5 s \(2 attempts\)"),
+        "http_503_then_ok": ({}, {"image": f"{web}/flaky.png"}, None),
+        "http_503_always": ({}, {"image": f"{web}/down.png"}, r"HTTP 503 \(2 attempts\)"),
         "ftp_url": ({}, {"image": "ftp://127.0.0.1/x.png"}, "unsupported URI scheme 'ftp'"),
         "cmyk": ({"k.jpg": bad_inputs.cmyk_jpeg()}, {"image": "k.jpg"}, None),
         "palette": ({"p.png": bad_inputs.palette_png()}, {"image": "p.png"}, None),
@@ -99,7 +102,7 @@ def _cases(web: str) -> dict[str, tuple[dict[str, bytes], dict, str | None]]:
 
 # What a converted image must look like at its centre: CMYK ink, palette, 16-bit scaled, alpha on white.
 CONVERTED = {"cmyk": (0, 255, 0), "palette": (200, 30, 30), "gray16": (192, 192, 192), "rgba": (255, 255, 255)}
-CONVERTED |= {"http_ok": (220, 20, 20)}
+CONVERTED |= {"http_ok": (220, 20, 20), "http_503_then_ok": (20, 200, 20)}
 CASES = list(_cases("http://x"))
 
 

@@ -7,6 +7,7 @@ import io
 import struct
 import time
 import zlib
+from collections import Counter
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 
@@ -71,11 +72,18 @@ def rgba_png() -> bytes:
 class _Handler(BaseHTTPRequestHandler):
     files: dict[str, bytes] = {}
     delay_s = 0.0
+    requests: Counter  # path -> times asked, per server
 
     def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
+        path = self.path.split("?")[0]
+        self.requests[path] += 1
         if self.path.startswith("/slow"):
             time.sleep(self.delay_s)
-        payload = self.files.get(self.path.split("?")[0])
+        # A server that is briefly overloaded, or down for good.
+        if path.startswith("/down") or (path.startswith("/flaky") and self.requests[path] == 1):
+            self.send_error(503)
+            return
+        payload = self.files.get(path)
         if payload is None:
             self.send_error(404)
             return
@@ -92,8 +100,11 @@ class _Handler(BaseHTTPRequestHandler):
 
 @contextlib.contextmanager
 def http_server(files: dict[str, bytes], slow_delay_s: float) -> Iterator[str]:
-    """A real HTTP server on 127.0.0.1: `files` by path, 404 otherwise, `/slow...` answers late."""
-    handler = type("Handler", (_Handler,), {"files": files, "delay_s": slow_delay_s})
+    """A real HTTP server on 127.0.0.1: `files` by path, 404 otherwise.
+
+    `/slow...` answers late, `/flaky...` answers 503 the first time it is asked, `/down...` always.
+    """
+    handler = type("Handler", (_Handler,), {"files": files, "delay_s": slow_delay_s, "requests": Counter()})
     with local_http_server(handler) as url:
         yield url
 
