@@ -1,9 +1,11 @@
 """What the served endpoints accept: request limits, input checks and safe image decoding.
 
 The BentoML service (`serving/service.py`) calls these before any model work, so every bad
-input becomes a 400 with a message that names the field and the limit, and no upload can make
-a worker decode a decompression bomb. Each check raises `bentoml.exceptions.InvalidArgument`,
-which BentoML answers with 400.
+input becomes a 400 with a message that names the field and the limit, no upload can make
+a worker decode a decompression bomb, and no request more pixels than `max_request_pixels`
+(counted from the headers, before anything is decoded). Images decode through
+`clipflow.images`, as ingest decodes them. Each check raises
+`bentoml.exceptions.InvalidArgument`, which BentoML answers with 400.
 
 `Limits` is the one list of request limits: `clipflow package` stores the `serve:` values of
 its fields (`LIMITS`) in the BentoML model, and the service reads them back into it, so a new
