@@ -67,11 +67,28 @@ def test_micro_batches_alone_would_lose_negatives(tiny, batch):
     assert not torch.allclose(dict(model.named_parameters())[name].grad, full[name], rtol=1e-3, atol=1e-5)
 
 
+def _block_forwards(model) -> list[int]:
+    """Counts forward passes of the first image-tower block, which checkpointing runs again in backward.
+
+    A pre-hook: torch's checkpoint stops a recomputation once it has the tensors backward needs,
+    before the block's forward returns, so a forward (post) hook would not see it.
+    """
+    calls = [0]
+    block = model.visual.transformer.resblocks[0]
+    block.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
 def test_gradient_checkpointing_keeps_the_gradients(tiny, batch):
-    _, plain = _gradients(tiny, *batch, accum_freq=1)
+    plain_model = copy.deepcopy(tiny)
+    plain_calls = _block_forwards(plain_model)
+    _, plain = _gradients(plain_model, *batch, accum_freq=1)
     checkpointed = copy.deepcopy(tiny)
     checkpointed.set_grad_checkpointing(True)
+    recomputed_calls = _block_forwards(checkpointed)
     _, recomputed = _gradients(checkpointed, *batch, accum_freq=1)
+    # Proof that checkpointing was on: the block's activations were recomputed in backward.
+    assert recomputed_calls[0] == 2 * plain_calls[0] > 0
     for name in plain:
         torch.testing.assert_close(recomputed[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
 

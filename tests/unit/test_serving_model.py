@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import torch
 from PIL import Image
 
 from clipflow import model as clip_model
-from clipflow.serve.encoder import Encoder, usable_cores
+from clipflow.serve.encoder import Encoder
 
 
 def test_lanes_give_the_embeddings_of_one_call_in_request_order():
@@ -24,8 +25,22 @@ def test_lanes_give_the_embeddings_of_one_call_in_request_order():
         torch.testing.assert_close(lanes.texts(texts[:1]), one.texts(texts[:1]), rtol=1e-5, atol=1e-5)
         labels = lanes.labels(["red", "blue"], ["a {}.", "a drawing of a {}."])
         torch.testing.assert_close(labels, clip.encode_labels(["red", "blue"], ["a {}.", "a drawing of a {}."]))
-        assert Encoder.per_core(clip).lanes == usable_cores() and torch.get_num_threads() == 1
     finally:
+        torch.set_num_threads(threads)
+
+
+def test_one_lane_per_core_the_process_may_use():
+    """A container's cpuset narrows the cores: the lanes follow the affinity, not the machine's count."""
+    clip = clip_model.create("CLIP-Tiny")
+    allowed, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    try:
+        os.sched_setaffinity(0, {min(allowed)})
+        assert Encoder.per_core(clip).lanes == 1 and torch.get_num_threads() == 1
+        if len(allowed) > 1:
+            os.sched_setaffinity(0, set(sorted(allowed)[:2]))
+            assert Encoder.per_core(clip).lanes == 2
+    finally:
+        os.sched_setaffinity(0, allowed)
         torch.set_num_threads(threads)
 
 
