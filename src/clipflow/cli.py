@@ -264,10 +264,11 @@ def serve(
     """Serve the packaged Bento with `bentoml serve` on serve.host:serve.port."""
     params = _params(params_file, overrides, profile)
     tag = bento or f"{params.serve.bento_name}:latest"
-    bentoml = str(Path(sys.executable).with_name("bentoml"))
     # exec, not a child process: Ctrl-C and a supervisor's SIGTERM reach bentoml directly. Its store
-    # and telemetry switch are this process's own (`configure_process`).
-    os.execv(bentoml, [bentoml, "serve", tag, "--host", params.serve.host, "--port", str(port or params.serve.port)])
+    # and telemetry switch are this process's own (`configure_process`); the launch module gives the
+    # server a Prometheus folder of its own, so a second server does not wipe this one's metrics.
+    command = [sys.executable, "-m", "clipflow.serve.launch", "serve", tag, "--host", params.serve.host]
+    os.execv(sys.executable, [*command, "--port", str(port or params.serve.port)])
 
 
 @app.command("compile")
