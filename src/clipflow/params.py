@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 import re
 import types
@@ -136,13 +137,18 @@ class TrainParams:
             raise ClipflowError(f"train.loss must be one of {', '.join(TRAIN_LOSSES)}, got {self.loss!r}")
         if self.precision not in {"bf16", "fp32"}:
             raise ClipflowError(f"train.precision must be bf16 or fp32, got {self.precision!r}")
-        _require_positive("train", self, "batch_size", "steps", "nproc", "accum_freq", "nnodes", "keep_checkpoints")
-        if self.data_workers < 0:
-            raise ClipflowError(f"train.data_workers must not be negative, got {self.data_workers}")
+        positive = ("batch_size", "steps", "lr", "nproc", "threads_per_proc", "accum_freq", "log_every", "nnodes")
+        _require_positive("train", self, *positive, "keep_checkpoints")
+        # checkpoint_every 0 writes no resumable checkpoints; a negative warmup would skip the warmup unasked.
+        not_negative = ("data_workers", "warmup_steps", "weight_decay", "checkpoint_every", "max_restarts")
+        _require_not_negative("train", self, *not_negative)
         if not 0 <= self.node_rank < self.nnodes:
             raise ClipflowError(f"train.node_rank ({self.node_rank}) must be in [0, train.nnodes)")
         processes = self.nproc * self.nnodes
         check_batch_split(self, processes, f"train.nproc x train.nnodes ({processes})")
+        host, _, port = self.rdzv_endpoint.rpartition(":")
+        if self.nnodes > 1 and not (host and port.isdigit() and 0 < int(port) < 65536):
+            raise ClipflowError(f"train.rdzv_endpoint must be HOST:PORT, got {self.rdzv_endpoint!r}")
 
 
 @dataclass(frozen=True)
@@ -161,6 +167,13 @@ class EvaluateParams:
     chunk_size: int
     templates: list[str]
     zeroshot: dict[str, ZeroshotSet]
+
+    def check(self) -> None:
+        _require_positive("evaluate", self, "batch_size", "chunk_size")
+        if not self.recall_k or min(self.recall_k) < 1:
+            raise ClipflowError(f"evaluate.recall_k must list positive ranks, got {self.recall_k}")
+        if not self.templates:
+            raise ClipflowError("evaluate.templates must hold at least one prompt template")
 
 
 @dataclass(frozen=True)
@@ -290,7 +303,7 @@ class Params:
 
     def check(self) -> None:
         """Reject combinations that are well-typed but cannot work, section by section, then across them."""
-        for section in (self.data, self.validate, self.train, self.promote, self.serve, self.cluster):
+        for section in (self.data, self.validate, self.train, self.evaluate, self.promote, self.serve, self.cluster):
             section.check()
         if "heldout" not in self.evaluate.zeroshot:
             raise ClipflowError("evaluate.zeroshot must define the 'heldout' set that the gate and summary report")
@@ -304,8 +317,23 @@ class Params:
 
 def _require_positive(section: str, values: Any, *names: str) -> None:
     for name in names:
-        if getattr(values, name) <= 0:
-            raise ClipflowError(f"{section}.{name} must be positive, got {getattr(values, name)}")
+        value = _require_finite(section, values, name)
+        if value <= 0:
+            raise ClipflowError(f"{section}.{name} must be positive, got {value}")
+
+
+def _require_not_negative(section: str, values: Any, *names: str) -> None:
+    for name in names:
+        value = _require_finite(section, values, name)
+        if value < 0:
+            raise ClipflowError(f"{section}.{name} must not be negative, got {value}")
+
+
+def _require_finite(section: str, values: Any, name: str) -> float:
+    value = getattr(values, name)
+    if not math.isfinite(value):  # YAML's .nan and .inf are floats too, and NaN fails no comparison
+        raise ClipflowError(f"{section}.{name} must be a finite number, got {value}")
+    return value
 
 
 def check_batch_split(train: TrainParams, processes: int, description: str) -> None:

@@ -11,6 +11,7 @@ from clipflow import model as clip_model
 from clipflow import tracking
 from clipflow.data.ingest import ingest
 from clipflow.errors import ClipflowError
+from clipflow.evaluate.embeddings import check_rankable
 from clipflow.evaluate.step import evaluate
 from clipflow.registry.models import log_clip_model
 
@@ -103,3 +104,24 @@ def test_any_open_clip_checkpoint_and_registry_uri_can_be_evaluated(evaluated):
     mlflow.MlflowClient().set_registered_model_alias("clip-eval", "champion", version)
     registry = evaluate("models:/clip-eval@champion", tmp / "data", tmp / "registry", params)
     assert registry.metrics == pytest.approx(first.metrics)
+
+
+def _unit_rows(count: int, seed: int = 0) -> torch.Tensor:
+    return torch.nn.functional.normalize(torch.randn(count, 16, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def test_embeddings_that_no_ranking_can_tell_apart_are_refused():
+    spread = _unit_rows(50)
+    assert check_rankable(spread, "image embeddings") is spread
+    assert check_rankable(spread[:1], "image embeddings") is not None  # one row: nothing to tie with
+    with_nan = spread.clone()
+    with_nan[7, 3] = float("nan")
+    with pytest.raises(ClipflowError, match="1 of 50 image embeddings are not finite"):
+        check_rankable(with_nan, "image embeddings")
+    # normalize() leaves a zero vector zero: what zeroed projections give
+    with_zero = torch.nn.functional.normalize(torch.cat([spread[:49], torch.zeros(1, 16)]), dim=-1)
+    with pytest.raises(ClipflowError, match="collapsed: 1 of 50 caption embeddings are zero vectors"):
+        check_rankable(with_zero, "caption embeddings")
+    one_point = torch.nn.functional.normalize(spread[:1] + 1e-7 * _unit_rows(50, seed=1), dim=-1)
+    with pytest.raises(ClipflowError, match="collapsed: all 50 image embeddings are one point"):
+        check_rankable(one_point, "image embeddings")

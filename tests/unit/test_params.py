@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -45,11 +46,40 @@ def test_set_overrides_parse_values_as_yaml_and_accept_ints_for_floats():
         ("serve.bento_name=Clip Flow", "serve.bento_name must be lowercase"),
         ("cluster.nodes=3", "multiple of the 24 training processes"),
         ("train.steps", "--set expects KEY=VALUE"),
+        ("train.nproc=0", "train.nproc must be positive, got 0"),
+        ("train.threads_per_proc=0", "train.threads_per_proc must be positive, got 0"),
+        ("train.lr=-1", "train.lr must be positive, got -1.0"),
+        ("train.lr=0", "train.lr must be positive, got 0.0"),
+        ("train.lr=.nan", "train.lr must be a finite number, got nan"),
+        ("train.log_every=0", "train.log_every must be positive, got 0"),
+        ("train.warmup_steps=-5", "train.warmup_steps must not be negative, got -5"),
+        ("train.weight_decay=-0.1", "train.weight_decay must not be negative, got -0.1"),
+        ("train.weight_decay=.inf", "train.weight_decay must be a finite number, got inf"),
+        ("train.checkpoint_every=-1", "train.checkpoint_every must not be negative, got -1"),
+        ("train.max_restarts=-1", "train.max_restarts must not be negative, got -1"),
+        ("evaluate.batch_size=0", "evaluate.batch_size must be positive, got 0"),
+        ("evaluate.chunk_size=-1", "evaluate.chunk_size must be positive, got -1"),
+        ("evaluate.recall_k=[]", "evaluate.recall_k must list positive ranks, got []"),
+        ("evaluate.recall_k=[1, 0]", "evaluate.recall_k must list positive ranks, got [1, 0]"),
+        ("evaluate.templates=[]", "evaluate.templates must hold at least one prompt template"),
     ],
 )
 def test_bad_overrides_are_one_clear_error(override, message):
-    with pytest.raises(ClipflowError, match=message.replace("[", r"\[")):
+    with pytest.raises(ClipflowError, match=re.escape(message)):
         load_params(PARAMS, [override])
+
+
+def test_zero_is_a_valid_warmup_and_checkpoint_interval():
+    params = load_params(PARAMS, ["train.warmup_steps=0", "train.checkpoint_every=0", "train.weight_decay=0"])
+    assert params.train.warmup_steps == 0 and params.train.checkpoint_every == 0
+
+
+def test_several_nodes_need_a_rendezvous_host_and_port():
+    several = ["train.nnodes=2", "train.batch_size=256"]
+    assert load_params(PARAMS, several).train.rdzv_endpoint == "127.0.0.1:29400"
+    for endpoint in ("nohost", ":29400", "host:port", "host:70000"):
+        with pytest.raises(ClipflowError, match="train.rdzv_endpoint must be HOST:PORT"):
+            load_params(PARAMS, [*several, f"train.rdzv_endpoint={endpoint}"])
 
 
 def test_missing_file_and_unknown_profile():

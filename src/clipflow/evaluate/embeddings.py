@@ -10,6 +10,11 @@ from clipflow.data.pairs import ShardPairs
 from clipflow.errors import ClipflowError
 from clipflow.model import ClipModel
 
+# Unit vectors that all lie this close to their mean are one point: every similarity ties, and a
+# recall or accuracy of them measures how ties are broken (a zeroed model scored perfect recall
+# while ties counted for the pair). A dozen steps of training spread image embeddings 700 times wider.
+COLLAPSED_SPREAD = 1e-4
+
 
 class SplitEmbeddings:
     """`images(split)` -> (the split's pairs, their L2-normalised image embeddings), each split embedded once."""
@@ -25,5 +30,27 @@ class SplitEmbeddings:
             except FileNotFoundError:
                 raise ClipflowError(f"the data has no split {split!r} to evaluate") from None
             embeddings = pairs.embed_images(self.clip.encode_images, self.batch_size, desc=f"evaluate {split}")
-            self._cache[split] = (pairs, embeddings)
+            self._cache[split] = (pairs, check_rankable(embeddings, f"image embeddings of split {split!r}"))
         return self._cache[split]
+
+
+def check_rankable(embeddings: torch.Tensor, what: str) -> torch.Tensor:
+    """`embeddings` (N, D), L2-normalised, if a ranking of them can mean anything; a collapsed model's fail.
+
+    Raises:
+        ClipflowError: a value is NaN or infinite, a row is a zero vector (normalising keeps it zero),
+            or every row is the same point (within `COLLAPSED_SPREAD`).
+    """
+    count = embeddings.shape[0]
+    broken = (~embeddings.isfinite()).any(dim=1).sum().item()
+    if broken:
+        raise ClipflowError(f"the model is broken: {broken} of {count} {what} are not finite (NaN or infinity)")
+    zero = (embeddings.norm(dim=1) < 0.5).sum().item()
+    if zero:
+        raise ClipflowError(f"the model has collapsed: {zero} of {count} {what} are zero vectors")
+    spread = (embeddings - embeddings.mean(dim=0)).norm(dim=1).max().item() if count > 1 else float("inf")
+    if spread < COLLAPSED_SPREAD:
+        raise ClipflowError(
+            f"the model has collapsed: all {count} {what} are one point (within {spread:.1e} of their mean)"
+        )
+    return embeddings

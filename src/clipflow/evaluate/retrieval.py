@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from clipflow.evaluate.embeddings import SplitEmbeddings
+from clipflow.evaluate.embeddings import SplitEmbeddings, check_rankable
 from clipflow.evaluate.metrics import recall_at_k
 from clipflow.model import ClipModel
 
@@ -43,6 +43,7 @@ def retrieval(
     pairs, image_embeddings = images(split)
     captions = [pairs.caption(i) for i in range(len(pairs))]
     texts = torch.cat([clip.encode_text(captions[s : s + batch_size]) for s in range(0, len(captions), batch_size)])
+    check_rankable(texts, f"caption embeddings of split {split!r}")
     i2t = recall_at_k(image_embeddings, texts, ks, chunk_size=chunk_size)
     t2i = recall_at_k(texts, image_embeddings, ks, chunk_size=chunk_size)
 

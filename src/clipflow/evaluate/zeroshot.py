@@ -9,7 +9,7 @@ import pandas as pd
 import torch
 
 from clipflow.errors import ClipflowError
-from clipflow.evaluate.embeddings import SplitEmbeddings
+from clipflow.evaluate.embeddings import SplitEmbeddings, check_rankable
 from clipflow.evaluate.metrics import classification_report, zeroshot_topk
 from clipflow.model import ClipModel
 from clipflow.params import ZeroshotSet
@@ -71,7 +71,8 @@ def zeroshot(
     if unknown:
         raise ClipflowError(f"split {spec.split!r} has labels outside the class list: {unknown[:5]}")
     targets = torch.tensor([index[label] for label in labels])
-    report = classification_report(embeddings @ clip.encode_labels(classes, templates).T, targets, top_k=5)
+    classifier = check_rankable(clip.encode_labels(classes, templates), f"class embeddings of zero-shot set {name!r}")
+    report = classification_report(embeddings @ classifier.T, targets, top_k=5)
     per_template = {t: zeroshot_topk(embeddings, clip.encode_labels(classes, [t]), targets) for t in templates}
     return ZeroshotResult(
         name=name,

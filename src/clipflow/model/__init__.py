@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import functools
 import importlib.util
+import io
 import json
 import os
 import threading
@@ -231,10 +232,50 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, name: str, extra: 
 
 def read_checkpoint_info(path: str | Path) -> dict[str, Any]:
     """The non-weight fields of a clipflow checkpoint (`name`, `clipflow`)."""
+    state = read_checkpoint(resolve_checkpoint(path))
+    return {key: value for key, value in state.items() if key != "state_dict"}
+
+
+def read_checkpoint(location: str | Path, data: bytes | None = None) -> dict[str, Any]:
+    """A checkpoint's contents, read with `weights_only=True`: tensors and plain data, never code.
+
+    Args:
+        location: the checkpoint file, or where `data` was fetched from (errors name it).
+        data: the checkpoint's bytes, when they are already in memory (an `s3://` object).
+
+    Raises:
+        ClipflowError: the file is empty, truncated or no PyTorch file; it holds other objects than
+            tensors and plain data (refused unread, so nothing in it runs); or it is not a mapping.
+    """
     import torch
 
-    state = torch.load(resolve_checkpoint(path), map_location="cpu", weights_only=True)
-    return {key: value for key, value in state.items() if key != "state_dict"}
+    try:
+        state = torch.load(location if data is None else io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # the unpickler raises whatever the bytes provoke: EOFError, IndexError, ...
+        raise ClipflowError(f"checkpoint {location} cannot be read: {_unreadable(exc)}") from None
+    if not isinstance(state, dict):
+        raise ClipflowError(f"checkpoint {location} holds a {type(state).__name__}, not a checkpoint's mapping")
+    return state
+
+
+def _unreadable(exc: Exception) -> str:
+    """Why torch.load refused a file, in a few words."""
+    if isinstance(exc, EOFError):
+        return "it is empty or ends early"
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if len(lines) > 2 and lines[0].startswith("Weights only load failed"):
+        lines = lines[-2:-1]  # the finding, between torch's advice to load it unsafely and a link to its docs
+    detail = _first_sentence(" ".join(lines))
+    blocked = detail.partition("GLOBAL ")[2].split(" ")[0]
+    if blocked:
+        return f"it would build {blocked}, which is no tensor or plain data: refused, nothing in it ran"
+    return f"not a PyTorch checkpoint, or truncated or corrupt ({detail})"
+
+
+def _first_sentence(message: str) -> str:
+    """A message up to its first full stop, on one line and at most 300 characters."""
+    text = " ".join(message.split()).split(". ")[0]
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def load(path: str | Path, name: str | None = None) -> ClipModel:
@@ -242,13 +283,30 @@ def load(path: str | Path, name: str | None = None) -> ClipModel:
 
     The config name comes from the checkpoint itself unless given; weights load with
     `weights_only=True`, so an untrusted file cannot run code.
+
+    Raises:
+        ClipflowError: no such file, a file that is not a checkpoint (see `read_checkpoint`), no
+            config name, or weights that do not fit the config (another architecture, missing keys).
     """
+    import torch
+
     checkpoint = resolve_checkpoint(path)
-    if name is None:
-        name = read_checkpoint_info(checkpoint).get("name")
-        if not name:
-            raise ClipflowError(f"{checkpoint} does not name its model config; pass it explicitly")
-    loaded = create(name, pretrained=str(checkpoint))
+    # Read here before open_clip does: its failures on a bad file are tracebacks, and it retries a
+    # load that raised TypeError without passing weights_only.
+    state = read_checkpoint(checkpoint)
+    weights = state.get("state_dict", state)
+    if not weights or not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise ClipflowError(f"checkpoint {checkpoint} holds no weights (a 'state_dict' of tensors)")
+    name = name or state.get("name")
+    del state, weights  # open_clip reads the file again: never two copies of the weights at once
+    if not name or not isinstance(name, str):
+        raise ClipflowError(f"{checkpoint} does not name its model config; pass it explicitly")
+    try:
+        loaded = create(name, pretrained=str(checkpoint))
+    except (RuntimeError, AssertionError, KeyError, ValueError) as exc:  # open_clip's ways of refusing weights
+        raise ClipflowError(
+            f"checkpoint {checkpoint} does not fit model config {name!r}: {_first_sentence(str(exc))}"
+        ) from None
     loaded.model.eval()
     return loaded
 

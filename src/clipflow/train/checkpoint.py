@@ -21,12 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from clipflow.errors import ClipflowError
+from clipflow.model import read_checkpoint
 from clipflow.storage import Store, download_file, is_s3, read_object, split_s3
 
 # torch and numpy are imported where a checkpoint is written or read: the training launcher
 # only follows `latest` pointers, and importing torch would add seconds to every run's start.
 
 POINTER = "latest"
+# What `clipflow.train.loop` saves and restores besides the weights.
+RESUMABLE = frozenset({"state_dict", "optimizer", "scheduler", "step", "rng", "clipflow"})
 _NAME = re.compile(r"^step-(\d{6,})\.pt$")
 
 
@@ -74,16 +77,23 @@ class CheckpointStore:
 
 
 def load_state(location: str | Path) -> dict[str, Any]:
-    """Read a checkpoint file or `s3://` object with `weights_only=True` (no code is unpickled)."""
-    import torch
+    """Read a resumable checkpoint, a file or an `s3://` object, with `weights_only=True` (no code is unpickled).
 
+    Raises:
+        ClipflowError: not found, not a checkpoint (see `clipflow.model.read_checkpoint`), or one
+            without what a resumed run needs (a final `checkpoint.pt` has no optimizer state).
+    """
     location = str(location)
     if is_s3(location):
-        payload = read_object(location, "checkpoint")
-        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
-    if not Path(location).is_file():
+        state = read_checkpoint(location, read_object(location, "checkpoint"))
+    elif not Path(location).is_file():
         raise ClipflowError(f"checkpoint not found: {location}")
-    return torch.load(location, map_location="cpu", weights_only=True)
+    else:
+        state = read_checkpoint(location)
+    missing = sorted(RESUMABLE - set(state))
+    if missing:
+        raise ClipflowError(f"checkpoint {location} cannot be resumed from: it has no {', '.join(missing)}")
+    return state
 
 
 def fetch(uri: str, folder: Path) -> Path:

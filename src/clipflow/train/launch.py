@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ from clipflow.errors import ClipflowError
 from clipflow.params import Params, TrainParams
 from clipflow.registry.models import log_clip_model
 from clipflow.storage import Store
+from clipflow.train import orphans
 from clipflow.train.checkpoint import CheckpointStore, load_state
 from clipflow.train.job import WorkerJob, checkpoint_extra
 from clipflow.train.metrics import FILE_NAME as METRICS_FILE
@@ -64,10 +66,10 @@ def train(
     started = time.perf_counter()
     data_dir, output_dir = Path(data_dir), Path(output_dir)
     data_version = IngestReport.read(data_dir).data_version
-    _check_loss_fits_model(params.train)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    _check_model(params.train)
     checkpoint_dir = params.train.checkpoint_dir or str(output_dir.resolve() / "checkpoints")
     start_from, previous_run_id = _resolve_resume(resume, checkpoint_dir) if resume else (None, None)
+    output_dir.mkdir(parents=True, exist_ok=True)
     leads = params.train.node_rank == 0
 
     job_file = output_dir / f"job-node{params.train.node_rank}.json"
@@ -125,9 +127,12 @@ def train(
     return report
 
 
-def _check_loss_fits_model(params: TrainParams) -> None:
-    """The sigmoid loss trains a logit bias: only a model built with one can take it."""
-    if params.loss == "siglip" and "init_logit_bias" not in (clip_model.model_config(params.model) or {}):
+def _check_model(params: TrainParams) -> None:
+    """The model must be one open_clip can build, and the sigmoid loss needs one built with a logit bias."""
+    config = clip_model.model_config(params.model)
+    if config is None:  # else each worker would fail on it, and torchrun restart them to fail again
+        raise ClipflowError(f"train.model: unknown model config {params.model!r}")
+    if params.loss == "siglip" and "init_logit_bias" not in config:
         raise ClipflowError(
             f"train.loss=siglip needs a model with a logit bias; {params.model!r} has none"
             " (use CLIP-Tiny-Sigmoid, or a config with init_logit_bias)"
@@ -135,9 +140,14 @@ def _check_loss_fits_model(params: TrainParams) -> None:
 
 
 def _start_torchrun(params: TrainParams, job_file: Path) -> subprocess.Popen:
-    """This node's torchrun, whose workers wait for `job_file`."""
+    """This node's torchrun, whose workers wait for `job_file`; it stops them when this process ends, killed or not."""
     env = {**os.environ, "OMP_NUM_THREADS": str(params.threads_per_proc)}
-    return subprocess.Popen(torchrun_command(params, job_file), env=env)
+    launcher = os.getpid()
+    return subprocess.Popen(
+        torchrun_command(params, job_file),
+        env=env,
+        preexec_fn=lambda: orphans.end_with_parent(signal.SIGTERM, launcher),
+    )
 
 
 def _wait_for_workers(workers: subprocess.Popen, metrics_file: str | None, run_id: str | None) -> None:

@@ -21,15 +21,24 @@ from __future__ import annotations
 
 import gc
 import json
+import os
+import signal
 import sys
 import time
 import warnings
 from pathlib import Path
 
-import torch
+from clipflow.train import orphans
 
-from clipflow.train import group, loop
-from clipflow.train.job import WorkerJob
+if __name__ == "__main__":
+    # First, before torch's import takes seconds: a torchrun killed meanwhile would leave this
+    # process behind. Only the interpreter's own start goes unwatched.
+    orphans.end_with_parent(signal.SIGKILL, os.getppid())
+
+import torch  # noqa: E402
+
+from clipflow.train import group, loop  # noqa: E402
+from clipflow.train.job import WorkerJob  # noqa: E402
 
 # The launcher writes the job once the MLflow run is open: seconds, or minutes while a remote
 # tracking server retries. A launcher that died without writing it must not leave workers waiting.
