@@ -161,6 +161,7 @@ def test_resuming_from_a_checkpoint_without_optimizer_state_is_one_line(workdir)
         ("train", "train.warmup_steps=-5", "train.warmup_steps must not be negative"),
         ("train", "train.weight_decay=-0.1", "train.weight_decay must not be negative"),
         ("train", "train.model=CLIP-Huge", "unknown model config 'CLIP-Huge'"),
+        ("train", "train.pretrained=missing.pt", "pretrained checkpoint not found: missing.pt"),
         ("evaluate", "evaluate.batch_size=0", "evaluate.batch_size must be positive"),
     ],
 )

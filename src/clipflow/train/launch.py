@@ -17,9 +17,9 @@ from clipflow.artifacts import IngestReport, JsonRecord, TrainReport, lineage
 from clipflow.errors import ClipflowError
 from clipflow.params import Params, TrainParams
 from clipflow.registry.models import log_clip_model
-from clipflow.storage import Store
+from clipflow.storage import Store, is_s3
 from clipflow.train import orphans
-from clipflow.train.checkpoint import CheckpointStore, load_state
+from clipflow.train.checkpoint import CheckpointStore, fetch, load_state
 from clipflow.train.job import WorkerJob, checkpoint_extra
 from clipflow.train.metrics import FILE_NAME as METRICS_FILE
 from clipflow.train.metrics import MetricsRelay
@@ -67,6 +67,8 @@ def train(
     data_dir, output_dir = Path(data_dir), Path(output_dir)
     data_version = IngestReport.read(data_dir).data_version
     _check_model(params.train)
+    if launcher == "torchrun" and params.train.pretrained and not is_s3(params.train.pretrained):
+        fetch(params.train.pretrained, output_dir)  # a missing file fails every worker here, and every restart
     checkpoint_dir = params.train.checkpoint_dir or str(output_dir.resolve() / "checkpoints")
     start_from, previous_run_id = _resolve_resume(resume, checkpoint_dir) if resume else (None, None)
     output_dir.mkdir(parents=True, exist_ok=True)
