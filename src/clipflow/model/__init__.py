@@ -295,7 +295,7 @@ def load(path: str | Path, name: str | None = None) -> ClipModel:
     # load that raised TypeError without passing weights_only.
     state = read_checkpoint(checkpoint)
     weights = state.get("state_dict", state)
-    if not weights or not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+    if not isinstance(weights, dict) or not weights or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise ClipflowError(f"checkpoint {checkpoint} holds no weights (a 'state_dict' of tensors)")
     name = name or state.get("name")
     del state, weights  # open_clip reads the file again: never two copies of the weights at once
