@@ -81,6 +81,7 @@ def _with_weights(trained: dict, path: Path, change) -> Path:
         # The image tower is sound: the zero-shot class embeddings are what ties.
         ("zero text projection", lambda name, w: w if name == "visual.proj" else torch.zeros_like(w), "class embed"),
     ],
+    ids=["zero", "nan", "zero-text"],
 )
 def test_a_collapsed_model_fails_evaluation_instead_of_scoring_perfect_recall(workdir, trained, kind, change, message):
     checkpoint = _with_weights(trained, workdir / f"{kind.replace(' ', '-')}.pt", change)
