@@ -372,7 +372,10 @@ def main(argv: list[str] | None = None) -> int:
         app(args=argv, prog_name="clipflow", standalone_mode=False)
     except typer.Exit as exc:
         return exc.exit_code
-    except typer.Abort:
+    except typer.Abort as exc:
+        if isinstance(exc.__cause__, EOFError):  # click wraps a verb's EOFError in Abort, as it does Ctrl-C
+            typer.echo(f"clipflow: error: unexpected end of input ({exc.__cause__ or 'EOFError'})", err=True)
+            return 1
         typer.echo("clipflow: interrupted", err=True)
         return 130
     except typer.TyperException as exc:  # usage errors: a missing option, a bad value, an unknown verb

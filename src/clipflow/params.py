@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from clipflow.errors import ClipflowError
+from clipflow.prompts import split_template
 
 DEFAULT_PARAMS = Path("params.yaml")
 PROFILE_ENV = "CLIPFLOW_PROFILE"
@@ -174,6 +175,15 @@ class EvaluateParams:
             raise ClipflowError(f"evaluate.recall_k must list positive ranks, got {self.recall_k}")
         if not self.templates:
             raise ClipflowError("evaluate.templates must hold at least one prompt template")
+        # Checked by the rule `classify` serves with, so a bad template fails here and not after training.
+        lists = {"evaluate.templates": self.templates}
+        lists |= {f"evaluate.zeroshot.{name}.templates": spec.templates for name, spec in self.zeroshot.items()}
+        for where, templates in lists.items():
+            for template in templates:
+                try:
+                    split_template(template)
+                except ClipflowError as exc:
+                    raise ClipflowError(f"{where}: {exc}") from None
 
 
 @dataclass(frozen=True)

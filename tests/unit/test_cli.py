@@ -6,8 +6,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import typer
 import yaml
 
+from clipflow import cli
 from clipflow.errors import ClipflowError
 from components import checkout
 from tests.support import REPO
@@ -90,3 +92,27 @@ def test_elsewhere_checkout_is_the_one_clipflow_is_installed_from(tmp_path, monk
     with pytest.raises(ClipflowError) as error:
         checkout()
     assert str(error.value) == f"cannot find serving/service.py in {tmp_path}: run clipflow from its source checkout"
+
+
+@pytest.mark.parametrize(
+    ("raised", "code", "message"),
+    [
+        (EOFError("file ended early"), 1, "clipflow: error: unexpected end of input (file ended early)"),
+        (typer.Abort(), 130, "clipflow: interrupted"),  # what click raises for Ctrl-C
+    ],
+)
+def test_an_end_of_input_is_an_error_and_only_ctrl_c_is_an_interruption(monkeypatch, capsys, raised, code, message):
+    """click turns an EOFError into Abort, as it does Ctrl-C; a truncated input must not look like Ctrl-C."""
+    app = typer.Typer()
+
+    @app.command()
+    def verb() -> None:
+        raise raised
+
+    @app.command()
+    def other() -> None:  # two commands, so the verb is named as on the real command line
+        pass
+
+    monkeypatch.setattr(cli, "app", app)
+    assert cli.main(["verb"]) == code
+    assert capsys.readouterr().err.strip() == message

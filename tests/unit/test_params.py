@@ -62,6 +62,12 @@ def test_set_overrides_parse_values_as_yaml_and_accept_ints_for_floats():
         ("evaluate.recall_k=[]", "evaluate.recall_k must list positive ranks, got []"),
         ("evaluate.recall_k=[1, 0]", "evaluate.recall_k must list positive ranks, got [1, 0]"),
         ("evaluate.templates=[]", "evaluate.templates must hold at least one prompt template"),
+        ('evaluate.templates=["a {:x>40000000}"]', "evaluate.templates: template 'a {:x>40000000}' must contain '{}'"),
+        ('evaluate.templates=["a photo"]', "evaluate.templates: template 'a photo' must contain '{}' exactly once"),
+        (
+            'evaluate.zeroshot={heldout: {split: heldout, label_field: label, classes: [], templates: ["{0}"]}}',
+            "evaluate.zeroshot.heldout.templates: template '{0}' must contain '{}' exactly once",
+        ),
     ],
 )
 def test_bad_overrides_are_one_clear_error(override, message):
