@@ -37,7 +37,8 @@ batch; what is queued when requests stop arriving is spread over the free lanes
 Batched inputs are checked and decoded while the request is parsed, in a worker thread, so a bad
 input fails its own request only, never a batch it would have joined; a request that would wait
 more than `serve.batch_max_latency_ms` behind those queued answers 503 with `Retry-After` when it
-arrives. Images are decoded to near the model's input size (`clipflow.images`, as ingest
+arrives. The other model endpoints run one call per core; past those and `serve.max_waiting`
+waiting ones, a request answers 503 with `Retry-After` before its body is read. Images are decoded to near the model's input size (`clipflow.images`, as ingest
 decodes them), within `serve.max_request_pixels` for all the images of one request.
 
 Every embedding is L2-normalised, so a dot product is a cosine. Labels are words ("red circle");
@@ -71,6 +72,7 @@ from clipflow.serve.dispatch import FillingDispatcher
 from clipflow.serve.encoder import usable_cores
 from clipflow.serve.http import (
     OPEN_PATHS,
+    AdmissionMiddleware,
     ApiKeyMiddleware,
     PageMiddleware,
     RequestGateMiddleware,
@@ -112,6 +114,7 @@ class BuildArgs(BaseModel):
     batching: bool
     batch_max_size: int
     batch_max_latency_ms: int
+    max_waiting: int
 
 
 class LabelProbability(BaseModel):
@@ -303,3 +306,8 @@ Clipflow.add_asgi_middleware(PageMiddleware, page=PAGE)
 Clipflow.add_asgi_middleware(ApiKeyMiddleware)
 Clipflow.add_asgi_middleware(RequestGateMiddleware, max_bytes=ARGS.max_request_bytes)
 Clipflow.add_asgi_middleware(ShedMiddleware)
+# The model endpoints that are not batched: BentoML runs `threads` of them at once and queues the rest.
+UNBATCHED = frozenset({"/classify", "/rank", "/rank_texts", "/search", "/search_image"})
+Clipflow.add_asgi_middleware(
+    AdmissionMiddleware, paths=UNBATCHED, max_in_flight=usable_cores() + ARGS.max_waiting, workers=usable_cores()
+)

@@ -221,6 +221,7 @@ class ServeParams:
     batching: bool
     batch_max_size: int
     batch_max_latency_ms: int
+    max_waiting: int
 
     def check(self) -> None:
         """Reject what BentoML would refuse only after the model is stored, or with a bare ValueError."""

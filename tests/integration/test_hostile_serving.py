@@ -30,6 +30,7 @@ import psutil
 import pytest
 from PIL import Image
 
+from clipflow.serve.encoder import usable_cores
 from tests.support import REPO
 from tests.support.bad_inputs import (
     encoded,
@@ -45,6 +46,7 @@ from tests.support.servers import bentoml_server, free_port
 from tests.support.serving_fixtures import SERVING
 
 BATCH_MAX_LATENCY_MS = 3000
+MAX_WAITING = 2  # unbatched model calls that may wait for a core
 # Concurrent requests of the longest texts allowed: several times the batch latency of work.
 FLOOD = 16
 # /livez must answer within this while an attack runs: a Kubernetes probe's default timeout is 1 s.
@@ -67,6 +69,7 @@ def hostile(packaged):
             "tracking.experiment=t",
             "serve.bento_name=clipflow-hostile",
             f"serve.batch_max_latency_ms={BATCH_MAX_LATENCY_MS}",
+            f"serve.max_waiting={MAX_WAITING}",
         ],
         profile="test",
     )
@@ -366,6 +369,27 @@ def test_a_flood_is_shed_on_arrival_with_retry_after_and_the_rest_is_answered(se
         assert re.search(rf"busy: this request's {serve.max_texts} items would wait about [\d.]+ s", message)
     assert watch.slowest_livez_s < LIVEZ_S
     _assert_classifies(server)
+
+
+def test_a_flood_of_unbatched_calls_is_refused_on_arrival_past_those_allowed_to_wait(server, hostile):
+    """classify runs in BentoML's thread pool: past the running and MAX_WAITING calls, a request answers 503 unread."""
+    rng = random.Random(3)
+    labels = [_random_words(rng, 8) for _ in range(8)]
+    templates = ["{}" + _random_words(rng, hostile["params"].serve.max_text_chars - 20) for _ in range(8)]
+    flood = 4 * (MAX_WAITING + usable_cores())  # the server runs one call per core it may use
+    with watching(server, f"{flood} concurrent classify calls") as watch, ThreadPoolExecutor(flood) as pool:
+        responses = list(pool.map(lambda _: _classify(server.url, RED, labels, templates), range(flood)))
+    answered = [r for r in responses if r.status_code == 200]
+    shed = [r for r in responses if r.status_code == 503]
+    print(f"{len(answered)} answered, {len(shed)} refused")
+    assert len(answered) + len(shed) == flood, [r.text for r in responses]
+    assert answered and shed
+    assert all(len(r.json()) == len(labels) for r in answered)
+    for response in shed:
+        assert int(response.headers["retry-after"]) >= 1
+        assert "model calls are running or waiting, the most serve.max_waiting allows" in response.json()["error"]
+    assert watch.slowest_livez_s < LIVEZ_S
+    _assert_classifies(server)  # admitted again once the flood has passed
 
 
 def test_a_client_error_is_logged_in_one_line_without_a_traceback(server):

@@ -73,3 +73,47 @@ def test_the_rest_of_a_request_split_over_batches_is_never_cancelled_for_waiting
     answer, seconds = asyncio.run(scenario())
     assert answer == list("abcdefghij")
     assert seconds > 0.2  # it did wait past the max latency, and was answered
+
+
+def test_unbatched_calls_past_those_allowed_in_are_refused_unread_and_admitted_again_after():
+    from clipflow.serve.http import AdmissionMiddleware
+
+    async def scenario() -> tuple[int, list[dict], int]:
+        release, entered = asyncio.Event(), []
+
+        async def model_endpoint(scope, receive, send):
+            entered.append(scope["path"])
+            await release.wait()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"{}"})
+
+        gate = AdmissionMiddleware(model_endpoint, frozenset({"/classify"}), max_in_flight=2, workers=1)
+
+        async def call(path: str) -> list[dict]:
+            sent: list[dict] = []
+
+            async def send(message):
+                sent.append(message)
+
+            async def receive():  # never asked for a refused request: its body stays unread
+                raise AssertionError("the body was read")
+
+            await gate({"type": "http", "path": path, "headers": []}, receive, send)
+            return sent
+
+        running = [asyncio.create_task(call("/classify")) for _ in range(2)]
+        other = asyncio.create_task(call("/livez"))  # paths outside the gate are never counted
+        await asyncio.sleep(0)
+        refused = await call("/classify")
+        admitted_while_full = len(entered)
+        release.set()
+        await asyncio.gather(*running, other)
+        again = await call("/classify")
+        return admitted_while_full, refused, again[0]["status"]
+
+    admitted_while_full, refused, status_after = asyncio.run(scenario())
+    assert admitted_while_full == 3  # two classify calls and /livez; the third classify never reached the app
+    start = refused[0]
+    assert start["status"] == 503 and (b"retry-after", b"1") in start["headers"]
+    assert b"2 model calls are running or waiting" in refused[1]["body"]
+    assert status_after == 200

@@ -22,7 +22,9 @@ from __future__ import annotations
 import functools
 import hmac
 import json
+import math
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -194,6 +196,46 @@ class RequestGateMiddleware:
 
     def _message(self) -> str:
         return f"request body over {self.max_bytes} bytes (serve.max_request_bytes)"
+
+
+class AdmissionMiddleware:
+    """Refuse on arrival a request to an unbatched model endpoint when `max_in_flight` are already in.
+
+    The batched endpoints shed in their dispatcher; classify, rank and search run in BentoML's
+    thread pool, where a flood would only queue, each request waiting longer than the last. Past
+    the running and the allowed waiting ones, a request answers 503 with a `Retry-After` of the
+    time the ones ahead of it take at the recent pace, before its body is read.
+    """
+
+    # Weight of the newest request's seconds in the moving average of how long one takes.
+    PACE_WEIGHT = 0.2
+
+    def __init__(self, app: ASGIApp, paths: frozenset[str], max_in_flight: int, workers: int) -> None:
+        self.app = app
+        self.paths, self.max_in_flight, self.workers = paths, max_in_flight, workers
+        self.in_flight = 0
+        self.seconds_each = 0.0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in self.paths:
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.max_in_flight:
+            retry_after = max(1, math.ceil(self.seconds_each * self.in_flight / self.workers))
+            message = (
+                f"the server is busy: {self.in_flight} model calls are running or waiting, "
+                f"the most serve.max_waiting allows; retry after {retry_after} s"
+            )
+            await send_error(send, 503, message, ((b"retry-after", str(retry_after).encode()),))
+            return
+        self.in_flight += 1
+        started = time.monotonic()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+            elapsed = time.monotonic() - started
+            self.seconds_each += self.PACE_WEIGHT * (elapsed - self.seconds_each)
 
 
 class ShedMiddleware:

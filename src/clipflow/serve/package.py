@@ -274,5 +274,6 @@ def _build_bento(stage: Path, serving_dir: Path, model_tag: str, serve: ServePar
             "batching": serve.batching,
             "batch_max_size": serve.batch_max_size,
             "batch_max_latency_ms": serve.batch_max_latency_ms,
+            "max_waiting": serve.max_waiting,
         },
     )
