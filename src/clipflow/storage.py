@@ -26,17 +26,24 @@ from urllib.parse import urlparse
 
 from clipflow.errors import ClipflowError
 
-_S3_CLIENTS: dict[tuple[int, str | None], object] = {}
+_S3_CLIENTS: dict[tuple[int, str | None, float | None], object] = {}
 
 
-def s3_client():
-    """One boto3 S3 client per process and endpoint (clients must not cross a fork)."""
-    slot = (os.getpid(), os.environ.get("AWS_ENDPOINT_URL"))
+def s3_client(timeout_s: float | None = None):
+    """One boto3 S3 client per process, endpoint and timeout (clients must not cross a fork).
+
+    `timeout_s` bounds connecting and each read, as `data.http_timeout_s` does for HTTP; None
+    keeps botocore's 60 s, for the step's own outputs.
+    """
+    slot = (os.getpid(), os.environ.get("AWS_ENDPOINT_URL"), timeout_s)
     if slot not in _S3_CLIENTS:
         import boto3
+        from botocore.config import Config
 
-        _S3_CLIENTS.clear()
-        _S3_CLIENTS[slot] = boto3.client("s3")
+        for stale in [other for other in _S3_CLIENTS if other[:2] != slot[:2]]:
+            del _S3_CLIENTS[stale]
+        config = Config(connect_timeout=timeout_s, read_timeout=timeout_s) if timeout_s else None
+        _S3_CLIENTS[slot] = boto3.client("s3", config=config)
     return _S3_CLIENTS[slot]
 
 
@@ -267,11 +274,15 @@ def fetch_file(uri: str, target: Path, limits: FetchLimits) -> Path:
 
 
 @contextmanager
-def open_stream(uri: str) -> Iterator[BinaryIO]:
+def open_stream(uri: str, timeout_s: float | None = None) -> Iterator[BinaryIO]:
     """A local regular file or an `s3://` object as a stream to read front to back, such as a tar shard.
 
+    Args:
+        timeout_s: for S3, the most a connect or one read may wait.
+
     Raises:
-        FetchError: missing, not a regular file, or S3 refused or unreachable.
+        FetchError: missing, not a regular file, or S3 refused or unreachable, also while it
+            is read (a dropped connection, a read that timed out).
     """
     if not is_s3(uri):
         with os.fdopen(_open_regular(uri)[0], "rb") as handle:
@@ -279,9 +290,20 @@ def open_stream(uri: str) -> Iterator[BinaryIO]:
         return
     bucket, key = split_s3(uri)
     with _s3_problems(uri):
-        body = s3_client().get_object(Bucket=bucket, Key=key)["Body"]
+        body = s3_client(timeout_s).get_object(Bucket=bucket, Key=key)["Body"]
     with closing(body):
-        yield body
+        yield _S3Stream(body, uri)
+
+
+class _S3Stream:
+    """An S3 object's body whose read errors are the FetchError a row is quarantined with."""
+
+    def __init__(self, body, uri: str) -> None:
+        self.body, self.uri = body, uri
+
+    def read(self, size: int = -1) -> bytes:
+        with _s3_problems(self.uri):
+            return self.body.read(None if size < 0 else size)
 
 
 def _fetch_into(uri: str, limits: FetchLimits, sink: BinaryIO) -> None:
@@ -374,7 +396,7 @@ def _s3_problems(uri: str) -> Iterator[None]:
 def _fetch_s3(uri: str, limits: FetchLimits, sink: BinaryIO, deadline: float) -> None:
     bucket, key = split_s3(uri)
     with _s3_problems(uri):
-        response = s3_client().get_object(Bucket=bucket, Key=key)
+        response = s3_client(limits.timeout_s).get_object(Bucket=bucket, Key=key)
         with closing(response["Body"]) as body:
             if response["ContentLength"] > limits.max_bytes:
                 raise FetchError(

@@ -48,7 +48,9 @@ def _tree_rss(process: psutil.Process) -> int:
     return total
 
 
-def _ingest(source: str | Path, out: Path, timeout_s: float = TIMEOUT_S, retries: int = RETRIES) -> Run:
+def _ingest(
+    source: str | Path, out: Path, timeout_s: float = TIMEOUT_S, retries: int = RETRIES, env: dict | None = None
+) -> Run:
     """`clipflow ingest` in a subprocess, its process tree's RSS polled; killed on a hang or past MAX_RSS."""
     command = [sys.executable, "-m", "clipflow.cli", "ingest", "--source", str(source), "--output", str(out)]
     command += ["--params", str(REPO / "params.yaml"), "--profile", "test"]
@@ -60,7 +62,9 @@ def _ingest(source: str | Path, out: Path, timeout_s: float = TIMEOUT_S, retries
     ):
         command += ["--set", setting]
     with tempfile.TemporaryFile() as stderr:
-        child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+        child = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=stderr, env={**os.environ, **(env or {})}, start_new_session=True
+        )
         process = psutil.Process(child.pid)
         guard = time.monotonic() + HANG_GUARD_S
         peak, problem = 0, None
@@ -118,8 +122,24 @@ def _one_clear_line(run: Run) -> str:
 
 @pytest.fixture(scope="module")
 def hostile():
-    with bad_inputs.hostile_http_server(bad_inputs.rgb_png((20, 20, 220)), gap_s=TRICKLE_GAP_S) as url:
+    image = bad_inputs.rgb_png((20, 20, 220))
+    with bad_inputs.hostile_http_server(image, gap_s=TRICKLE_GAP_S, shard=_shard(SHARD_SAMPLES)) as url:
         yield url
+
+
+SHARD_SAMPLES = 8
+
+
+def _shard(samples: int) -> bytes:
+    """A WebDataset tar of `samples` distinct pictures with captions."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for i in range(samples):
+            for ext, payload in (("png", bad_inputs.rgb_png((i * 30, 90, 40))), ("txt", f"picture {i}".encode())):
+                info = tarfile.TarInfo(f"sample-{i:03d}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    return buffer.getvalue()
 
 
 def test_a_device_row_is_quarantined_unread(tmp_path: Path) -> None:
@@ -202,3 +222,16 @@ def test_a_manifest_cap_that_is_not_positive_is_one_clear_line(tmp_path: Path) -
     done = subprocess.run(command, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert done.stderr.strip() == "clipflow: error: data.max_manifest_bytes must be positive, got 0"
+
+
+def test_an_s3_shard_whose_connection_drops_keeps_what_arrived_and_quarantines_the_rest(hostile, tmp_path):
+    """The endpoint promises the whole tar and sends half: the samples before the cut are kept, the shard's
+    remainder is one quarantine row with the reason, and the step ends well."""
+    s3 = {"AWS_ENDPOINT_URL": hostile, "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}
+    s3["AWS_DEFAULT_REGION"] = "us-east-1"
+    run = _ingest(f"s3:/{bad_inputs.DROPPED_SHARD}", tmp_path / "out", env=s3)
+    reasons = _quarantined(run, tmp_path / "out")
+    kept = len(pd.read_parquet(tmp_path / "out" / "metadata.parquet"))
+    assert 0 < kept < SHARD_SAMPLES
+    [reason] = reasons.values()
+    assert reason.startswith(f"unreadable tar: S3 unreachable reading s3:/{bad_inputs.DROPPED_SHARD}: "), reason

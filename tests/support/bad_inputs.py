@@ -116,9 +116,13 @@ ENDLESS = {
 }
 
 
+DROPPED_SHARD = "/shards/dropped.tar"
+
+
 class _Hostile(BaseHTTPRequestHandler):
     image = b""
     gap_s = 2.0
+    shard = b""
 
     def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
         path = self.path.split("?")[0]
@@ -131,6 +135,12 @@ class _Hostile(BaseHTTPRequestHandler):
                 for i in range(len(self.image)):
                     self.wfile.write(self.image[i : i + 1])
                     time.sleep(self.gap_s)
+            elif path == DROPPED_SHARD:
+                # An S3 object whose connection drops halfway: the length promised, half of it sent.
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(self.shard)))
+                self.end_headers()
+                self.wfile.write(self.shard[: len(self.shard) // 2])
             elif path in ENDLESS:
                 head, filler = ENDLESS[path]
                 self.send_response(200)
@@ -146,9 +156,12 @@ class _Hostile(BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def hostile_http_server(image: bytes, gap_s: float = 2.0) -> Iterator[str]:
-    """`/trickle.png`: `image` one byte every `gap_s`; `/endless.png` and `/endless.csv`: bodies without end."""
-    handler = type("Hostile", (_Hostile,), {"image": image, "gap_s": gap_s})
+def hostile_http_server(image: bytes, gap_s: float = 2.0, shard: bytes = b"") -> Iterator[str]:
+    """`/trickle.png`: `image` one byte every `gap_s`; `/endless.png` and `/endless.csv`: bodies without end.
+
+    As an S3 endpoint, `s3:/` + DROPPED_SHARD is `shard` whose connection drops halfway through.
+    """
+    handler = type("Hostile", (_Hostile,), {"image": image, "gap_s": gap_s, "shard": shard})
     with local_http_server(handler) as url:
         yield url
 

@@ -259,7 +259,7 @@ def _shard_rows(source: str, limits: FetchLimits) -> Iterator[SourceRow]:
     counter = iter(range(sys.maxsize))
     for shard in shards:
         try:
-            with open_stream(shard) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            with open_stream(shard, limits.timeout_s) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
                 yield from _tar_samples(tar, shard, counter, limits)
         except (tarfile.TarError, FetchError) as exc:
             yield SourceRow(next(counter), sample_key(f"{shard}#error"), shard, reject=f"unreadable tar: {exc}")
