@@ -44,6 +44,7 @@ def params(small_params: Params) -> Params:
 def web():
     files = {"/red.png": bad_inputs.rgb_png((220, 20, 20)), "/slow.png": bad_inputs.rgb_png((1, 2, 3))}
     files["/flaky.png"] = bad_inputs.rgb_png((20, 200, 20))
+    files["/slow/stalled.png"] = bad_inputs.rgb_png((9, 90, 9))  # bucket `slow` of an S3 endpoint that stalls
     with bad_inputs.http_server(files, slow_delay_s=HTTP_TIMEOUT_S * 6) as url:
         yield url
 
@@ -394,3 +395,18 @@ def test_a_jsonl_manifest_with_a_byte_order_mark_and_an_overlong_line(
     assert summary.kept == 2 and sorted(reasons.index) == [1, 3]
     assert reasons[1] == "row is longer than 200 characters"
     assert reasons[3].startswith("line is not valid JSON")
+
+
+def test_an_s3_source_that_stalls_is_cut_off_at_the_fetch_timeout(
+    web: str, params: Params, tmp_path: Path, monkeypatch
+) -> None:
+    """An S3 endpoint that answers after 6x data.http_timeout_s: botocore alone would wait 60 s a read."""
+    for key, value in {"AWS_ENDPOINT_URL": web, "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    rows = [*_good_rows(tmp_path, 2), {"image": "s3://slow/stalled.png", "caption": "an image that never comes"}]
+    pd.DataFrame(rows).to_csv(tmp_path / "manifest.csv", index=False)
+    summary = ingest(str(tmp_path / "manifest.csv"), tmp_path / "out", params.data, params.validate)
+    quarantine = _reconciles(summary, tmp_path / "out")
+    assert quarantine["row"].tolist() == [2]
+    assert quarantine["reason"][0].startswith("S3 unreachable reading s3://slow/stalled.png: Read timeout")
