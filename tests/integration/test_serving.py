@@ -575,3 +575,40 @@ def test_a_bad_request_fails_alone_and_not_the_batch_it_arrives_with(server):
     answers = _concurrently(good + bad + files)
     assert [a.status_code for a in answers] == [200] * 8 + [400, 400]
     assert "images[1] could not be decoded" in answers[-1].text
+
+
+def test_the_served_model_answers_as_evaluation_computes(server, packaged):
+    """What a client gets for the test split's images is what `clipflow evaluate` computes for them:
+    the same image and caption embeddings, and classify's top label is evaluation's zero-shot prediction."""
+    import torch
+
+    from clipflow import model as clip_model
+    from clipflow.evaluate.embeddings import SplitEmbeddings
+    from clipflow.params import load_params
+
+    templates = load_params(REPO / "params.yaml", profile="test").evaluate.templates
+    clip = clip_model.load(clip_model.resolve_checkpoint(packaged["tmp"] / "checkpoint"))
+    clip.model.eval()
+    pairs, evaluated = SplitEmbeddings(clip, packaged["tmp"] / "data", batch_size=64)("test")
+    shown = range(MAX_BATCH)
+    images = [("images", (f"{i}.png", pairs.index.read(i, "png"), "image/png")) for i in shown]
+    served = torch.tensor(httpx.post(f"{server}/encode_image", files=images, timeout=60).json())
+    assert (served * evaluated[: len(shown)]).sum(dim=1).min() > 0.9999
+
+    captions = [pairs.caption(i) for i in shown]
+    served_texts = torch.tensor(httpx.post(f"{server}/encode_text", json={"texts": captions}, timeout=60).json())
+    assert (served_texts * clip.encode_text(captions)).sum(dim=1).min() > 0.9999
+
+    labels = sorted({pairs.meta(i)["label"] for i in range(len(pairs))})[:MAX_LABELS]
+    classes = clip.encode_labels(labels, templates)
+    for i in shown:
+        expected = (clip.model.logit_scale.exp() * evaluated[i] @ classes.T).softmax(dim=-1)
+        response = httpx.post(
+            f"{server}/classify",
+            files={"image": ("i.png", pairs.index.read(i, "png"), "image/png")},
+            data={"labels": json.dumps(labels)},
+            timeout=60,
+        )
+        answered = {item["label"]: item["probability"] for item in response.json()}
+        assert response.json()[0]["label"] == labels[int(expected.argmax())]
+        assert [answered[label] for label in labels] == pytest.approx(expected.tolist(), abs=1e-4)
