@@ -39,6 +39,7 @@ from tests.support.serving_fixtures import (
     MAX_LABELS,
     MAX_REQUEST_BYTES,
     MAX_TEXT_CHARS,
+    MAX_TEXTS,
     METRICS,
     SERVING,
     serve_bento,
@@ -370,6 +371,7 @@ BAD_REQUESTS = {
     "no-labels": (*_upload("classify", "image", [RED], labels=[]), 400, "labels must not be empty"),
     "10000-labels": (*_upload("classify", "image", [RED], labels=["x"] * 10_000), 400, "10000 given, at most 8"),
     "1MB-text": ("encode_text", {"json": {"texts": ["x" * 999_000]}}, 400, f"at most {MAX_TEXT_CHARS}"),
+    "too-many-texts": ("encode_text", {"json": {"texts": ["a"] * (MAX_TEXTS + 1)}}, 400, f"at most {MAX_TEXTS}"),
     "template-without-braces": (
         *_upload("classify", "image", [RED], labels=["a"], templates=["a photo"]),
         400,

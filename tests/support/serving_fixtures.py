@@ -19,6 +19,7 @@ MAX_LABELS = 8
 MAX_IMAGE_PIXELS = 128 * 128
 MAX_IMAGE_BYTES = 60_000
 MAX_TEXT_CHARS = 200
+MAX_TEXTS = 64
 MAX_BATCH = 4
 MAX_K = 20
 MAX_PROMPTS = 12
@@ -52,6 +53,7 @@ def packaged(tmp_path_factory, small_params):
             f"serve.max_image_pixels={MAX_IMAGE_PIXELS}",
             f"serve.max_image_bytes={MAX_IMAGE_BYTES}",
             f"serve.max_text_chars={MAX_TEXT_CHARS}",
+            f"serve.max_texts={MAX_TEXTS}",
             f"serve.max_batch={MAX_BATCH}",
             f"serve.max_k={MAX_K}",
             f"serve.max_prompts={MAX_PROMPTS}",
