@@ -195,3 +195,32 @@ def test_two_nodes_rendezvous_and_match_one_node_with_as_many_processes(workdir,
     leader = json.loads((workdir / "two-nodes" / "train.json").read_text())
     _assert_same_weights(Path(leader["checkpoint"]), Path(reference["checkpoint"]))
     assert _history(workdir, leader["mlflow_run_id"]) == {key: list(range(1, STEPS + 1)) for key in METRICS}
+
+
+def test_a_trainjob_node_trains_from_s3_and_uploads_the_same_model(workdir, reference, tmp_path):
+    """The TrainJob's own command on one node of 2 processes: the node copies the data from S3, trains
+    with its checkpoints in S3, and uploads the model, which is the uninterrupted local run's, bit for bit."""
+    from clipflow.params import load_params
+    from clipflow.storage import download_tree, upload_tree
+    from clipflow.train import trainjob
+
+    overrides = [*SETTINGS, "train.nproc=2", "cluster.launcher=trainjob", "cluster.scratch_uri=s3://scratch/runs"]
+    params = load_params(workdir / "params.yaml", overrides, profile="test")
+    with seaweedfs(tmp_path / "s3") as s3, pytest.MonkeyPatch.context() as patch:
+        for key, value in s3.env.items():
+            patch.setenv(key, value)
+        for bucket in ("data", "scratch"):
+            s3.client().create_bucket(Bucket=bucket)
+        upload_tree(workdir / "data", "s3://data/v1")
+        job = trainjob.job_spec(params, "clipflow-train-test", "s3://data/v1", None, "v1")
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1"]
+        command += ["--nproc-per-node", "2", "-m", "clipflow.train.node"]
+        node_env = {trainjob.JOB_ENV: json.dumps(job.to_dict()), "CLIPFLOW_WORKDIR": str(tmp_path / "node")}
+        with process_group(
+            command, env={**os.environ, **node_env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        ) as node:
+            _, stderr = node.communicate(timeout=900)
+        assert node.returncode == 0, stderr[-4000:]
+        assert CheckpointStore(job.params.checkpoint_dir).latest().step == STEPS
+        download_tree(job.output_uri, tmp_path / "uploaded")
+    _assert_same_weights(tmp_path / "uploaded" / "checkpoint.pt", Path(reference["checkpoint"]))
