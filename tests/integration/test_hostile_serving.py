@@ -396,28 +396,36 @@ def test_a_client_error_is_logged_in_one_line_without_a_traceback(server):
     before = server.log.read_text()
     response = httpx.post(f"{server.url}/encode_image", files=[("images", ("x.png", b"not an image"))], timeout=30)
     assert response.status_code == 400
-    time.sleep(0.5)  # the log is written by the worker process
+    line = "POST /encode_image answered 400: images[0] could not be decoded"
+    # The worker process writes the log: wait for its line (and whatever came with it).
+    _until(lambda: line in server.log.read_text()[len(before) :], "the 400 to be logged")
     added = server.log.read_text()[len(before) :]
     assert "Traceback" not in added and "ERROR" not in added
-    assert "POST /encode_image answered 400: images[0] could not be decoded" in added
 
 
 def test_a_client_that_hangs_up_mid_upload_is_not_a_server_error(server):
-    def server_errors() -> float:
+    def answered(status_class: str) -> float:
         text = httpx.get(f"{server.url}/metrics", timeout=30).text
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if _is_request_count(line, "5"))
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if _is_request_count(line, status_class))
 
-    before = server_errors()
+    server_errors, client_errors = answered("5"), answered("4")
     port = int(server.url.rsplit(":", 1)[1])
     body = b'--x\r\nContent-Disposition: form-data; name="images"; filename="a.png"\r\n\r\n' + RED[:30]
     head = b"POST /encode_image HTTP/1.1\r\nHost: t\r\nContent-Type: multipart/form-data; boundary=x\r\n"
     for _ in range(3):
         with socket.create_connection(("127.0.0.1", port)) as connection:
             connection.sendall(head + b"Content-Length: 100000\r\n\r\n" + body)
-            time.sleep(0.2)
-    time.sleep(1)
-    assert server_errors() == before
+            time.sleep(0.2)  # the client's pace: part of the body is read before it hangs up
+    _until(lambda: answered("4") >= client_errors + 3, "the three hung-up uploads to be counted")
+    assert answered("5") == server_errors
     _assert_classifies(server)
+
+
+def _until(condition, what: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {timeout_s} s for {what}"
+        time.sleep(0.05)
 
 
 def _is_request_count(line: str, status_class: str) -> bool:
