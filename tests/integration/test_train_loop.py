@@ -111,17 +111,24 @@ def s3(tmp_path_factory):
         yield server
 
 
+def _resumable(step: int) -> dict:
+    """A state with every part a resumed run reads (`load_state` refuses less), its weights telling the steps apart."""
+    weights = {"w": torch.full((3,), float(step))}
+    optimizer = {"state": {}, "param_groups": []}
+    return {"step": step, "state_dict": weights, "optimizer": optimizer, "scheduler": {}, "rng": [], "clipflow": {}}
+
+
 def test_checkpoint_store_on_s3_points_at_the_newest_and_prunes(s3, monkeypatch):
     for key, value in s3.env.items():
         monkeypatch.setenv(key, value)
     store = CheckpointStore("s3://ckpt/run-a")
     assert store.latest() is None
     for step in (2, 4, 6):
-        store.save(step, {"step": step, "weights": torch.full((3,), float(step))}, run_id="r1")
+        store.save(step, _resumable(step), run_id="r1")
     store.prune(keep=2)
     latest = store.latest()
     assert (latest.location, latest.step, latest.run_id) == ("s3://ckpt/run-a/step-000006.pt", 6, "r1")
-    assert torch.equal(load_state(latest.location)["weights"], torch.full((3,), 6.0))
+    assert torch.equal(load_state(latest.location)["state_dict"]["w"], torch.full((3,), 6.0))
     keys = sorted(obj["Key"] for obj in s3.client().list_objects_v2(Bucket="ckpt")["Contents"])
     assert keys == ["run-a/latest", "run-a/step-000004.pt", "run-a/step-000006.pt"]
 
@@ -130,11 +137,11 @@ def test_checkpoint_store_in_a_folder_points_at_the_newest_and_prunes(tmp_path):
     store = CheckpointStore(tmp_path / "run-a")
     assert store.latest() is None
     for step in (2, 4, 6):
-        store.save(step, {"step": step, "weights": torch.full((3,), float(step))}, run_id="r1")
+        store.save(step, _resumable(step), run_id="r1")
     store.prune(keep=2)
     latest = store.latest()
     assert (latest.location, latest.step, latest.run_id) == (f"{tmp_path}/run-a/step-000006.pt", 6, "r1")
-    assert torch.equal(load_state(latest.location)["weights"], torch.full((3,), 6.0))
+    assert torch.equal(load_state(latest.location)["state_dict"]["w"], torch.full((3,), 6.0))
     # No temporary file left behind, and readable by the other nodes' users.
     files = sorted((tmp_path / "run-a").iterdir())
     assert [path.name for path in files] == ["latest", "step-000004.pt", "step-000006.pt"]
