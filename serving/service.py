@@ -38,8 +38,9 @@ Batched inputs are checked and decoded while the request is parsed, in a worker 
 input fails its own request only, never a batch it would have joined; a request that would wait
 more than `serve.batch_max_latency_ms` behind those queued answers 503 with `Retry-After` when it
 arrives. The other model endpoints run one call per core; past those and `serve.max_waiting`
-waiting ones, a request answers 503 with `Retry-After` before its body is read. Images are decoded to near the model's input size (`clipflow.images`, as ingest
-decodes them), within `serve.max_request_pixels` for all the images of one request.
+waiting ones, a request answers 503 with `Retry-After` before its body is read. Images are
+decoded to near the model's input size (`clipflow.images`, as ingest decodes them), within
+`serve.max_request_pixels` for all the images of one request.
 
 Every embedding is L2-normalised, so a dot product is a cosine. Labels are words ("red circle");
 `classify` turns each into a prompt ensemble (by default `evaluate.templates`), so served
