@@ -366,7 +366,9 @@ def test_a_flood_is_shed_on_arrival_with_retry_after_and_the_rest_is_answered(se
     for response, _ in shed:
         assert int(response.headers["retry-after"]) >= 1
         message = response.json()["error"]
-        assert re.search(rf"busy: this request's {serve.max_texts} items would wait about [\d.]+ s", message)
+        # Refused on arrival, or dropped unstarted at the max latency when the estimate was low.
+        refused = rf"busy: this request's {serve.max_texts} items (would wait about [\d.]+ s|waited serve\.batch)"
+        assert re.search(refused, message), message
     assert watch.slowest_livez_s < LIVEZ_S
     _assert_classifies(server)
 

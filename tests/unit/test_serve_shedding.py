@@ -75,6 +75,33 @@ def test_the_rest_of_a_request_split_over_batches_is_never_cancelled_for_waiting
     assert seconds > 0.2  # it did wait past the max latency, and was answered
 
 
+def test_a_request_dropped_unstarted_at_the_max_latency_is_refused_with_a_retry_time():
+    """Before any batch is timed nothing is refused on arrival; one that then waits past the latency says so."""
+
+    async def scenario() -> tuple[Overloaded, list[Overloaded], list]:
+        computed: list[str] = []
+
+        async def model(batch):
+            await asyncio.sleep(0.3)
+            computed.extend(item for part in batch for item in part)
+            return batch
+
+        call = _dispatcher(max_latency_ms=100, lanes=1)(model)
+        busy = asyncio.ensure_future(call(list("ab")))  # holds the one lane for 0.3 s
+        await asyncio.sleep(0.02)
+        refusals: list[Overloaded] = []
+        SHED.set(refusals)
+        with pytest.raises(Overloaded) as raised:
+            await call(list("cd"))
+        await busy
+        return raised.value, refusals, computed
+
+    refusal, noted, computed = asyncio.run(scenario())
+    assert noted == [refusal] and refusal.retry_after_s >= 1
+    assert "request's 2 items waited serve.batch_max_latency_ms = 100 without reaching the model" in refusal.message
+    assert computed == ["a", "b"]  # no work was done for it
+
+
 def test_unbatched_calls_past_those_allowed_in_are_refused_unread_and_admitted_again_after():
     from clipflow.serve.http import AdmissionMiddleware
 

@@ -56,24 +56,6 @@ def test_a_request_that_waited_for_a_busy_model_is_batched_with_those_that_arriv
     assert asyncio.run(scenario()) == [["a"], ["b", "c", "d", "e"]]
 
 
-def test_a_request_queued_longer_than_the_max_latency_is_shed():
-    async def scenario() -> list:
-        release = asyncio.Event()
-
-        async def model(batch):
-            await release.wait()
-            return batch
-
-        call = _dispatcher(300, linger=0.0)(model)
-        first = asyncio.ensure_future(call("a"))
-        await asyncio.sleep(0.05)
-        shed = await call("b")  # queued behind "a", which holds the model until released
-        release.set()
-        return [await first, shed]
-
-    assert asyncio.run(scenario()) == ["a", "shed"]
-
-
 def test_each_lane_takes_a_full_batch_while_the_others_compute():
     async def scenario() -> tuple[list[list[str]], int]:
         batches: list[list[str]] = []

@@ -41,13 +41,28 @@ SHED: ContextVar[list[Overloaded] | None] = ContextVar("clipflow_shed", default=
 
 
 class Overloaded(ServiceUnavailable):
-    """A request refused on arrival: its items would wait `wait_s` for the model, past the max latency."""
+    """A request refused for the load, with the seconds after which a retry would be served."""
 
-    def __init__(self, items: int, wait_s: float, max_latency_s: float, retry_after_s: int) -> None:
+    def __init__(self, message: str, retry_after_s: int) -> None:
         self.retry_after_s = retry_after_s
-        super().__init__(
-            f"the server is busy: this request's {items} items would wait about {wait_s:.1f} s for the model, "
-            f"more than serve.batch_max_latency_ms = {max_latency_s * 1000:.0f}; retry after {retry_after_s} s"
+        super().__init__(f"the server is busy: {message}; retry after {retry_after_s} s")
+
+    @classmethod
+    def on_arrival(cls, items: int, wait_s: float, max_latency_s: float, retry_after_s: int) -> Overloaded:
+        """Its items would wait `wait_s` for the model, past the max latency."""
+        return cls(
+            f"this request's {items} items would wait about {wait_s:.1f} s for the model, "
+            f"more than serve.batch_max_latency_ms = {max_latency_s * 1000:.0f}",
+            retry_after_s,
+        )
+
+    @classmethod
+    def after_waiting(cls, items: int, max_latency_s: float, retry_after_s: int) -> Overloaded:
+        """It waited the max latency and none of its items reached the model: the estimate was low."""
+        return cls(
+            f"this request's {items} items waited serve.batch_max_latency_ms = {max_latency_s * 1000:.0f} "
+            "without reaching the model",
+            retry_after_s,
         )
 
 
@@ -61,8 +76,8 @@ class FillingDispatcher(CorkDispatcher):
     Each batch's seconds per item feed a moving average, the expected wait of a new request is
     the queued items and its own over the lanes at that rate, and a request that would wait
     longer than the max latency is refused with `Overloaded`. One still queued that long with
-    none of its items sent (the estimate was low) is cancelled, which BentoML answers with 503;
-    once a request's first items are computed, the rest is never cancelled.
+    none of its items sent (the estimate was low) is dropped and refused the same way, with its own
+    message; once a request's first items are computed, the rest is never dropped.
     """
 
     # Requests that answer a batch arrive a few milliseconds apart; a gap of two polls means the
@@ -93,13 +108,26 @@ class FillingDispatcher(CorkDispatcher):
         items = self.get_batch_size(data)
         wait = self.expected_wait(items)
         if wait > self.max_latency:
-            # Once the queue ahead of it has drained, it would be next.
-            refusal = Overloaded(items, wait, self.max_latency, max(1, math.ceil(self.expected_wait(0))))
-            notices = SHED.get()
-            if notices is not None:
-                notices.append(refusal)
-            raise refusal
-        return await super().inbound_call(data)
+            raise self._refuse(Overloaded.on_arrival(items, wait, self.max_latency, self._retry_after()))
+        try:
+            return await super().inbound_call(data)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the request itself is being cancelled: its client has gone
+            # The controller dropped it unstarted at the max latency.
+            raise self._refuse(Overloaded.after_waiting(items, self.max_latency, self._retry_after())) from None
+
+    def _retry_after(self) -> int:
+        """Once the queue ahead has drained, a request would be next."""
+        return max(1, math.ceil(self.expected_wait(0)))
+
+    @staticmethod
+    def _refuse(refusal: Overloaded) -> Overloaded:
+        notices = SHED.get()
+        if notices is not None:
+            notices.append(refusal)
+        return refusal
 
     async def controller(self) -> None:
         while True:
