@@ -309,6 +309,4 @@ Clipflow.add_asgi_middleware(RequestGateMiddleware, max_bytes=ARGS.max_request_b
 Clipflow.add_asgi_middleware(ShedMiddleware)
 # The model endpoints that are not batched: BentoML runs `threads` of them at once and queues the rest.
 UNBATCHED = frozenset({"/classify", "/rank", "/rank_texts", "/search", "/search_image"})
-Clipflow.add_asgi_middleware(
-    AdmissionMiddleware, paths=UNBATCHED, max_in_flight=usable_cores() + ARGS.max_waiting, workers=usable_cores()
-)
+Clipflow.add_asgi_middleware(AdmissionMiddleware, paths=UNBATCHED, workers=usable_cores(), max_waiting=ARGS.max_waiting)

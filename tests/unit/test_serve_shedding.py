@@ -114,7 +114,7 @@ def test_unbatched_calls_past_those_allowed_in_are_refused_unread_and_admitted_a
             await send({"type": "http.response.start", "status": 200, "headers": []})
             await send({"type": "http.response.body", "body": b"{}"})
 
-        gate = AdmissionMiddleware(model_endpoint, frozenset({"/classify"}), max_in_flight=2, workers=1)
+        gate = AdmissionMiddleware(model_endpoint, frozenset({"/classify"}), workers=1, max_waiting=1)
 
         async def call(path: str) -> list[dict]:
             sent: list[dict] = []

@@ -199,7 +199,7 @@ class RequestGateMiddleware:
 
 
 class AdmissionMiddleware:
-    """Refuse on arrival a request to an unbatched model endpoint when `max_in_flight` are already in.
+    """Refuse on arrival a request to an unbatched model endpoint when `workers + max_waiting` are already in.
 
     The batched endpoints shed in their dispatcher; classify, rank and search run in BentoML's
     thread pool, where a flood would only queue, each request waiting longer than the last. Past
@@ -210,9 +210,10 @@ class AdmissionMiddleware:
     # Weight of the newest request's seconds in the moving average of how long one takes.
     PACE_WEIGHT = 0.2
 
-    def __init__(self, app: ASGIApp, paths: frozenset[str], max_in_flight: int, workers: int) -> None:
+    def __init__(self, app: ASGIApp, paths: frozenset[str], workers: int, max_waiting: int) -> None:
         self.app = app
-        self.paths, self.max_in_flight, self.workers = paths, max_in_flight, workers
+        self.paths, self.workers = paths, workers
+        self.max_in_flight = workers + max_waiting  # running, one per worker thread, and waiting
         self.in_flight = 0
         self.seconds_each = 0.0
 
