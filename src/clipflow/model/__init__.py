@@ -75,12 +75,14 @@ class ClipModel:
     tokenizer: Callable
 
     def encode_text(self, texts: list[str]) -> torch.Tensor:
-        """L2-normalised text embeddings, (N, D) float32."""
+        """L2-normalised text embeddings, (N, D) float32, run on the batch's longest prompt where exact."""
         import torch
+
+        from clipflow.model.text_length import encode_tokens
 
         tokens = self.tokenizer(texts)
         with torch.no_grad():
-            return torch.nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1)
+            return torch.nn.functional.normalize(encode_tokens(self.model, tokens).float(), dim=-1)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised image embeddings of preprocessed images (N, 3, H, W), (N, D) float32."""
