@@ -5,9 +5,11 @@
 Renders the images once (128 px built-in scenes saved as PNG, each distinct), writes one
 manifest per size, then runs `clipflow.data.ingest.ingest` for each size in a fresh process
 with params.yaml's `data.workers`, so each case's peak memory is its own. Peak memory is the
-resident set of the main process, of the largest worker (`getrusage`; a forked worker starts
-with its parent's pages) and of the whole process tree, sampled every 0.1 s; streaming in chunks
-of `data.shard_size` rows should keep both flat as the manifest grows tenfold.
+main process's resident set (`getrusage`), the largest worker's own memory (its unique set
+size: pages no other process maps, so not the parent's pages a forked worker starts with) and
+the whole process tree's proportional set size (shared pages split among the processes that map
+them, so none counts twice), the last two sampled every 0.1 s; streaming in chunks of
+`data.shard_size` rows should keep all three flat as the manifest grows tenfold.
 Writes benchmarks/results/bench_ingest.json.
 """
 
@@ -23,6 +25,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 from common import case, run_child, write_results
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,16 +73,18 @@ def run_case(manifest: Path, output: Path) -> dict:
     from clipflow.params import load_params
 
     params = load_params(REPO / "params.yaml")
-    peak = {"total_mb": 0.0}
+    peak = {"total_mb": 0.0, "worker_mb": 0.0}
     running = threading.Event()
     running.set()
 
-    def sample_tree_rss() -> None:
+    def sample_memory() -> None:
         while running.is_set():
-            peak["total_mb"] = max(peak["total_mb"], _tree_rss_mb(os.getpid()))
+            total_mb, largest_worker_mb = _memory_mb(psutil.Process())
+            peak["total_mb"] = max(peak["total_mb"], total_mb)
+            peak["worker_mb"] = max(peak["worker_mb"], largest_worker_mb)
             time.sleep(0.1)
 
-    sampler = threading.Thread(target=sample_tree_rss, daemon=True)
+    sampler = threading.Thread(target=sample_memory, daemon=True)
     sampler.start()
     started = time.perf_counter()
     summary = ingest(str(manifest), output, params.data, params.validate)
@@ -93,23 +98,24 @@ def run_case(manifest: Path, output: Path) -> dict:
         "seconds": seconds,
         "images_per_s": summary.kept / seconds,
         "main_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * to_mb,
-        "worker_peak_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * to_mb,
+        "worker_peak_mb": peak["worker_mb"],
         "total_peak_mb": peak["total_mb"],
         "workers": params.data.workers,
     }
 
 
-def _tree_rss_mb(pid: int) -> float:
-    """Resident memory of a process and all its descendants, sampled now (shared pages count in each)."""
-    total = 0.0
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                total += int(line.split()[1]) / 1024
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except (FileNotFoundError, ProcessLookupError):
-        return total
-    return total + sum(_tree_rss_mb(int(child)) for child in children)
+def _memory_mb(main: psutil.Process) -> tuple[float, float]:
+    """The process tree's proportional set size and its largest worker's unique set size, now."""
+    total = largest_worker = 0.0
+    for process in [main, *main.children(recursive=True)]:
+        try:
+            memory = process.memory_full_info()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue  # a worker that exited between the listing and the read
+        total += memory.pss / 2**20
+        if process.pid != main.pid:
+            largest_worker = max(largest_worker, memory.uss / 2**20)
+    return total, largest_worker
 
 
 def main() -> None:

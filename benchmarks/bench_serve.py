@@ -245,7 +245,7 @@ def served(
     bento_tag: str, tmp: Path, png: bytes, clients: int, seconds: float, ceilings: dict[str, Ceiling] | None = None
 ) -> dict[str, dict]:
     """Load on each endpoint of the served Bento, its rounds paired with `ceilings` when given."""
-    from tests.conftest import free_port
+    from tests.support.servers import free_port
 
     port = free_port()
     process = serve(bento_tag, port, tmp / f"serve-{port}.log")

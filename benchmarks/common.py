@@ -20,17 +20,34 @@ import psutil
 RESULTS = Path(__file__).parent / "results"
 
 
-def machine() -> str:
-    """Cores, CPU model, memory and GPU, as the results files describe the machine."""
+# The instruction-set extensions that decide which kernels torch and numpy pick on a CPU.
+SPEED_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_bf16", "amx_tile")
+
+
+def machine() -> dict[str, Any]:
+    """Cores, CPU model and its speed-relevant flags, memory, GPU and torch, as results files record them."""
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo if "model name" in line), platform.machine())
+
+    def first(field: str) -> str:
+        return next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith(field)), "")
+
+    flags = set(first("flags").split())
     try:
         import torch
 
         gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+        torch_version = torch.__version__
     except ImportError:
-        gpu = "no GPU"
-    return f"{psutil.cpu_count()} cores, {model}, {psutil.virtual_memory().total / 2**30:.0f} GiB, {gpu}"
+        gpu, torch_version = "no GPU", None
+    return {
+        "cores": psutil.cpu_count(),
+        "cpu": first("model name") or platform.machine(),
+        "cpu_flags": [flag for flag in SPEED_FLAGS if flag in flags],
+        "memory_gib": round(psutil.virtual_memory().total / 2**30),
+        "gpu": gpu,
+        "torch": torch_version,
+        "python": platform.python_version(),
+    }
 
 
 def resident_bytes() -> int:

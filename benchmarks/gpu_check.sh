@@ -10,7 +10,7 @@
 # Usage: bash benchmarks/gpu_check.sh   (from the repository root, in the project's environment)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD/src:$PWD:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
 export MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true
 OUT_JSON="${GPU_CHECK_OUT:-benchmarks/results/gpu_check.json}"
 WORK="$(mktemp -d)"
@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+from common import machine
 
 from clipflow import model as clip_model
 from clipflow.params import load_params
@@ -103,9 +105,9 @@ rates = [m.value for m in mlflow.MlflowClient().get_metric_history(run_id, "samp
 end_to_end = {"steps": 40, "batch": batch, "data_workers": 10, "wall_s": round(wall, 1),
               "samples_per_s": round(sum(rates) / len(rates), 1) if rates else None}
 
-result = {"check": "gpu_check", "date": time.strftime("%Y-%m-%d"), "device": name,
+result = {"check": "gpu_check", "date": time.strftime("%Y-%m-%d"), "machine": machine(),
           "model": "ViT-B-32", "precision": "bf16 autocast", "loss": "tiled",
-          "torch": torch.__version__, "step": step_results, "end_to_end": end_to_end}
+          "step": step_results, "end_to_end": end_to_end}
 out_json.parent.mkdir(parents=True, exist_ok=True)
 out_json.write_text(json.dumps(result, indent=2) + "\n")
 print(json.dumps(result, indent=2))

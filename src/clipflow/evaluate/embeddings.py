@@ -12,7 +12,7 @@ from clipflow.model import ClipModel
 
 # Unit vectors that all lie this close to their mean are one point: every similarity ties, and a
 # recall or accuracy of them measures how ties are broken (a zeroed model scored perfect recall
-# while ties counted for the pair). A dozen steps of training spread image embeddings 700 times wider.
+# while ties counted for the pair). A trained model's image embeddings spread far wider than this.
 COLLAPSED_SPREAD = 1e-4
 
 

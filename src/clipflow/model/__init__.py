@@ -33,8 +33,8 @@ CHECKPOINT_FILE = "checkpoint.pt"
 # keeps every word it has ever seen, which random words grow without bound in a server.
 TOKENIZER_CACHE_WORDS = 100_000
 # Longer words are cut to this many UTF-8 bytes before BPE, whose cost grows with the square of
-# a word's length (5 ms at 128 letters, 136 ms at 1,000). No English word comes near it; a run of
-# CJK text without spaces is one word, whose first 42 characters already make about 75 tokens.
+# a word's length. No English word comes near it; a run of CJK text without spaces is one word,
+# whose first 42 characters already make about 75 tokens.
 MAX_WORD_BYTES = 128
 _registered = False
 

@@ -84,8 +84,7 @@ class FillingDispatcher(CorkDispatcher):
     # rest are not coming soon. A lone request on an idle model waits this long.
     LINGER = 0.02
     # BentoML polls every millisecond by default while a batch runs and requests wait; every poll
-    # takes the GIL from the lanes' forward passes. At 10 ms a ViT-B-32 text batch of 8 took 395 ms
-    # in the server against 503 ms at 1 ms.
+    # takes the GIL from the lanes' forward passes, which a slower poll leaves to them.
     TICKET_INTERVAL = 0.01
     # Weight of the latest batch in the moving average of seconds per item.
     RATE_WEIGHT = 0.2

@@ -84,5 +84,5 @@ def train(job: WorkerJob, data_dir: Path, output_dir: Path) -> None:
 if __name__ == "__main__":
     main()
     # Nothing is left to free: the interpreter's teardown would still walk every object that
-    # torch and open_clip created, 1.6 s per process here; frozen objects are skipped.
+    # torch and open_clip created, which takes seconds; frozen objects are skipped.
     gc.freeze()
