@@ -29,6 +29,8 @@ PROFILE_ENV = "CLIPFLOW_PROFILE"
 
 # BentoML's rule for the name part of a tag.
 BENTO_NAME = re.compile(r"[a-z0-9](?:[a-z0-9._-]*[a-z0-9])?")
+# A DNS host name, as the host of a URL spells it (lowercase: URLs' hosts are compared lowercased).
+HOST_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*")
 
 # torchrun: on this machine (or each node); trainjob: a Kubeflow Trainer v2 TrainJob on the cluster.
 LAUNCHERS = ("torchrun", "trainjob")
@@ -222,9 +224,11 @@ class ServeParams:
     batch_max_size: int
     batch_max_latency_ms: int
     max_waiting: int
+    allow_image_urls: list[str]
 
     def check(self) -> None:
-        """Reject what BentoML would refuse only after the model is stored, or with a bare ValueError."""
+        """Reject what BentoML would refuse only after the model is stored, or with a bare ValueError,
+        and image URL hosts that are no bare host name."""
         if not BENTO_NAME.fullmatch(self.bento_name):
             raise ClipflowError(
                 f"serve.bento_name must be lowercase letters, digits, '.', '_' or '-', got {self.bento_name!r}"
@@ -244,6 +248,12 @@ class ServeParams:
             )
         if self.batch_max_size < 2:  # BentoML refuses a batch of one at import time
             raise ClipflowError(f"serve.batch_max_size must be at least 2, got {self.batch_max_size}")
+        for host in self.allow_image_urls:
+            if not (HOST_NAME.fullmatch(host) or _is_ip_address(host)):
+                raise ClipflowError(
+                    f"serve.allow_image_urls lists hosts, such as images.example.com, in lowercase, "
+                    f"without scheme, port or path; got {host!r}"
+                )
 
 
 @dataclass(frozen=True)
@@ -324,6 +334,14 @@ class Params:
         if self.cluster.launcher == "trainjob":
             world = self.cluster.nodes * self.procs_per_node()
             check_batch_split(self.train, world, f"the {world} training processes (cluster.nodes x processes per node)")
+
+
+def _is_ip_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _require_positive(section: str, values: Any, *names: str) -> None:

@@ -223,6 +223,9 @@ class FetchLimits:
     timeout_s: float
     retries: int
     name: str = "data.max_image_bytes"  # the parameter behind `max_bytes`, for the reasons that name it
+    # The only hosts an http(s) fetch may reach, each redirect's too, and then nothing but http(s);
+    # None: any source. For URLs a client names, which must not reach the server's own network.
+    hosts: frozenset[str] | None = None
 
     def pause_s(self, attempt: int) -> float:
         """The pause before attempt number `attempt` (the first retry is 1): backing off, at most 2 s."""
@@ -309,6 +312,8 @@ class _S3Stream:
 def _fetch_into(uri: str, limits: FetchLimits, sink: BinaryIO) -> None:
     deadline = time.monotonic() + limits.deadline_s
     scheme = urlparse(uri).scheme.lower()
+    if limits.hosts is not None and scheme not in {"http", "https"}:
+        raise FetchError(f"only http:// and https:// URLs may be fetched here, not {scheme or 'local'!r} ones")
     if scheme == "s3":
         _fetch_s3(uri, limits, sink, deadline)
     elif scheme in {"http", "https"}:
@@ -405,6 +410,11 @@ def _fetch_s3(uri: str, limits: FetchLimits, sink: BinaryIO, deadline: float) ->
             _drain(body.iter_chunks(_CHUNK), sink, limits, deadline, "S3 object")
 
 
+def _check_host(limits: FetchLimits, request) -> None:
+    if limits.hosts is not None and request.url.host not in limits.hosts:
+        raise FetchError(f"{request.url.host!r} is not a host that may be fetched from")
+
+
 def _fetch_http(url: str, limits: FetchLimits, sink: BinaryIO, deadline: float) -> None:
     import httpx
 
@@ -421,7 +431,12 @@ def _fetch_http(url: str, limits: FetchLimits, sink: BinaryIO, deadline: float) 
         sink.truncate()
         try:
             # httpx follows redirects only to http(s) URLs; a redirect loop ends after five hops.
-            client = httpx.Client(timeout=min(limits.timeout_s, remaining), follow_redirects=True, max_redirects=5)
+            client = httpx.Client(
+                timeout=min(limits.timeout_s, remaining),
+                follow_redirects=True,
+                max_redirects=5,
+                event_hooks={"request": [partial(_check_host, limits)]},  # called for every hop
+            )
             # identity: a compressed body could inflate a thousandfold between two checks of its size.
             with client, client.stream("GET", url, headers={"Accept-Encoding": "identity"}) as response:
                 if response.status_code >= 500:
@@ -440,6 +455,8 @@ def _fetch_http(url: str, limits: FetchLimits, sink: BinaryIO, deadline: float) 
             raise FetchError(f"too many redirects from {url}") from None
         except httpx.UnsupportedProtocol:
             raise FetchError(f"redirected to an unsupported scheme from {url}") from None
+        except httpx.InvalidURL as exc:  # no HTTPError: a port that is no number, say
+            raise FetchError(f"invalid URL {url[:200]}: {exc}") from None
         except httpx.HTTPError as exc:
             problem = f"{type(exc).__name__}: {exc}"
     raise FetchError(f"{problem} ({attempt} attempts) fetching {url}")

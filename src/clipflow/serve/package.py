@@ -2,8 +2,9 @@
 
 The checkpoint of the model (by default `models:/<promote.model_name>@champion`) goes into the
 BentoML model store as a model named `serve.bento_name`, with the `serve:` request limits, the
-evaluation templates, the source URI and what the registry knows of the version (its number,
-run, metrics and data version) as metadata. Given an ingested data directory, the model also
+hosts `/v1/embeddings` may fetch images from (`serve.allow_image_urls`), the evaluation
+templates, the source URI and what the registry knows of the version (its number, run, metrics
+and data version) as metadata. Given an ingested data directory, the model also
 carries a gallery index for `search`: the normalised embeddings of the `serve.gallery_split`
 images with their keys and captions (see `clipflow.serve.gallery`). Then `serving/service.py` and the
 `clipflow` package are built into a Bento whose arguments name that exact model tag, the
@@ -216,6 +217,7 @@ def _import_model(
         raise ClipflowError(f"{labels['model_uri']} holds a checkpoint that does not name its model config")
     metadata = {
         "limits": {key: getattr(params.serve, key) for key in LIMITS},
+        "allow_image_urls": list(params.serve.allow_image_urls),
         "templates": list(params.evaluate.templates),
         "model_config": config_name,
         "metrics": metrics,
