@@ -18,6 +18,14 @@ Bento keeps what it was built with.
     curl -s -X POST http://127.0.0.1:3000/search_image -F image=@shape.png -F k=5
     curl -s -X POST http://127.0.0.1:3000/gallery_image -H 'content-type: application/json' \
          -d '{"id": "test-000007"}' -o item.png
+    curl -s -X POST http://127.0.0.1:3000/v1/embeddings -H 'content-type: application/json' \
+         -d '{"model": "clipflow-clip", "input": ["a red circle"]}'
+
+OpenAI's client calls `/v1/embeddings` (texts, or images with `extra_body={"modality": "image"}`)
+and `/v1/models` (`clipflow.serve.openai_api`), which the native batched endpoints answer:
+
+    client = openai.OpenAI(base_url="http://127.0.0.1:3000/v1", api_key=os.environ.get("CLIPFLOW_API_KEY", "-"))
+    vectors = client.embeddings.create(model="clipflow-clip", input=["a red circle"])
 
 A browser at http://127.0.0.1:3000/ gets a page (`page.html`) that searches the gallery and
 classifies an uploaded image; BentoML's API docs move to /docs.
@@ -48,7 +56,8 @@ probabilities behave like the evaluated zero-shot accuracy. When the server's en
 `CLIPFLOW_API_KEY`, every endpoint but the probes, `/metrics` and the docs needs that key
 (`Authorization: Bearer <key>` or `X-API-Key: <key>`).
 
-Errors: 400 input outside a limit or undecodable (the message names the field and the limit),
+Errors (under `/v1/` in OpenAI's shape, with the same statuses): 400 input outside a limit or
+undecodable (the message names the field and the limit),
 401 a missing or wrong API key, 404 `search` on a Bento packaged without a gallery, 413 a body
 over `serve.max_request_bytes`, 415 a content type other than JSON or multipart, 422 a request
 that does not fit the endpoint's signature (see `clipflow.serve.http`), 503 with `Retry-After`
@@ -68,7 +77,7 @@ from bentoml.exceptions import NotFound
 from pydantic import AfterValidator, BaseModel
 
 from clipflow.model import image_side
-from clipflow.serve import bentoml_patches, encoder
+from clipflow.serve import bentoml_patches, encoder, openai_api
 from clipflow.serve.dispatch import FillingDispatcher
 from clipflow.serve.encoder import usable_cores
 from clipflow.serve.http import (
@@ -151,7 +160,7 @@ BATCHED = {
 bentoml_patches.install(
     functools.partial(FillingDispatcher, lanes=usable_cores()),
     serdes=(StrictJSONSerde, StrictMultipartSerde),
-    labelled_paths=OPEN_PATHS,
+    labelled_paths=OPEN_PATHS | openai_api.PATHS,
 )
 
 
@@ -159,6 +168,12 @@ bentoml_patches.install(
 def limits() -> Limits:
     """The request limits packaged with the model; read once per worker."""
     return Limits(**BENTO_MODEL.resolve().info.metadata["limits"])
+
+
+@functools.cache
+def served_model() -> openai_api.ServedModel:
+    """The model as `/v1/models` lists it and `/v1/embeddings` names it; read once per worker."""
+    return openai_api.served_model(BENTO_MODEL.resolve())
 
 
 @functools.cache
@@ -301,11 +316,21 @@ class Clipflow:
         ]
 
 
-# The first added runs first: the page and the probes pass, then a request without the key is
-# refused before anything else.
+# The first added runs first: every refusal under /v1/ is reshaped for OpenAI's clients, the page
+# and the probes pass, then a request without the key is refused before anything else, and an
+# OpenAI request passes the body gates before it is handed on to a native endpoint.
+Clipflow.add_asgi_middleware(openai_api.ErrorShapeMiddleware)
 Clipflow.add_asgi_middleware(PageMiddleware, page=PAGE)
 Clipflow.add_asgi_middleware(ApiKeyMiddleware)
 Clipflow.add_asgi_middleware(RequestGateMiddleware, max_bytes=ARGS.max_request_bytes)
+Clipflow.add_asgi_middleware(
+    openai_api.EmbeddingsMiddleware,
+    served=served_model,
+    limits=limits,
+    text_path="/encode_text",
+    image_path="/encode_image_base64",
+    max_fetch_bytes=ARGS.max_request_bytes,
+)
 Clipflow.add_asgi_middleware(ShedMiddleware)
 # The model endpoints that are not batched: BentoML runs `threads` of them at once and queues the rest.
 UNBATCHED = frozenset({"/classify", "/rank", "/rank_texts", "/search", "/search_image"})

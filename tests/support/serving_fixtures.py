@@ -25,6 +25,8 @@ MAX_K = 20
 MAX_PROMPTS = 12
 MAX_REQUEST_BYTES = 1_000_000
 API_KEY = "test-key-0123456789"
+# The one host /v1/embeddings may fetch image URLs from: the tests' own image server.
+IMAGE_URL_HOST = "127.0.0.1"
 # The service `package()` builds: the checkout's, as the CLI passes it.
 SERVING = REPO / "serving"
 METRICS = {"zeroshot_top1_heldout": 0.25, "retrieval_i2t_r1": 0.125}
@@ -58,6 +60,7 @@ def packaged(tmp_path_factory, small_params):
             f"serve.max_k={MAX_K}",
             f"serve.max_prompts={MAX_PROMPTS}",
             f"serve.max_request_bytes={MAX_REQUEST_BYTES}",
+            f"serve.allow_image_urls=[{IMAGE_URL_HOST}]",
         ],
         profile="test",
     )

@@ -127,7 +127,26 @@ def create(name: str, pretrained: str | None = None) -> ClipModel:
     model, preprocess_train, preprocess = open_clip.create_model_and_transforms(
         name, pretrained=pretrained, weights_only=True
     )
-    return ClipModel(name, model, preprocess_train, preprocess, bounded_tokenizer(open_clip.get_tokenizer(name)))
+    return ClipModel(name, model, preprocess_train, preprocess, tokenizer(name))
+
+
+def tokenizer(name: str) -> Callable:
+    """The tokenizer of the model config `name`, as `create` gives it with the model (see `bounded_tokenizer`)."""
+    import open_clip
+
+    register_configs()
+    return bounded_tokenizer(open_clip.get_tokenizer(name))
+
+
+def count_tokens(tokenize: Callable, texts: list[str]) -> list[int]:
+    """How many tokens of each text the model reads: its start and end tokens and the words between, at most
+    the context. open_clip's CLIP tokenizer ends every text with its end token; for other tokenizers, the ids
+    other than 0 (their padding) are counted."""
+    tokens = tokenize(texts)  # (N, context_length)
+    end = getattr(tokenize, "eot_token_id", None)
+    if end is None:
+        return (tokens != 0).sum(dim=1).tolist()
+    return ((tokens == end).int().argmax(dim=1) + 1).tolist()
 
 
 def image_side(name: str) -> int:
