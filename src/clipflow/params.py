@@ -38,6 +38,9 @@ LAUNCHERS = ("torchrun", "trainjob")
 # clip: open_clip's ClipLoss; tiled: the same loss in O(tile x batch) memory; siglip: the sigmoid loss, tiled.
 TRAIN_LOSSES = ("clip", "tiled", "siglip")
 
+# auto: bf16 on a GPU or a CPU with native bf16 arithmetic, else fp32 (`clipflow.model.precision`).
+SERVE_PRECISIONS = ("auto", "fp32", "bf16")
+
 
 @dataclass(frozen=True)
 class DataParams:
@@ -225,10 +228,13 @@ class ServeParams:
     batch_max_latency_ms: int
     max_waiting: int
     allow_image_urls: list[str]
+    precision: str
+    precision_min_cosine: float
+    precision_max_top1_drop: float
 
     def check(self) -> None:
         """Reject what BentoML would refuse only after the model is stored, or with a bare ValueError,
-        and image URL hosts that are no bare host name."""
+        image URL hosts that are no bare host name, and precision settings no check could pass or fail."""
         if not BENTO_NAME.fullmatch(self.bento_name):
             raise ClipflowError(
                 f"serve.bento_name must be lowercase letters, digits, '.', '_' or '-', got {self.bento_name!r}"
@@ -254,6 +260,16 @@ class ServeParams:
                     f"serve.allow_image_urls lists hosts, such as images.example.com, in lowercase, "
                     f"without scheme, port or path; got {host!r}"
                 )
+        if self.precision not in SERVE_PRECISIONS:
+            raise ClipflowError(f"serve.precision must be one of {', '.join(SERVE_PRECISIONS)}, got {self.precision!r}")
+        if not -1.0 <= self.precision_min_cosine <= 1.0:  # also false for NaN
+            raise ClipflowError(
+                f"serve.precision_min_cosine must be a cosine in [-1, 1], got {self.precision_min_cosine}"
+            )
+        if not 0.0 <= self.precision_max_top1_drop <= 1.0:
+            raise ClipflowError(
+                f"serve.precision_max_top1_drop must be a fraction in [0, 1], got {self.precision_max_top1_drop}"
+            )
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ rebuilt and traced.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import importlib.util
 import io
@@ -36,6 +37,9 @@ TOKENIZER_CACHE_WORDS = 100_000
 # a word's length. No English word comes near it; a run of CJK text without spaces is one word,
 # whose first 42 characters already make about 75 tokens.
 MAX_WORD_BYTES = 128
+# The precisions a model runs at, by the dtype of its weights and inputs (torch's, by name: torch
+# is imported where a model is built).
+PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 _registered = False
 
 
@@ -66,13 +70,14 @@ def model_config(name: str) -> dict[str, Any] | None:
 
 @dataclass
 class ClipModel:
-    """A model with the transforms and tokenizer that belong to it."""
+    """A model with the transforms and tokenizer that belong to it, at the precision its weights hold."""
 
     name: str
     model: torch.nn.Module
     preprocess_train: Callable
     preprocess: Callable
     tokenizer: Callable
+    precision: str = "fp32"  # "bf16": the weights are bfloat16 (see `at_precision`)
 
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         """L2-normalised text embeddings, (N, D) float32, run on the batch's longest prompt where exact."""
@@ -89,7 +94,34 @@ class ClipModel:
         import torch
 
         with torch.no_grad():
-            return torch.nn.functional.normalize(self.model.encode_image(images).float(), dim=-1)
+            features = self.model.encode_image(images.to(self.dtype))
+            return torch.nn.functional.normalize(features.float(), dim=-1)
+
+    def at_precision(self, precision: str) -> ClipModel:
+        """This model with its weights in `precision` ("fp32" or "bf16"): itself if they already are, else a copy.
+
+        Every weight and buffer is cast, not run under autocast (see `clipflow.model.precision`); the
+        scalars (the logit scale and bias) stay as they are: scores are multiplied by them, and bf16's
+        8-bit mantissa would move every served probability. Embeddings stay float32 for the callers.
+        """
+        import copy
+
+        if precision not in PRECISION_DTYPES:
+            raise ClipflowError(f"a model runs at {' or '.join(PRECISION_DTYPES)}, not {precision!r}")
+        if precision == self.precision:
+            return self
+        cast = dataclasses.replace(self, model=copy.deepcopy(self.model), precision=precision)
+        for tensor in (*cast.model.parameters(), *cast.model.buffers()):
+            if tensor.is_floating_point() and tensor.ndim:
+                tensor.data = tensor.data.to(cast.dtype)
+        return cast
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the weights, which inputs are cast to."""
+        import torch
+
+        return getattr(torch, PRECISION_DTYPES[self.precision])
 
     def encode_labels(self, labels: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
         """Zero-shot classifier weights for `labels`, (L, D): see `prompt_ensemble`."""

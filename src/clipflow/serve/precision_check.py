@@ -1,0 +1,127 @@
+"""The package step's check of bf16 serving against fp32, before a Bento that may serve bf16 is built.
+
+Two checks, both against the same model in fp32:
+
+- a fixed batch (seeded noise images through the model's preprocess, and prompts from a few
+  words to the whole context): the worst row's cosine between the two precisions' embeddings,
+  images and texts, must be at least `serve.precision_min_cosine`;
+- each zero-shot set of `evaluate.zeroshot` whose split and label column the packaged data
+  holds: top-1 must not fall more than `serve.precision_max_top1_drop` below fp32's, computed
+  by the evaluate step's own code.
+
+The numbers travel with the Bento (its model's metadata) and the package step's report.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import PIL.Image
+import torch
+
+from clipflow.artifacts import METADATA_FILE
+from clipflow.errors import ClipflowError
+from clipflow.evaluate.embeddings import SplitEmbeddings
+from clipflow.evaluate.zeroshot import zeroshot
+from clipflow.model import ClipModel
+from clipflow.params import Params
+
+CHECK_IMAGES = 32
+CHECK_IMAGE_PX = 256  # above every input size open_clip ships, so the preprocess only scales down
+CHECK_SEED = 0
+# Lengths from three tokens to past the context (77), where bf16's rounding builds up over more positions.
+CHECK_TEXTS = (
+    "a dog",
+    "a red circle",
+    "a photo of a cat.",
+    "two blue squares above a green star",
+    "a purple hexagon on the left of an orange cross, drawn on a striped background",
+    "three yellow triangles",
+    "a picture of a white square.",
+    "an aerial photograph of a harbour at dawn with fishing boats and gulls over the water",
+    " ".join(["a black star next to a green circle"] * 12),
+)
+
+
+def check_precision(fp32: ClipModel, cast: ClipModel, params: Params, data_dir: Path | None) -> dict[str, float]:
+    """Compare `cast` (the model at a lower precision) with `fp32`; returns the numbers when they pass.
+
+    Args:
+        fp32: the model in fp32.
+        cast: the same model at the precision to check (`ClipModel.at_precision`).
+        params: `serve` holds the thresholds, `evaluate` the zero-shot sets, templates and batch size.
+        data_dir: an ingested data directory holding the zero-shot sets' splits, or None (the fixed batch only).
+
+    Returns:
+        `worst_image_cosine` and `worst_text_cosine` on the fixed batch, and per zero-shot set
+        checked, `zeroshot_top1_<set>_fp32`, `zeroshot_top1_<set>_<precision>` and `zeroshot_top1_drop_<set>`.
+
+    Raises:
+        ClipflowError: a number is past its threshold; the message names each with its threshold.
+    """
+    serve, low = params.serve, cast.precision
+    images = _check_images(fp32)
+    numbers = {
+        "worst_image_cosine": _worst_cosine(fp32.encode_images(images), cast.encode_images(images)),
+        "worst_text_cosine": _worst_cosine(fp32.encode_text(list(CHECK_TEXTS)), cast.encode_text(list(CHECK_TEXTS))),
+    }
+    failures = [
+        f"worst {kind} cosine {numbers[f'worst_{kind}_cosine']:.6f} < serve.precision_min_cosine "
+        f"{serve.precision_min_cosine}"
+        for kind in ("image", "text")
+        if numbers[f"worst_{kind}_cosine"] < serve.precision_min_cosine
+    ]
+    for name, (top1_fp32, top1_low) in _zeroshot_top1(fp32, cast, params, data_dir).items():
+        drop = top1_fp32 - top1_low
+        numbers |= {
+            f"zeroshot_top1_{name}_fp32": top1_fp32,
+            f"zeroshot_top1_{name}_{low}": top1_low,
+            f"zeroshot_top1_drop_{name}": drop,
+        }
+        if drop > serve.precision_max_top1_drop:
+            failures.append(
+                f"zero-shot top-1 on {name} {top1_low:.4f} against fp32's {top1_fp32:.4f}, a drop of {drop:.4f} "
+                f"> serve.precision_max_top1_drop {serve.precision_max_top1_drop}"
+            )
+    if failures:
+        raise ClipflowError(
+            f"{low} does not match fp32: {'; '.join(failures)}; "
+            "package with serve.precision=fp32, or loosen the thresholds"
+        )
+    return numbers
+
+
+def _check_images(clip: ClipModel) -> torch.Tensor:
+    """The fixed batch's images, preprocessed for `clip`: (CHECK_IMAGES, 3, H, W)."""
+    rng = np.random.default_rng(CHECK_SEED)
+    pixels = rng.integers(0, 256, size=(CHECK_IMAGES, CHECK_IMAGE_PX, CHECK_IMAGE_PX, 3), dtype=np.uint8)
+    return torch.stack([clip.preprocess(PIL.Image.fromarray(image)) for image in pixels])
+
+
+def _worst_cosine(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """The lowest cosine between matching rows of two (N, D) tensors of L2-normalised embeddings."""
+    return (reference * other).sum(dim=-1).min().item()
+
+
+def _zeroshot_top1(
+    fp32: ClipModel, cast: ClipModel, params: Params, data_dir: Path | None
+) -> dict[str, tuple[float, float]]:
+    """Zero-shot top-1 of both models on each set whose split and label column `data_dir` holds."""
+    if data_dir is None or not (data_dir / METADATA_FILE).is_file():
+        return {}
+    metadata = pd.read_parquet(data_dir / METADATA_FILE)
+    splits = set(metadata["split"])
+    settings = params.evaluate
+    sets = {
+        name: spec
+        for name, spec in settings.zeroshot.items()
+        if spec.split in splits and spec.label_field in metadata.columns
+    }
+    top1 = {}
+    for clip in (fp32, cast):
+        images = SplitEmbeddings(clip, data_dir, settings.batch_size)
+        for name, spec in sets.items():
+            top1.setdefault(name, []).append(zeroshot(clip, images, metadata, name, spec, settings.templates).acc1)
+    return {name: (values[0], values[1]) for name, values in top1.items()}
