@@ -97,6 +97,8 @@ def summarize(reports: dict[str, str], total_seconds: float) -> dict[str, Any]:
         "promoted": promoted.promoted,
         "promotion_reason": promoted.reason,
         "bento_tag": packaged.bento_tag,
+        "serve_precision": packaged.precision,
+        "precision_check": packaged.precision_check,
         "data_version": ingested.data_version,
         "data_dir": ingested.output,
         "validation": {k: getattr(validated, k) for k in ("input_rows", "kept", "quarantined")},
@@ -121,7 +123,7 @@ def describe(summary: dict[str, Any], summary_path: Path) -> str:
             + (", ".join(f"{k.removeprefix('probe_')} {v:.3f}" for k, v in m.items() if k.startswith("probe_")) or "-"),
             f"model:          {summary['model_name']} version {summary['model_version']}"
             f" aliases {', '.join(summary['aliases']) or '-'} ({verdict}: {summary['promotion_reason']})",
-            f"bento:          {summary['bento_tag']}",
+            f"bento:          {summary['bento_tag']} (serve.precision {summary['serve_precision']})",
             f"timings:        {timings}",
             f"summary:        {summary_path}",
             "serve it with:  make serve   (or: clipflow serve)",

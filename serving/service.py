@@ -2,8 +2,8 @@
 
 `clipflow package` builds this file into a Bento together with the clipflow package and passes the
 exact model tag, host, port and request body limit as Bento arguments, so `bentoml serve
-<bento_tag>` needs nothing else. The other request limits, the evaluation templates and the
-gallery index live in the BentoML model, written by `clipflow package` from params.yaml, so a
+<bento_tag>` needs nothing else. The other request limits, the evaluation templates, the precision
+and the gallery index live in the BentoML model, written by `clipflow package` from params.yaml, so a
 Bento keeps what it was built with.
 
     curl -s -X POST http://127.0.0.1:3000/encode_text -H 'content-type: application/json' \\
@@ -35,9 +35,11 @@ This file maps HTTP onto `clipflow.serve` and nothing more: the checks and their
 change to BentoML itself in `clipflow.serve.bentoml_patches`.
 
 The model runs on the CPU cores in lanes, one thread per core with one torch thread each
-(`clipflow.serve.encoder`). `encode_text`, `encode_image` and `encode_image_base64` batch
-adaptively (`serve.batching`): concurrent requests are merged into model calls of at most
-`serve.batch_max_size` items, each call on one lane, one call per lane at a time, and each
+(`clipflow.serve.encoder`), at the precision `serve.precision` packaged: bf16 weights and inputs
+where `auto` finds the CPU's native bf16 arithmetic (`clipflow.model.precision`), else fp32.
+`encode_text`, `encode_image` and `encode_image_base64` batch adaptively (`serve.batching`):
+concurrent requests are merged into model calls of at most `serve.batch_max_size` items, each
+call on one lane, one call per lane at a time, and each
 client still sends a list and gets its own list back. Once a lane is free, its batch waits while
 requests keep arriving, so clients that ask again as soon as they are answered fill the next
 batch; what is queued when requests stop arriving is spread over the free lanes
@@ -68,6 +70,7 @@ from __future__ import annotations
 
 import functools
 import io
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
@@ -149,6 +152,8 @@ class GalleryItem(BaseModel):
 ARGS = bentoml.use_arguments(BuildArgs)
 BENTO_MODEL = bentoml.models.BentoModel(ARGS.model_tag)
 PAGE = Path(__file__).with_name("page.html")
+# BentoML shows its own loggers' lines in the server's log.
+logger = logging.getLogger("bentoml.serve.clipflow")
 BATCHED = {
     "batchable": ARGS.batching,
     "max_batch_size": ARGS.batch_max_size,
@@ -215,12 +220,17 @@ class Clipflow:
         # Imported here: `bentoml serve` and `bentoml build` import this module only to read the
         # service's config, and torch would add seconds to both.
         from clipflow import model as clip_model
+        from clipflow.model.precision import resolve_precision
         from clipflow.serve import gallery
 
-        clip = clip_model.load(self.bento_model.path_of(clip_model.CHECKPOINT_FILE))
+        metadata = self.bento_model.info.metadata
+        # `auto` is decided here, on the hardware that serves; `clipflow package` checked bf16 against fp32.
+        precision = resolve_precision(metadata["precision"])
+        clip = clip_model.load(self.bento_model.path_of(clip_model.CHECKPOINT_FILE)).at_precision(precision)
         self.encoder = encoder.Encoder.per_core(clip)
+        logger.info("serving %s at %s (serve.precision %s)", self.bento_model.tag, precision, metadata["precision"])
         self.limits = limits()
-        self.templates = self.bento_model.info.metadata["templates"]
+        self.templates = metadata["templates"]
         self.gallery = gallery.load(Path(self.bento_model.path))
         guard_decoder(self.limits)
 

@@ -190,14 +190,18 @@ def test_package_builds_a_bento_of_the_champion_with_the_gallery(run, ingested, 
     BentoML fixes its store once per process, so every test that packages in this process shares it."""
     import bentoml
 
+    from clipflow.model.precision import resolve_precision
+
     data, ingest_outputs = ingested
     result = json.loads(package_component.python_func(model_name=promoted.model_name, data=data, **run["common"]))
     assert result["model_uri"] == f"models:/{promoted.model_name}@champion"
     assert result["gallery"] == {
         "split": small_params.serve.gallery_split,
         "size": getattr(small_params.data, f"num_{small_params.serve.gallery_split}"),
+        "precision": resolve_precision(small_params.serve.precision),
         "data_version": ingest_outputs.data_version,
     }
+    assert result["precision"] == small_params.serve.precision
     bento = bentoml.get(result["bento_tag"])
     assert bento.tag.name == small_params.serve.bento_name
     assert bento.info.labels["mlflow_model"] == promoted.model_name

@@ -121,7 +121,12 @@ def test_package_stores_the_model_the_gallery_and_the_registry_facts(packaged):
 
     result = packaged["result"]
     assert result.model_uri == "models:/clipflow-clip@champion"
-    assert result.gallery == {"split": "test", "size": 200, "data_version": packaged["data"].data_version}
+    assert result.gallery == {
+        "split": "test",
+        "size": 200,
+        "precision": "fp32",
+        "data_version": packaged["data"].data_version,
+    }
     bento = bentoml.bentos.get(result.bento_tag)
     assert bento.info.args["model_tag"] == result.bento_model_tag
     assert bento.info.args["max_request_bytes"] == MAX_REQUEST_BYTES
@@ -614,3 +619,107 @@ def test_the_served_model_answers_as_evaluation_computes(server, packaged):
         answered = {item["label"]: item["probability"] for item in response.json()}
         assert response.json()[0]["label"] == labels[int(expected.argmax())]
         assert [answered[label] for label in labels] == pytest.approx(expected.tolist(), abs=1e-4)
+
+
+# bf16: the same champion packaged at serve.precision=bf16 (`packaged_bf16`), against the fp32 Bento.
+
+
+@pytest.fixture(scope="module")
+def bf16_server(packaged_bf16):
+    with serve_bento(packaged_bf16["result"].bento_tag, packaged_bf16["tmp"]) as url:
+        yield url
+
+
+def _worst_cosine(rows: list[list[float]], reference: list[list[float]]) -> float:
+    assert len(rows) == len(reference)
+    return min(
+        math.fsum(a * b for a, b in zip(row, ref, strict=True)) for row, ref in zip(rows, reference, strict=True)
+    )
+
+
+def test_package_at_bf16_stores_the_precision_with_its_check_against_fp32(packaged, packaged_bf16):
+    import bentoml
+
+    result = packaged_bf16["result"]
+    assert result.precision == "bf16"
+    numbers = result.precision_check
+    assert numbers["worst_image_cosine"] > 0.999 and numbers["worst_text_cosine"] > 0.999
+    for name in ("heldout", "seen"):  # both zero-shot sets' splits are in the packaged data
+        drop = numbers[f"zeroshot_top1_{name}_fp32"] - numbers[f"zeroshot_top1_{name}_bf16"]
+        assert numbers[f"zeroshot_top1_drop_{name}"] == pytest.approx(drop)
+        assert drop <= packaged_bf16["params"].serve.precision_max_top1_drop
+    metadata = bentoml.models.get(result.bento_model_tag).info.metadata
+    assert metadata["precision"] == "bf16" and metadata["precision_check"] == pytest.approx(numbers)
+    # embedded at the precision this machine serves `bf16` at: bf16 itself
+    assert result.gallery["precision"] == metadata["gallery"]["precision"] == "bf16"
+
+    fp32 = packaged["result"]
+    assert fp32.precision == "fp32" and fp32.precision_check == {}
+    assert bentoml.models.get(fp32.bento_model_tag).info.metadata["precision"] == "fp32"
+
+
+def test_a_bento_whose_precision_check_fails_is_refused_with_its_numbers(packaged, capsys):
+    import bentoml
+
+    from clipflow.cli import main
+
+    before = ({str(m.tag) for m in bentoml.models.list()}, {str(b.tag) for b in bentoml.bentos.list()})
+    command = ["package", "--gallery", str(packaged["tmp"] / "data"), "--params", str(REPO / "params.yaml")]
+    command += ["--profile", "test", "--set", f"tracking.uri=sqlite:///{packaged['tmp']}/mlflow.db"]
+    command += ["--set", "serve.precision=bf16", "--set", "serve.precision_min_cosine=1.0"]
+    assert main(command) == 1
+    error = capsys.readouterr().err.splitlines()[-1]  # after MLflow's download progress
+    assert error.startswith("clipflow: error: bf16 does not match fp32: worst_image_cosine 0.99")
+    for name in ("worst_image_cosine", "worst_text_cosine", "worst_image_cosine_heldout", "worst_image_cosine_test"):
+        assert re.search(rf"{name} 0\.99\d+ < serve\.precision_min_cosine 1\.0", error)
+    assert "serve.precision=fp32" in error
+    assert ({str(m.tag) for m in bentoml.models.list()}, {str(b.tag) for b in bentoml.bentos.list()}) == before
+
+
+def test_bf16_serving_answers_every_endpoint_close_to_fp32(client, server, bf16_server, gallery_images, packaged):
+    import bentoml
+
+    texts = ["a red circle", "two blue squares", "a green star on the left"]
+    labels = ["red circle", "blue square", "green star"]
+    paths = list(gallery_images.values())
+    encoded = [base64.b64encode(path.read_bytes()).decode() for path in paths]
+    with bentoml.SyncHTTPClient(bf16_server, timeout=60) as bf16:
+        assert _worst_cosine(bf16.encode_text(texts=texts), client.encode_text(texts=texts)) > 0.999
+        assert _worst_cosine(bf16.encode_image(images=paths), client.encode_image(images=paths)) > 0.999
+        base64_rows = bf16.encode_image_base64(images=encoded)
+        assert _worst_cosine(base64_rows, client.encode_image_base64(images=encoded)) > 0.999
+
+        def by_label(ranked: list[dict]) -> dict[str, float]:
+            return {item["label"]: item["probability"] for item in ranked}
+
+        classified = bf16.classify(image=paths[0], labels=labels)
+        assert by_label(classified) == pytest.approx(by_label(client.classify(image=paths[0], labels=labels)), abs=0.01)
+
+        def cosines(rankings: list[list[dict]]) -> list[dict[int, float]]:
+            return [{match["index"]: match["cosine"] for match in ranking} for ranking in rankings]
+
+        for low, full in [
+            (bf16.rank(queries=texts, candidates=paths), client.rank(queries=texts, candidates=paths)),
+            (bf16.rank_texts(queries=paths, candidates=texts), client.rank_texts(queries=paths, candidates=texts)),
+        ]:
+            for row, reference in zip(cosines(low), cosines(full), strict=True):
+                assert row == pytest.approx(reference, abs=0.005)
+
+        # Sorted top-k scores move no more than any one score does, whatever near-ties swap places.
+        def scores(results: list[dict]) -> list[float]:
+            return [item["score"] for item in results]
+
+        found = bf16.search(text=texts[0], k=5)
+        _check_search_results(found, 5, packaged)
+        assert scores(found) == pytest.approx(scores(client.search(text=texts[0], k=5)), abs=0.005)
+        found = bf16.search_image(image=paths[0], k=5)
+        _check_search_results(found, 5, packaged)
+        assert scores(found) == pytest.approx(scores(client.search_image(image=paths[0], k=5)), abs=0.005)
+
+    def embeddings(url: str) -> list[list[float]]:
+        body = {"model": packaged["params"].serve.bento_name, "input": texts}
+        response = httpx.post(f"{url}/v1/embeddings", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        return [item["embedding"] for item in response.json()["data"]]
+
+    assert _worst_cosine(embeddings(bf16_server), embeddings(server)) > 0.999

@@ -2,11 +2,13 @@
 
 Loaded by `tests/conftest.py` (`pytest_plugins`), so the serving, page and load tests share one
 package step. Serving limits are lowered through params so the 4xx paths are cheap to reach and
-are known to come from the packaged model, not from the service's code.
+are known to come from the packaged model, not from the service's code. Those Bentos serve fp32
+whatever the CPU; `packaged_bf16` packages the same champion at bf16 when a test asks for it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -61,6 +63,7 @@ def packaged(tmp_path_factory, small_params):
             f"serve.max_prompts={MAX_PROMPTS}",
             f"serve.max_request_bytes={MAX_REQUEST_BYTES}",
             f"serve.allow_image_urls=[{IMAGE_URL_HOST}]",
+            "serve.precision=fp32",
         ],
         profile="test",
     )
@@ -92,6 +95,20 @@ def packaged(tmp_path_factory, small_params):
             "tmp": tmp,
         }
     mlflow.set_tracking_uri(previous_uri)
+
+
+@pytest.fixture(scope="session")
+def packaged_bf16(packaged):
+    """The champion of `packaged`, with its gallery, packaged at `serve.precision=bf16` into the same store
+    (`packaged` keeps its BENTOML_HOME and tracking URI set for the session)."""
+    from clipflow.serve.package import package
+
+    params = packaged["params"]
+    params = dataclasses.replace(params, serve=dataclasses.replace(params.serve, precision="bf16"))
+    model_uri = f"models:/{params.promote.model_name}@champion"
+    result = package(model_uri, params, SERVING, gallery=packaged["tmp"] / "data")
+    print(f"package() at bf16, checked against fp32 ({result.precision_check}), took {result.seconds:.2f} s")
+    return {**packaged, "result": result, "params": params}
 
 
 def serve_bento(bento_tag: str, tmp: Path, **env: str):

@@ -113,5 +113,5 @@ def test_the_check_passes_bf16_with_its_numbers_and_refuses_it_past_a_threshold(
     with pytest.raises(ClipflowError) as refused:
         check_precision(fp32, bf16, strict, data_dir=None)
     message = str(refused.value)
-    assert message.startswith("bf16 does not match fp32: worst image cosine 0.99")
+    assert message.startswith("bf16 does not match fp32: worst_image_cosine 0.99")
     assert "< serve.precision_min_cosine 1.0" in message and "serve.precision=fp32" in message

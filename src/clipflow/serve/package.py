@@ -3,14 +3,21 @@
 The checkpoint of the model (by default `models:/<promote.model_name>@champion`) goes into the
 BentoML model store as a model named `serve.bento_name`, with the `serve:` request limits, the
 hosts `/v1/embeddings` may fetch images from (`serve.allow_image_urls`), the evaluation
-templates, the source URI and what the registry knows of the version (its number, run, metrics
-and data version) as metadata. Given an ingested data directory, the model also
+templates, the serving precision (`serve.precision`) with the numbers of its check, the source URI
+and what the registry knows of the version (its number, run, metrics and data version) as
+metadata. Given an ingested data directory, the model also
 carries a gallery index for `search`: the normalised embeddings of the `serve.gallery_split`
-images with their keys and captions (see `clipflow.serve.gallery`). Then `serving/service.py` and the
-`clipflow` package are built into a Bento whose arguments name that exact model tag, the
-configured host and port, the request body limit and the batching settings, so `bentoml serve <bento_tag>` (and a
-container built from the Bento) serve exactly this model without params.yaml, the data or the
-MLflow store.
+images with their keys and captions (see `clipflow.serve.gallery`).
+
+A Bento that may serve bf16 (`serve.precision` auto or bf16) is built only once bf16 has passed
+`clipflow.serve.precision_check` against fp32, on a fixed batch and, given the data, on the
+evaluation's zero-shot sets: `auto` is resolved where the Bento is served, whose hardware may differ
+from this machine's. The gallery is embedded at the precision this machine would serve.
+
+Then `serving/service.py` and the `clipflow` package are built into a Bento whose arguments name
+that exact model tag, the configured host and port, the request body limit and the batching
+settings, so `bentoml serve <bento_tag>` (and a container built from the Bento) serve exactly
+this model without params.yaml, the data or the MLflow store.
 
     clipflow package --model models:/clipflow-clip@champion --gallery data/builtin
     BENTOML_HOME=$PWD/bentoml_home bentoml serve <bento_tag>
@@ -71,7 +78,9 @@ class PackageResult(JsonRecord):
     bento_tag: str
     bento_model_tag: str
     model_uri: str
-    gallery: dict[str, Any] | None  # split, size and data_version of the search gallery
+    gallery: dict[str, Any] | None  # split, size, precision embedded at and data_version of the search gallery
+    precision: str  # serve.precision as the Bento keeps it: auto, fp32 or bf16
+    precision_check: dict[str, float]  # bf16 against fp32 (see `clipflow.serve.precision_check`); empty at fp32
     seconds: float
 
 
@@ -98,9 +107,10 @@ def package(model_uri: str, params: Params, serving_dir: Path, gallery: Path | N
             search gallery, or None for a Bento whose `search` answers that it has none.
 
     Raises:
-        ClipflowError: the model cannot be resolved or fetched, the gallery cannot be read, the
-            Bento cannot be built, or BentoML in this process already uses another store than
-            `$BENTOML_HOME` (BentoML reads it once per process, on first use).
+        ClipflowError: the model cannot be resolved or fetched, bf16 fails its check against fp32
+            (the message holds the numbers), the gallery cannot be read, the Bento cannot be built,
+            or BentoML in this process already uses another store than `$BENTOML_HOME` (BentoML
+            reads it once per process, on first use).
     """
     start = time.perf_counter()
     import bentoml
@@ -119,10 +129,12 @@ def package(model_uri: str, params: Params, serving_dir: Path, gallery: Path | N
     try:
         with tempfile.TemporaryDirectory(prefix="clipflow-package-") as tmp:
             checkpoint = download_checkpoint(fetch_uri, Path(tmp) / "mlflow")
-            index, gallery_info = (
-                _build_gallery(checkpoint, Path(gallery), params) if gallery is not None else (None, None)
+            clip, precision_check = _checked_model(checkpoint, params, gallery)
+            index, gallery_info = _build_gallery(clip, Path(gallery), params) if gallery is not None else (None, None)
+            del clip  # freed before the build: the service loads its own from the stored checkpoint
+            model_tag = _import_model(
+                checkpoint, params, labels, registry.metrics, precision_check, index, gallery_info
             )
-            model_tag = _import_model(checkpoint, params, labels, registry.metrics, index, gallery_info)
             try:
                 bento = _build_bento(Path(tmp) / "build", serving_dir, model_tag, params.serve, labels)
             except BaseException:
@@ -136,6 +148,8 @@ def package(model_uri: str, params: Params, serving_dir: Path, gallery: Path | N
         bento_model_tag=model_tag,
         model_uri=model_uri,
         gallery=gallery_info,
+        precision=params.serve.precision,
+        precision_check=precision_check,
         seconds=round(time.perf_counter() - start, 3),
     )
 
@@ -184,18 +198,39 @@ def _resolve_registry_version(model_uri: str) -> tuple[str, RegistryFacts]:
     return f"models:/{found.name}/{found.version}", RegistryFacts(labels, version_metrics(found))
 
 
-def _build_gallery(checkpoint: Path, data_dir: Path, params: Params) -> tuple[clip_gallery.Gallery, dict[str, Any]]:
+def _checked_model(
+    checkpoint: Path, params: Params, data_dir: Path | None
+) -> tuple[clip_model.ClipModel, dict[str, float]]:
+    """The packaged model at the precision this machine would serve it, and the numbers of bf16's check.
+
+    Raises:
+        ClipflowError: bf16 may be served and fails its check against fp32.
+    """
+    from clipflow.model.precision import resolve_precision
+    from clipflow.serve.precision_check import check_precision
+
+    fp32 = clip_model.load(checkpoint)
+    if params.serve.precision == "fp32":
+        return fp32, {}
+    bf16 = fp32.at_precision("bf16")
+    numbers = check_precision(fp32, bf16, params, Path(data_dir) if data_dir is not None else None)
+    return (bf16 if resolve_precision(params.serve.precision) == "bf16" else fp32), numbers
+
+
+def _build_gallery(
+    clip: clip_model.ClipModel, data_dir: Path, params: Params
+) -> tuple[clip_gallery.Gallery, dict[str, Any]]:
     """Embed the gallery split of `data_dir` with the packaged model; returns it and its summary."""
     from clipflow.artifacts import INGEST_REPORT, IngestReport
 
     index = clip_gallery.build(
-        clip_model.load(checkpoint),
+        clip,
         data_dir,
         params.serve.gallery_split,
         params.evaluate.batch_size,
         params.serve.thumbnail_px,
     )
-    info: dict[str, Any] = {"split": params.serve.gallery_split, "size": len(index)}
+    info: dict[str, Any] = {"split": params.serve.gallery_split, "size": len(index), "precision": clip.precision}
     if (data_dir / INGEST_REPORT).is_file():
         info["data_version"] = IngestReport.read(data_dir).data_version
     return index, info
@@ -206,6 +241,7 @@ def _import_model(
     params: Params,
     labels: dict[str, str],
     metrics: dict[str, float],
+    precision_check: dict[str, float],
     gallery: clip_gallery.Gallery | None,
     gallery_info: dict[str, Any] | None,
 ) -> str:
@@ -220,6 +256,8 @@ def _import_model(
         "allow_image_urls": list(params.serve.allow_image_urls),
         "templates": list(params.evaluate.templates),
         "model_config": config_name,
+        "precision": params.serve.precision,
+        "precision_check": precision_check,
         "metrics": metrics,
         **labels,
     }

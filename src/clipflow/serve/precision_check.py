@@ -3,8 +3,8 @@
 Two checks, both against the same model in fp32:
 
 - a fixed batch (seeded noise images through the model's preprocess, and prompts from a few
-  words to the whole context): the worst row's cosine between the two precisions' embeddings,
-  images and texts, must be at least `serve.precision_min_cosine`;
+  words to the whole context), and the images of the evaluation sets below: the worst row's
+  cosine between the two precisions' embeddings must be at least `serve.precision_min_cosine`;
 - each zero-shot set of `evaluate.zeroshot` whose split and label column the packaged data
   holds: top-1 must not fall more than `serve.precision_max_top1_drop` below fp32's, computed
   by the evaluate step's own code.
@@ -55,25 +55,27 @@ def check_precision(fp32: ClipModel, cast: ClipModel, params: Params, data_dir: 
         data_dir: an ingested data directory holding the zero-shot sets' splits, or None (the fixed batch only).
 
     Returns:
-        `worst_image_cosine` and `worst_text_cosine` on the fixed batch, and per zero-shot set
-        checked, `zeroshot_top1_<set>_fp32`, `zeroshot_top1_<set>_<precision>` and `zeroshot_top1_drop_<set>`.
+        `worst_image_cosine` and `worst_text_cosine` on the fixed batch; per zero-shot set checked,
+        `zeroshot_top1_<set>_fp32`, `zeroshot_top1_<set>_<precision>` and `zeroshot_top1_drop_<set>`;
+        and per split of those sets, `worst_image_cosine_<split>`.
 
     Raises:
         ClipflowError: a number is past its threshold; the message names each with its threshold.
     """
     serve, low = params.serve, cast.precision
     images = _check_images(fp32)
+    top1, split_cosines = _evaluation_sets(fp32, cast, params, data_dir)
     numbers = {
         "worst_image_cosine": _worst_cosine(fp32.encode_images(images), cast.encode_images(images)),
         "worst_text_cosine": _worst_cosine(fp32.encode_text(list(CHECK_TEXTS)), cast.encode_text(list(CHECK_TEXTS))),
+        **{f"worst_image_cosine_{split}": cosine for split, cosine in split_cosines.items()},
     }
     failures = [
-        f"worst {kind} cosine {numbers[f'worst_{kind}_cosine']:.6f} < serve.precision_min_cosine "
-        f"{serve.precision_min_cosine}"
-        for kind in ("image", "text")
-        if numbers[f"worst_{kind}_cosine"] < serve.precision_min_cosine
+        f"{name} {cosine:.6f} < serve.precision_min_cosine {serve.precision_min_cosine}"
+        for name, cosine in numbers.items()
+        if cosine < serve.precision_min_cosine
     ]
-    for name, (top1_fp32, top1_low) in _zeroshot_top1(fp32, cast, params, data_dir).items():
+    for name, (top1_fp32, top1_low) in top1.items():
         drop = top1_fp32 - top1_low
         numbers |= {
             f"zeroshot_top1_{name}_fp32": top1_fp32,
@@ -82,7 +84,7 @@ def check_precision(fp32: ClipModel, cast: ClipModel, params: Params, data_dir: 
         }
         if drop > serve.precision_max_top1_drop:
             failures.append(
-                f"zero-shot top-1 on {name} {top1_low:.4f} against fp32's {top1_fp32:.4f}, a drop of {drop:.4f} "
+                f"zeroshot_top1_{name}_{low} {top1_low:.4f} against fp32's {top1_fp32:.4f}, a drop of {drop:.4f} "
                 f"> serve.precision_max_top1_drop {serve.precision_max_top1_drop}"
             )
     if failures:
@@ -105,12 +107,13 @@ def _worst_cosine(reference: torch.Tensor, other: torch.Tensor) -> float:
     return (reference * other).sum(dim=-1).min().item()
 
 
-def _zeroshot_top1(
+def _evaluation_sets(
     fp32: ClipModel, cast: ClipModel, params: Params, data_dir: Path | None
-) -> dict[str, tuple[float, float]]:
-    """Zero-shot top-1 of both models on each set whose split and label column `data_dir` holds."""
+) -> tuple[dict[str, tuple[float, float]], dict[str, float]]:
+    """On each zero-shot set whose split and label column `data_dir` holds: both models' top-1 by set,
+    and the worst cosine between their image embeddings by split."""
     if data_dir is None or not (data_dir / METADATA_FILE).is_file():
-        return {}
+        return {}, {}
     metadata = pd.read_parquet(data_dir / METADATA_FILE)
     splits = set(metadata["split"])
     settings = params.evaluate
@@ -119,9 +122,16 @@ def _zeroshot_top1(
         for name, spec in settings.zeroshot.items()
         if spec.split in splits and spec.label_field in metadata.columns
     }
-    top1 = {}
-    for clip in (fp32, cast):
-        images = SplitEmbeddings(clip, data_dir, settings.batch_size)
-        for name, spec in sets.items():
-            top1.setdefault(name, []).append(zeroshot(clip, images, metadata, name, spec, settings.templates).acc1)
-    return {name: (values[0], values[1]) for name, values in top1.items()}
+    embedded = [SplitEmbeddings(clip, data_dir, settings.batch_size) for clip in (fp32, cast)]
+    top1 = {
+        name: tuple(
+            zeroshot(clip, images, metadata, name, spec, settings.templates).acc1
+            for clip, images in zip((fp32, cast), embedded, strict=True)
+        )
+        for name, spec in sets.items()
+    }
+    cosines = {
+        split: _worst_cosine(embedded[0](split)[1], embedded[1](split)[1])
+        for split in sorted({spec.split for spec in sets.values()})
+    }
+    return top1, cosines
