@@ -1,10 +1,10 @@
 """The one decision of the precision a model runs at: fp32, or bfloat16 weights and inputs.
 
 bf16 pays where the hardware multiplies it natively: a GPU, or a CPU with AMX or AVX512-BF16.
-Measured on a Xeon with AMX (ViT-B-32 image tower, batch 32, 2 threads): 5x fp32's images/s
-at a worst-row cosine of 0.9999 to fp32. Elsewhere bf16 is emulated and slower than fp32, so
-`auto` keeps fp32 there. The weights themselves are cast (`ClipModel.at_precision`), not run under
-autocast, which casts every operator's inputs again on each call and measured slower than fp32.
+Elsewhere bf16 is emulated, so `auto` keeps fp32 there. The weights themselves are cast
+(`ClipModel.at_precision`), not run under autocast, which casts every operator's inputs again on
+each call. `clipflow package` checks the cast model against fp32 before serving it
+(`clipflow.serve.precision_check`).
 """
 
 from __future__ import annotations
