@@ -10,6 +10,7 @@ regular files only, and `fetch` and `fetch_file` stop one chunk past a byte cap 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import shutil
@@ -26,16 +27,29 @@ from urllib.parse import urlparse
 
 from clipflow.errors import ClipflowError
 
-_S3_CLIENTS: dict[tuple[int, str | None, float | None], object] = {}
+_S3_CLIENTS: dict[tuple, object] = {}
+# What boto3 reads from the environment to build a client: a client built from other values
+# would sign with stale credentials or talk to another endpoint.
+S3_CLIENT_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_REGION",
+)
 
 
 def s3_client(timeout_s: float | None = None):
-    """One boto3 S3 client per process, endpoint and timeout (clients must not cross a fork).
+    """One boto3 S3 client per process, environment (endpoint, credentials) and timeout.
 
-    `timeout_s` bounds connecting and each read, as `data.http_timeout_s` does for HTTP; None
-    keeps botocore's 60 s, for the step's own outputs.
+    Clients must not cross a fork, and one built before the credentials or the endpoint changed
+    would keep using the old ones. `timeout_s` bounds connecting and each read, as
+    `data.http_timeout_s` does for HTTP; None keeps botocore's 60 s, for the step's own outputs.
     """
-    slot = (os.getpid(), os.environ.get("AWS_ENDPOINT_URL"), timeout_s)
+    # Hashed, so that the cache's keys hold no secret.
+    environment = tuple(hashlib.sha256(os.environ.get(name, "").encode()).hexdigest() for name in S3_CLIENT_ENV)
+    slot = (os.getpid(), environment, timeout_s)
     if slot not in _S3_CLIENTS:
         import boto3
         from botocore.config import Config
@@ -43,7 +57,8 @@ def s3_client(timeout_s: float | None = None):
         for stale in [other for other in _S3_CLIENTS if other[:2] != slot[:2]]:
             del _S3_CLIENTS[stale]
         config = Config(connect_timeout=timeout_s, read_timeout=timeout_s) if timeout_s else None
-        _S3_CLIENTS[slot] = boto3.client("s3", config=config)
+        # A session of its own: boto3's default session keeps the first credentials it resolved.
+        _S3_CLIENTS[slot] = boto3.session.Session().client("s3", config=config)
     return _S3_CLIENTS[slot]
 
 
