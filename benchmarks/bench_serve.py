@@ -1,6 +1,6 @@
 """Throughput and latency of the served encoders over HTTP against the in-process model (the ceiling).
 
-    python benchmarks/bench_serve.py [--seconds 30] [--clients 16] [--models ViT-B-32 CLIP-Tiny]
+    python benchmarks/bench_serve.py [--seconds 30] [--clients 16] [--models ViT-B-32 CLIP-Tiny] [--precision auto]
 
 For each model (random init: speed does not depend on the weights), one run packages it twice
 into a temporary BentoML store, with adaptive batching on (params.yaml's `serve:`) and off,
@@ -8,7 +8,9 @@ serves each with `bentoml serve` on 127.0.0.1, and sends one-item `encode_text` 
 `encode_image` requests (an image of the model's input size) from `--clients` concurrent
 clients for `--seconds` per case. The peer is the same work in this process without HTTP
 (tokenise and forward for texts; eval preprocess and forward of decoded images), both with
-torch's own intra-op threads and in the service's per-core lanes.
+torch's own intra-op threads and in the service's per-core lanes. Both run at the precision
+`--precision` (default params.yaml's `serve.precision`) resolves to on this machine, which the
+results record.
 
 The ceiling is found in two steps. A sweep times every batch size of BATCH_SIZES in both modes
 and keeps each mode's best. Those two are then timed again in ROUNDS rounds that alternate with
@@ -45,6 +47,7 @@ import torch
 from common import case, write_results
 from PIL import Image
 
+from clipflow.params import SERVE_PRECISIONS
 from clipflow.serve.encoder import Encoder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -208,7 +211,7 @@ async def load(
     }
 
 
-def package_bento(tmp: Path, model: str, batching: bool) -> str:
+def package_bento(tmp: Path, model: str, batching: bool, precision: str) -> str:
     from clipflow import model as clip_model
     from clipflow.params import load_params
     from clipflow.serve.package import package
@@ -217,6 +220,7 @@ def package_bento(tmp: Path, model: str, batching: bool) -> str:
     if not checkpoint.exists():
         clip_model.save_checkpoint(checkpoint, clip_model.create(model).model, model, extra={})
     overrides = [f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"serve.batching={str(batching).lower()}"]
+    overrides.append(f"serve.precision={precision}")
     params = load_params(ROOT / "params.yaml", overrides=overrides)
     return package(str(checkpoint), params, ROOT / "serving").bento_tag
 
@@ -268,9 +272,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=30, help="load per endpoint and server")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--models", nargs="+", default=["ViT-B-32", "CLIP-Tiny"], help="open_clip configs")
+    parser.add_argument("--precision", choices=SERVE_PRECISIONS, default=None, help="default: params.yaml's")
     args = parser.parse_args(argv)
 
     from clipflow import model as clip_model
+    from clipflow.model.precision import resolve_precision
+    from clipflow.params import load_params
+
+    # Served and in process at the one precision this machine resolves, so the ceiling is the same work.
+    precision = resolve_precision(args.precision or load_params(ROOT / "params.yaml").serve.precision)
 
     threads = torch.get_num_threads()
     measured = {}
@@ -279,9 +289,9 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.update({"BENTOML_HOME": str(tmp / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"})
         os.environ.update({"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"})
         for model in args.models:
-            batched_tag = package_bento(tmp, model, batching=True)
-            unbatched_tag = package_bento(tmp, model, batching=False)
-            clip = clip_model.load(tmp / model / clip_model.CHECKPOINT_FILE)
+            batched_tag = package_bento(tmp, model, batching=True, precision=precision)
+            unbatched_tag = package_bento(tmp, model, batching=False, precision=precision)
+            clip = clip_model.load(tmp / model / clip_model.CHECKPOINT_FILE).at_precision(precision)
             png = sample_png(clip.model.visual.image_size[0])
             image = Image.open(io.BytesIO(png)).convert("RGB")
             all_modes = modes(clip, threads)
@@ -334,6 +344,7 @@ def main(argv: list[str] | None = None) -> None:
         rounds=ROUNDS,
         items_per_request=1,
         models=args.models,
+        precision=precision,
         note=(
             f"1-minute load average {load_average:.1f} on {os.cpu_count()} cores at the end of the run"
             " (above 2 means other work shared the machine). The clients run on the same cores as the server."
