@@ -26,12 +26,10 @@ SPEED_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "a
 
 def machine() -> dict[str, Any]:
     """Cores, CPU model and its speed-relevant flags, memory, GPU and torch, as results files record them."""
+    from clipflow.model.precision import cpu_flags
+
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-
-    def first(field: str) -> str:
-        return next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith(field)), "")
-
-    flags = set(first("flags").split())
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "")
     try:
         import torch
 
@@ -41,8 +39,8 @@ def machine() -> dict[str, Any]:
         gpu, torch_version = "no GPU", None
     return {
         "cores": psutil.cpu_count(),
-        "cpu": first("model name") or platform.machine(),
-        "cpu_flags": [flag for flag in SPEED_FLAGS if flag in flags],
+        "cpu": model or platform.machine(),
+        "cpu_flags": [flag for flag in SPEED_FLAGS if flag in cpu_flags()],
         "memory_gib": round(psutil.virtual_memory().total / 2**30),
         "gpu": gpu,
         "torch": torch_version,

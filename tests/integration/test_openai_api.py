@@ -28,7 +28,6 @@ from tests.support.serving_fixtures import (
     MAX_REQUEST_BYTES,
     MAX_TEXT_CHARS,
     MAX_TEXTS,
-    serve_bento,
 )
 
 TEXTS = ["a red circle", "two blue squares", "a small green star to the left of a large purple triangle", "!"]
@@ -75,18 +74,6 @@ class _ImageHost(BaseHTTPRequestHandler):
 
     def log_message(self, *args) -> None:
         pass
-
-
-@pytest.fixture(scope="module")
-def server(packaged):
-    with serve_bento(packaged["result"].bento_tag, packaged["tmp"]) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def keyed_server(packaged):
-    with serve_bento(packaged["bare"].bento_tag, packaged["tmp"], CLIPFLOW_API_KEY=API_KEY) as url:
-        yield url
 
 
 @pytest.fixture(scope="module")

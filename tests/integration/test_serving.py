@@ -19,7 +19,6 @@ import re
 import struct
 import subprocess
 import sys
-import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import version
@@ -68,21 +67,6 @@ def _flat(rows: list[list[float]]) -> list[float]:
 
 def _unit(row: list[float]) -> bool:
     return math.isclose(math.fsum(x * x for x in row), 1.0, rel_tol=1e-4)
-
-
-@pytest.fixture(scope="module")
-def server(packaged):
-    started = time.monotonic()
-    with serve_bento(packaged["result"].bento_tag, packaged["tmp"]) as url:
-        print(f"bentoml serve ready in {time.monotonic() - started:.1f} s")
-        yield url
-
-
-@pytest.fixture(scope="module")
-def keyed_server(packaged):
-    """The Bento without a gallery, served with an API key."""
-    with serve_bento(packaged["bare"].bento_tag, packaged["tmp"], CLIPFLOW_API_KEY=API_KEY) as url:
-        yield url
 
 
 @pytest.fixture(scope="module")

@@ -111,6 +111,20 @@ def packaged_bf16(packaged):
     return {**packaged, "result": result, "params": params}
 
 
+@pytest.fixture(scope="module")
+def server(packaged):
+    """The Bento with its gallery, served without an API key; one server per test module."""
+    with serve_bento(packaged["result"].bento_tag, packaged["tmp"]) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def keyed_server(packaged):
+    """The Bento without a gallery, served with an API key."""
+    with serve_bento(packaged["bare"].bento_tag, packaged["tmp"], CLIPFLOW_API_KEY=API_KEY) as url:
+        yield url
+
+
 def serve_bento(bento_tag: str, tmp: Path, **env: str):
     """`bentoml serve <bento_tag>` on a free port; always stopped, logs shown when it fails.
 
