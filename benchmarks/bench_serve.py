@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,44 +163,37 @@ class Ceiling:
         }
 
 
-async def load(
-    url: str, endpoint: str, png: bytes, clients: int, seconds: float, ceiling: Ceiling | None = None
+async def closed_loop(
+    send: Callable[[], Awaitable[str | None]], clients: int, seconds: float, ceiling: Ceiling | None = None
 ) -> dict:
-    """`clients` concurrent one-item requests for `seconds`: items/s (overall and in each round),
-    p50 and p99 latency, statuses.
+    """`clients` concurrent callers of `send` (one request; None when answered, else why not) for
+    `seconds`: items/s (overall and in each round), p50 and p99 latency, failures by reason.
 
     With a `ceiling`, the load runs in ROUNDS rounds and the ceiling takes a slice before each,
     while no request is in flight.
     """
     latencies: list[float] = []
     failures: dict[str, int] = {}
-    kwargs = (
-        {"json": {"texts": [TEXT]}}
-        if endpoint == "encode_text"
-        else {"files": [("images", ("a.png", png, "image/png"))]}
-    )
 
-    async def client(http: httpx.AsyncClient, deadline: float) -> None:
+    async def client(deadline: float) -> None:
         while time.perf_counter() < deadline:
             start = time.perf_counter()
-            response = await http.post(f"/{endpoint}", **kwargs)
-            if response.status_code == 200:
+            failure = await send()
+            if failure is None:
                 latencies.append(time.perf_counter() - start)
             else:
-                failures[str(response.status_code)] = failures.get(str(response.status_code), 0) + 1
+                failures[failure] = failures.get(failure, 0) + 1
 
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
-        await asyncio.gather(*(client(http, time.perf_counter() + 2) for _ in range(clients)))  # warm-up
-        latencies.clear()
-        rounds = ROUNDS if ceiling else 1
-        by_round = []
-        for _ in range(rounds):
-            if ceiling:
-                ceiling.time_slice(seconds / rounds)
-            answered, start = len(latencies), time.perf_counter()
-            await asyncio.gather(*(client(http, start + seconds / rounds) for _ in range(clients)))
-            by_round.append((len(latencies) - answered, time.perf_counter() - start))
+    await asyncio.gather(*(client(time.perf_counter() + 2) for _ in range(clients)))  # warm-up
+    latencies.clear()
+    rounds = ROUNDS if ceiling else 1
+    by_round = []
+    for _ in range(rounds):
+        if ceiling:
+            ceiling.time_slice(seconds / rounds)
+        answered, start = len(latencies), time.perf_counter()
+        await asyncio.gather(*(client(start + seconds / rounds) for _ in range(clients)))
+        by_round.append((len(latencies) - answered, time.perf_counter() - start))
     cuts = statistics.quantiles(latencies, n=100)
     return {
         "items_per_s": len(latencies) / sum(elapsed for _, elapsed in by_round),
@@ -209,6 +203,25 @@ async def load(
         "requests": len(latencies),
         "failures": failures,
     }
+
+
+async def load(
+    url: str, endpoint: str, png: bytes, clients: int, seconds: float, ceiling: Ceiling | None = None
+) -> dict:
+    """`closed_loop` of one-item requests to a native endpoint."""
+    kwargs = (
+        {"json": {"texts": [TEXT]}}
+        if endpoint == "encode_text"
+        else {"files": [("images", ("a.png", png, "image/png"))]}
+    )
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+
+        async def send() -> str | None:
+            response = await http.post(f"/{endpoint}", **kwargs)
+            return None if response.status_code == 200 else str(response.status_code)
+
+        return await closed_loop(send, clients, seconds, ceiling)
 
 
 def package_bento(tmp: Path, model: str, batching: bool, precision: str) -> str:

@@ -1,4 +1,4 @@
-"""`clipflow VERB`: one verb per pipeline step, plus run, serve, compile and submit.
+"""`clipflow VERB`: one verb per pipeline step, plus run, export, serve, compile and submit.
 
 Every verb takes `--params FILE`, `--profile NAME` and repeatable `--set KEY=VALUE`, and
 reports bad input as one line on stderr with a non-zero exit status.
@@ -251,6 +251,33 @@ def package(
         _require_dir(gallery, "gallery data directory")
     model_uri = model or f"models:/{params.promote.model_name}@champion"
     _print_json(run_package(model_uri, params, checkout() / "serving", gallery=gallery))
+
+
+@app.command()
+def export(
+    model: Annotated[str, typer.Option(help="A checkpoint path or an MLflow model URI (models:/NAME@ALIAS).")],
+    to: Annotated[str, typer.Option(help="A new folder, or an s3://bucket/prefix.")],
+    format: Annotated[str, typer.Option(help="open_clip (config + safetensors) or onnx (both towers).")] = "open_clip",
+    model_config: Annotated[
+        Optional[str], typer.Option(help="The open_clip config of a checkpoint that does not record it (ViT-B-32).")
+    ] = None,
+    params_file: ParamsOption = DEFAULT_PARAMS,
+    overrides: SetOption = None,
+    profile: ProfileOption = None,
+) -> None:
+    """Write a model where other tools load it: open_clip's `local-dir:` layout, or ONNX graphs."""
+    from clipflow.model.export import FORMATS
+    from clipflow.model.export import export as run_export
+    from clipflow.registry.models import is_model_uri, load_model
+
+    params = _params(params_file, overrides, profile)
+    if format not in FORMATS:  # before the model loads
+        raise ClipflowError(f"--format must be one of {', '.join(FORMATS)}, not {format!r}")
+    if is_model_uri(model):
+        from clipflow import tracking
+
+        tracking.setup(params.tracking)
+    _print_json(run_export(load_model(model, model_config), to, format))
 
 
 @app.command()
