@@ -34,9 +34,10 @@ def evaluate_component(
         evaluation: the report folder: metrics.json, CLIP_benchmark results, plots.
     """
     import json
-    import shutil
     from collections import namedtuple
+    from pathlib import Path
 
+    from clipflow.evaluate.report import markdown_summary
     from clipflow.evaluate.step import evaluate
     from clipflow.params import parse_params
 
@@ -46,7 +47,8 @@ def evaluate_component(
         metrics.log_metric(name, value)
     heldout = result.zeroshot["heldout"]
     confusion.log_confusion_matrix(heldout.classes, heldout.confusion.tolist())
-    shutil.copyfile(f"{evaluation.path}/summary.md", summary.path)
+    # The Kubeflow UI shows this file alone, where the summary's relative figure links lead nowhere.
+    Path(summary.path).write_text(markdown_summary(result, figures_in=evaluation.uri))
     report = {key: value for key, value in result.to_dict().items() if key != "zeroshot"}
     outputs = namedtuple("EvaluateOutputs", ["metrics_json", "report"])
     return outputs(json.dumps(result.metrics), json.dumps(report))

@@ -22,23 +22,24 @@ def validate_component(
         overrides: `section.key=value` strings applied on top of it.
         profile: a params profile name, or "" for none.
         data: the ingested data directory.
-        report: the data docs page, shown in the Kubeflow UI.
+        report: the report page, self-contained, shown in the Kubeflow UI.
         validation: the full report folder (data docs, validation.json, quarantine.parquet).
 
     Returns:
         The step's JSON report.
     """
     import json
-    import shutil
     from pathlib import Path
 
     from clipflow.params import parse_params
     from clipflow.validate import check_passed, validate
+    from clipflow.validate.page import report_page
     from clipflow.validate.tracking import log_report
 
     resolved = parse_params(params, overrides, profile or None)
     result = validate(data.path, validation.path, resolved.validate)
-    shutil.copyfile(Path(result.report), report.path)
+    # The Kubeflow UI shows this page alone, away from the folder: it names the folder's files instead of linking them.
+    Path(report.path).write_text(report_page(validation.path, folder=validation.uri))
     validation.metadata.update({k: getattr(result, k) for k in ("input_rows", "kept", "quarantined")})
     validation.metadata["mlflow_run_id"] = log_report(validation.path, result, resolved.tracking, data.path)
     check_passed(result, resolved.validate)

@@ -6,33 +6,15 @@ exact model tag, host, port and request body limit as Bento arguments, so `bento
 and the gallery index live in the BentoML model, written by `clipflow package` from params.yaml, so a
 Bento keeps what it was built with.
 
-    curl -s -X POST http://127.0.0.1:3000/encode_text -H 'content-type: application/json' \\
-         -d '{"texts": ["a red circle"]}'
-    curl -s -X POST http://127.0.0.1:3000/encode_image -F images=@a.png -F images=@b.png
-    curl -s -X POST http://127.0.0.1:3000/classify -F image=@shape.png \\
-         -F 'labels=["red circle", "blue square"]' -F 'templates=["a drawing of a {}."]'
-    curl -s -X POST http://127.0.0.1:3000/rank -F 'queries=["a red circle"]' \\
-         -F candidates=@a.png -F candidates=@b.png
-    curl -s -X POST http://127.0.0.1:3000/search -H 'content-type: application/json' \\
-         -d '{"text": "a red circle", "k": 5}'
-    curl -s -X POST http://127.0.0.1:3000/search_image -F image=@shape.png -F k=5
-    curl -s -X POST http://127.0.0.1:3000/gallery_image -H 'content-type: application/json' \
-         -d '{"id": "test-000007"}' -o item.png
-    curl -s -X POST http://127.0.0.1:3000/v1/embeddings -H 'content-type: application/json' \
-         -d '{"model": "clipflow-clip", "input": ["a red circle"]}'
-
-OpenAI's client calls `/v1/embeddings` (texts, or images with `extra_body={"modality": "image"}`)
-and `/v1/models` (`clipflow.serve.openai_api`), which the native batched endpoints answer:
-
-    client = openai.OpenAI(base_url="http://127.0.0.1:3000/v1", api_key=os.environ.get("CLIPFLOW_API_KEY", "-"))
-    vectors = client.embeddings.create(model="clipflow-clip", input=["a red circle"])
-
-A browser at http://127.0.0.1:3000/ gets a page (`page.html`) that searches the gallery and
-classifies an uploaded image; BentoML's API docs move to /docs.
+What clients see of it, with an example call of each endpoint, is `API_DESCRIPTION` below, which
+the API docs at /docs show above every endpoint's docstring; a browser at http://127.0.0.1:3000/
+gets a page (`page.html`) that searches the gallery by text or image and classifies an uploaded
+image.
 
 This file maps HTTP onto `clipflow.serve` and nothing more: the checks and their limits are in
-`clipflow.serve.inputs`, the classify and rank arithmetic in `clipflow.serve.encoder`, and every
-change to BentoML itself in `clipflow.serve.bentoml_patches`.
+`clipflow.serve.inputs`, the classify and rank arithmetic in `clipflow.serve.encoder`, the error
+answers and the docs in `clipflow.serve.http`, and every change to BentoML itself in
+`clipflow.serve.bentoml_patches`.
 
 The model runs on the CPU cores in lanes, one thread per core with one torch thread each
 (`clipflow.serve.encoder`), at the precision `serve.precision` packaged: bf16 weights and inputs
@@ -51,19 +33,6 @@ arrives. The other model endpoints run one call per core; past those and `serve.
 waiting ones, a request answers 503 with `Retry-After` before its body is read. Images are
 decoded to near the model's input size (`clipflow.images`, as ingest decodes them), within
 `serve.max_request_pixels` for all the images of one request.
-
-Every embedding is L2-normalised, so a dot product is a cosine. Labels are words ("red circle");
-`classify` turns each into a prompt ensemble (by default `evaluate.templates`), so served
-probabilities behave like the evaluated zero-shot accuracy. When the server's environment sets
-`CLIPFLOW_API_KEY`, every endpoint but the probes, `/metrics` and the docs needs that key
-(`Authorization: Bearer <key>` or `X-API-Key: <key>`).
-
-Errors (under `/v1/` in OpenAI's shape, with the same statuses): 400 input outside a limit or
-undecodable (the message names the field and the limit),
-401 a missing or wrong API key, 404 `search` on a Bento packaged without a gallery, 413 a body
-over `serve.max_request_bytes`, 415 a content type other than JSON or multipart, 422 a request
-that does not fit the endpoint's signature (see `clipflow.serve.http`), 503 with `Retry-After`
-a batched request the server is too busy to answer in time.
 """
 
 from __future__ import annotations
@@ -86,6 +55,7 @@ from clipflow.serve.encoder import usable_cores
 from clipflow.serve.http import (
     OPEN_PATHS,
     AdmissionMiddleware,
+    ApiDocs,
     ApiKeyMiddleware,
     PageMiddleware,
     RequestGateMiddleware,
@@ -131,8 +101,11 @@ class BuildArgs(BaseModel):
 
 
 class LabelProbability(BaseModel):
+    """A label's share of the image among the labels of one call, and its cosine with the image."""
+
     label: str
     probability: float
+    cosine: float
 
 
 class Match(BaseModel):
@@ -149,6 +122,61 @@ class GalleryItem(BaseModel):
     score: float
 
 
+class ModelInfo(BaseModel):
+    """The served model, where it came from, and the gallery `search` ranks."""
+
+    name: str  # its name in the MLflow registry, or the BentoML model's when it was not registered
+    version: Optional[str]  # its version in the registry
+    alias: Optional[str]  # the registry alias it was packaged from (`champion`)
+    uri: str  # the model reference `clipflow package` was given
+    bento_model: str  # the BentoML model's tag
+    architecture: str  # its open_clip config
+    precision: str  # what it runs at on this server
+    gallery_size: int  # 0 without a gallery
+    gallery_split: Optional[str]
+
+
+API_DESCRIPTION = """\
+Embeddings, zero-shot classification, ranking and gallery search with the CLIP model this Bento
+serves (`model_info` names it). A browser at [/](/) gets a page that calls these endpoints.
+
+Every embedding is L2-normalised, so a dot product is a cosine. Labels are words ("red circle");
+`classify` turns each into a prompt ensemble (by default the evaluation's templates), so served
+probabilities behave like the evaluated zero-shot accuracy. Probabilities are shared among the
+labels of one call and add up to 1: compare cosines to judge how well a label fits on its own.
+
+```sh
+curl -s -X POST http://127.0.0.1:3000/encode_text -H 'content-type: application/json' \\
+     -d '{"texts": ["a red circle"]}'
+curl -s -X POST http://127.0.0.1:3000/encode_image -F images=@a.png -F images=@b.png
+curl -s -X POST http://127.0.0.1:3000/classify -F image=@shape.png \\
+     -F 'labels=["red circle", "blue square"]' -F 'templates=["a drawing of a {}."]'
+curl -s -X POST http://127.0.0.1:3000/rank -F 'queries=["a red circle"]' \\
+     -F candidates=@a.png -F candidates=@b.png
+curl -s -X POST http://127.0.0.1:3000/search -H 'content-type: application/json' \\
+     -d '{"text": "a red circle", "k": 5}'
+curl -s -X POST http://127.0.0.1:3000/search_image -F image=@shape.png -F k=5
+curl -s -X POST http://127.0.0.1:3000/gallery_image -H 'content-type: application/json' \\
+     -d '{"id": "test-0000007"}' -o item.png
+curl -s -X POST http://127.0.0.1:3000/model_info -H 'content-type: application/json' -d '{}'
+```
+
+OpenAI's embeddings API is served too, at `/v1/embeddings` (texts, or images with
+`extra_body={"modality": "image"}`) and `/v1/models`, with OpenAI's error shape:
+
+```python
+client = openai.OpenAI(base_url="http://127.0.0.1:3000/v1", api_key=os.environ.get("CLIPFLOW_API_KEY", "-"))
+vectors = client.embeddings.create(model="clipflow-clip", input=["a red circle"])
+```
+
+When the server's environment sets `CLIPFLOW_API_KEY`, every endpoint but the probes, `/metrics`
+and these docs needs that key: `Authorization: Bearer <key>` or `X-API-Key: <key>`.
+
+Every refusal answers `{"error": "<message>"}` with its status (the `Error` schema); each
+endpoint lists the statuses it may answer.
+"""
+
+
 ARGS = bentoml.use_arguments(BuildArgs)
 BENTO_MODEL = bentoml.models.BentoModel(ARGS.model_tag)
 PAGE = Path(__file__).with_name("page.html")
@@ -159,13 +187,30 @@ BATCHED = {
     "max_batch_size": ARGS.batch_max_size,
     "max_latency_ms": ARGS.batch_max_latency_ms,
 }
+API_DOCS = ApiDocs(
+    title="clipflow API",
+    description=API_DESCRIPTION,
+    examples={
+        "/encode_text": {"texts": ["a red circle", "two blue squares"]},
+        "/encode_image_base64": {"images": ["data:image/png;base64,iVBORw0KGgo..."]},
+        "/classify": {"labels": ["red circle", "blue square", "green star"], "templates": ["a drawing of a {}."]},
+        "/rank": {"queries": ["a red circle"]},
+        "/rank_texts": {"candidates": ["a red circle", "a blue square"]},
+        "/search": {"text": "a red circle", "k": 5},
+        "/search_image": {"k": 5},
+        "/gallery_image": {"id": "test-0000007"},
+    },
+    gallery_paths=frozenset({"/search", "/search_image", "/gallery_image"}),
+)
 # BentoML's own dispatcher runs one call at a time and splits closed-loop clients into a batch of
 # one and a batch of the rest; its own parsers answer some malformed requests with 500 and
-# validate on the event loop; its metrics add series for every path a client makes up.
+# validate on the event loop; its metrics add series for every path a client makes up; its API
+# docs describe it, not this service.
 bentoml_patches.install(
     functools.partial(FillingDispatcher, lanes=usable_cores()),
     serdes=(StrictJSONSerde, StrictMultipartSerde),
     labelled_paths=OPEN_PATHS | openai_api.PATHS,
+    openapi=API_DOCS.rewrite,
 )
 
 
@@ -233,6 +278,24 @@ class Clipflow:
         self.templates = metadata["templates"]
         self.gallery = gallery.load(Path(self.bento_model.path))
         guard_decoder(self.limits)
+        uri = metadata["model_uri"]
+        self.info = ModelInfo(
+            name=metadata.get("mlflow_model", self.bento_model.tag.name),
+            version=metadata.get("mlflow_version"),
+            # `clipflow package` pins an alias to its version, and keeps the reference it was given.
+            alias=(uri.partition("@")[2] or None) if uri.startswith("models:/") else None,
+            uri=uri,
+            bento_model=str(self.bento_model.tag),
+            architecture=metadata["model_config"],
+            precision=precision,
+            gallery_size=len(self.gallery) if self.gallery is not None else 0,
+            gallery_split=metadata.get("gallery", {}).get("split"),
+        )
+
+    @bentoml.api
+    def model_info(self) -> ModelInfo:
+        """The served model (registry name, version and the alias it was packaged from) and the gallery size."""
+        return self.info
 
     @bentoml.api(**BATCHED)
     def encode_text(self, texts: Texts) -> list[list[float]]:
@@ -251,17 +314,18 @@ class Clipflow:
 
     @bentoml.api
     def classify(self, image: Path, labels: list[str], templates: Optional[list[str]] = None) -> list[LabelProbability]:
-        """Zero-shot classify an image: every label with its probability, most likely first.
+        """Zero-shot classify an image: every label with its probability and cosine, most likely first.
 
-        Probabilities are the softmax over labels of the model's scaled cosine similarity
-        between the image and each label's prompt ensemble, built from `templates` (each holds
-        `{}` where the label goes; default: the evaluation's templates).
+        `cosine` is the cosine similarity between the image and the label's prompt ensemble,
+        built from `templates` (each holds `{}` where the label goes; default: the evaluation's
+        templates). `probability` is the softmax over the labels of the model's logit scale times
+        the cosine: relative to the labels of this call, so one label of one gets 1.
         """
         check_labels(labels, templates, self.limits)
         image_features = self.encoder.images([open_image(image, self.limits, decode_side())])
         label_features = self.encoder.labels(labels, templates or self.templates)
         scores = encoder.classify(image_features, label_features, labels, self.encoder.logit_scale)
-        return [LabelProbability(label=score.label, probability=score.probability) for score in scores]
+        return [LabelProbability(label=s.label, probability=s.probability, cosine=s.cosine) for s in scores]
 
     @bentoml.api
     def rank(self, queries: list[str], candidates: list[Path]) -> list[list[Match]]:
@@ -330,7 +394,7 @@ class Clipflow:
 # and the probes pass, then a request without the key is refused before anything else, and an
 # OpenAI request passes the body gates before it is handed on to a native endpoint.
 Clipflow.add_asgi_middleware(openai_api.ErrorShapeMiddleware)
-Clipflow.add_asgi_middleware(PageMiddleware, page=PAGE)
+Clipflow.add_asgi_middleware(PageMiddleware, page=PAGE, docs_title=API_DOCS.title)
 Clipflow.add_asgi_middleware(ApiKeyMiddleware)
 Clipflow.add_asgi_middleware(RequestGateMiddleware, max_bytes=ARGS.max_request_bytes)
 Clipflow.add_asgi_middleware(

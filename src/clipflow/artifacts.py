@@ -11,7 +11,7 @@ code, so a step can change how it works without its readers noticing. A data dir
 
 A validation folder holds `validation.json` (`ValidationReport`) beside its data docs; a training
 output folder holds the checkpoint and `train.json` (`TrainReport`); an evaluation folder holds
-`metrics.json` (read by `read_metrics`) beside its plots and tables.
+`metrics.json` (read by `read_metrics`) and `summary.md` beside its plots and tables.
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ INGEST_REPORT = "ingest.json"
 VALIDATION_REPORT = "validation.json"
 TRAIN_REPORT = "train.json"
 METRICS_FILE = "metrics.json"
+SUMMARY_FILE = "summary.md"  # the evaluation in Markdown, beside metrics.json
+# Where `evaluate` logs its folder among the training run's artifacts; `promote` completes its summary there.
+EVALUATION_ARTIFACTS = "evaluation"
 
 
 class JsonRecord:
@@ -85,6 +88,7 @@ class ExpectationResult:
     expectation: str
     column: str
     reason: str
+    threshold: str  # what the expectation allows, in words, with the params that set it
     success: bool
     unexpected_count: int
 
@@ -104,10 +108,11 @@ class ValidationReport(JsonRecord):
     quarantined_at_ingest: int
     quarantined_by_suite: int
     quarantine_reasons: dict[str, int]
+    splits: dict[str, dict[str, int]]  # split of the metadata table -> its "rows", "kept" and "quarantined"
     bad_fraction: float
     max_bad_fraction: float
     expectations: tuple[ExpectationResult, ...]
-    report: str  # the data docs' index.html
+    report: str  # the report page, index.html (self-contained; the data docs are beside it)
     seconds: float
 
     def write(self, report_dir: str | Path) -> None:
@@ -129,6 +134,9 @@ class TrainReport(JsonRecord):
     checkpoint: str
     data_version: str
     seconds: float
+    # The last logged step's figures; None where the leader logged on a cluster (TrainJob) or in an older report.
+    final_loss: float | None = None
+    samples_per_second: float | None = None
 
     def write(self, output_dir: str | Path) -> None:
         (Path(output_dir) / TRAIN_REPORT).write_text(self.to_json())

@@ -35,6 +35,11 @@ ProfileOption = Annotated[
     Optional[str], typer.Option("--profile", help="A params profile, such as 'test' (default: $CLIPFLOW_PROFILE).")
 ]
 
+ModelOption = Annotated[str, typer.Option(help="A checkpoint path or an MLflow model URI (models:/NAME@ALIAS).")]
+ModelConfigOption = Annotated[
+    Optional[str], typer.Option(help="The open_clip config of a checkpoint that does not record it (ViT-B-32).")
+]
+
 
 def _params(params_file: Path, overrides: list[str] | None, profile: str | None) -> Params:
     return load_params(params_file, overrides or [], profile)
@@ -57,18 +62,21 @@ def run(
         "outputs/run-summary.json"
     ),
     source: Annotated[str, typer.Option(help="What to ingest: builtin, or a manifest/shard location.")] = "builtin",
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="Stream every step's whole output, as kfp.local prints it.")
+    ] = False,
     params_file: ParamsOption = DEFAULT_PARAMS,
     overrides: SetOption = None,
     profile: ProfileOption = None,
 ) -> None:
-    """Run the whole DAG (ingest to package) through kfp.local and write the run summary."""
+    """Run the whole DAG (ingest to package) through kfp.local: a line per step, each step's log in a file."""
     from pipelines.local import describe, run_pipeline
 
     params = _params(params_file, overrides, profile)
-    result = run_pipeline(params_file, params, overrides or [], source=source)
+    result = run_pipeline(params_file, params, overrides or [], source=source, verbose=verbose)
     summary.parent.mkdir(parents=True, exist_ok=True)
     summary.write_text(json.dumps(result, indent=2))
-    typer.echo(describe(result, summary))
+    typer.echo(describe(result, summary, params.serve))
 
 
 @app.command()
@@ -165,16 +173,14 @@ def train(
 
 @app.command()
 def evaluate(
-    model: Annotated[str, typer.Option(help="A checkpoint path or an MLflow model URI (models:/NAME@ALIAS).")],
+    model: ModelOption,
     data: Annotated[Path, typer.Option(help="An ingested data directory.")] = Path("data/builtin"),
     output: Annotated[Path, typer.Option(help="Where to write metrics.json.")] = Path("outputs/evaluation"),
     run_id: Annotated[
         Optional[str],
         typer.Option(help="An MLflow run to log the metrics to (default: the run that trained a train output folder)."),
     ] = None,
-    model_config: Annotated[
-        Optional[str], typer.Option(help="The open_clip config of a checkpoint that does not record it (ViT-B-32).")
-    ] = None,
+    model_config: ModelConfigOption = None,
     params_file: ParamsOption = DEFAULT_PARAMS,
     overrides: SetOption = None,
     profile: ProfileOption = None,
@@ -255,12 +261,10 @@ def package(
 
 @app.command()
 def export(
-    model: Annotated[str, typer.Option(help="A checkpoint path or an MLflow model URI (models:/NAME@ALIAS).")],
+    model: ModelOption,
     to: Annotated[str, typer.Option(help="A new folder, or an s3://bucket/prefix.")],
     format: Annotated[str, typer.Option(help="open_clip (config + safetensors) or onnx (both towers).")] = "open_clip",
-    model_config: Annotated[
-        Optional[str], typer.Option(help="The open_clip config of a checkpoint that does not record it (ViT-B-32).")
-    ] = None,
+    model_config: ModelConfigOption = None,
     params_file: ParamsOption = DEFAULT_PARAMS,
     overrides: SetOption = None,
     profile: ProfileOption = None,
@@ -381,6 +385,8 @@ PROCESS_DEFAULTS = {
     "DO_NOT_TRACK": "true",
     "BENTOML_DO_NOT_TRACK": "true",
     "BENTOML_HOME": "bentoml_home",
+    # Its download bars, a line per refresh, fill the step logs (and the terminal with --verbose).
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
 
 

@@ -170,6 +170,7 @@ class EvaluateParams:
     batch_size: int
     recall_k: list[int]
     retrieval_split: str
+    retrieval_label_field: str | None
     chunk_size: int
     templates: list[str]
     zeroshot: dict[str, ZeroshotSet]

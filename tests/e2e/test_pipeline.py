@@ -2,19 +2,25 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import mlflow
 import pytest
 import yaml
 
+from clipflow.artifacts import IngestReport
 from clipflow.model import register_configs
 from pipelines.local import compile_pipeline
 from pipelines.pipeline import STEPS
 from tests.support import REPO
+from tests.support.processes import process_group
+from tests.support.servers import _http_ok as http_ok
+from tests.support.servers import _wait as wait_until
 from tests.support.servers import bentoml_server, free_port
 
 BIN = Path(sys.executable).parent
@@ -85,8 +91,9 @@ def test_whole_pipeline_runs_through_kfp_local(pipeline_run):
     try:
         run = mlflow.get_run(summary["mlflow_run_id"])
         assert run.data.tags["data_version"] == summary["data_version"]
-        assert run.data.metrics["zeroshot_top1_heldout"] == pytest.approx(summary["metrics"]["zeroshot_top1_heldout"])
-        assert "train_loss" in run.data.metrics
+        heldout = summary["metrics"]["zeroshot_top1_heldout"]
+        assert run.data.metrics["eval/zeroshot_top1_heldout"] == pytest.approx(heldout)
+        assert "train/loss" in run.data.metrics
         version = mlflow.MlflowClient().get_model_version_by_alias(summary["model_name"], "champion")
         assert str(version.version) == summary["model_version"]
     finally:
@@ -118,7 +125,75 @@ def test_clipflow_serve_classifies_test_images_with_the_run_s_bento(pipeline_run
     assert result["top1"] == pytest.approx(1 - len(mistakes) / 20)
 
 
-def test_a_failing_step_stops_the_run_with_one_clear_last_line(tmp_path):
+def test_run_prints_a_line_per_step_and_keeps_each_step_s_log(pipeline_run):
+    workdir, summary, stdout = pipeline_run
+    lines = stdout.splitlines()
+    assert len(lines) <= 40, stdout
+    assert "Executing task" not in stdout  # kfp.local's own stream stays in the logs
+    ended = {}
+    for number, step in enumerate(STEPS, start=1):
+        own = [line for line in lines if line.startswith(f"[{number}/{len(STEPS)}] {step} ")]
+        assert len(own) == 2, stdout
+        log = Path(summary["logs"][step])
+        assert log.is_relative_to(workdir.resolve() / "outputs/kfp") and log.parent.name == "logs"
+        assert own[0].endswith(f"started; log {log.relative_to(workdir.resolve())}")
+        assert " done in " in own[1]
+        ended[step] = own[1]
+        # kfp's executor names the component it runs: each log holds its own step's output, and only that
+        text = log.read_text()
+        assert f"`{step}_component`" in text
+        assert not [other for other in STEPS if other != step and f"`{other}_component`" in text]
+    ingested = IngestReport.read(summary["data_dir"])
+    assert f"kept {ingested.kept} of {ingested.input_rows} rows" in ended["ingest"]
+    assert f"data version {summary['data_version']}" in ended["ingest"]
+    validated = summary["validation"]
+    assert f"kept {validated['kept']}, quarantined {validated['quarantined']}" in ended["validate"]
+    assert re.search(r": \d+ samples/s, final loss \d+\.\d{4}$", ended["train"]), ended["train"]
+    assert f"held-out zero-shot top-1 {summary['metrics']['zeroshot_top1_heldout']:.3f}" in ended["evaluate"]
+    assert f"version {summary['model_version']} promoted to champion" in ended["promote"]
+    assert f"bento {summary['bento_tag']}" in ended["package"]
+
+    # the closing summary says where to look next, and each place exists
+    assert Path(summary["reports"]["evaluation"]).name == "summary.md"
+    assert (Path(summary["reports"]["plots"]) / "retrieval_grid.png").is_file()
+    assert Path(summary["reports"]["validation"]).is_file()
+    promotion = Path(summary["reports"]["promotion"]).read_text()
+    assert f"models:/{summary['model_name']}/{summary['model_version']}" in promotion
+    for path in summary["reports"].values():
+        assert str(Path(path).relative_to(workdir.resolve())) in stdout
+    serve = yaml.safe_load((workdir / "params.yaml").read_text())["serve"]
+    assert f"web page:       http://{serve['host']}:{serve['port']}/ after make serve" in lines
+
+
+def test_the_printed_mlflow_ui_command_opens_the_run(pipeline_run, tmp_path):
+    workdir, summary, stdout = pipeline_run
+    line = next(line for line in stdout.splitlines() if line.startswith("MLflow UI:"))
+    command = line.removeprefix("MLflow UI:").partition("(then")[0].split()
+    assert command[1:] == ["ui", "--backend-store-uri", f"sqlite:///{workdir.resolve() / 'mlflow.db'}"]
+    port = free_port()
+    env = {**ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    url = f"http://127.0.0.1:{port}"
+    log_path = tmp_path / "mlflow-ui.log"
+    # Started elsewhere than the run's folder: the command needs nothing from the working directory.
+    with (
+        log_path.open("wb") as log,
+        process_group(
+            [*command, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+            cwd=tmp_path,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        ) as process,
+    ):
+        wait_until(lambda: http_ok(f"{url}/health"), process, log_path, "mlflow ui")
+        run = httpx.get(f"{url}/api/2.0/mlflow/runs/get", params={"run_id": summary["mlflow_run_id"]}).json()["run"]
+        files = httpx.get(f"{url}/api/2.0/mlflow/artifacts/list", params={"run_id": summary["mlflow_run_id"]}).json()
+    assert run["data"]["tags"]
+    assert {tag["key"]: tag["value"] for tag in run["data"]["tags"]}["data_version"] == summary["data_version"]
+    assert "evaluation" in {entry["path"] for entry in files["files"]}
+
+
+def test_a_failing_step_shows_its_log_s_tail_and_stops_the_run_with_one_clear_last_line(tmp_path):
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     # every rendered image is 64 px wide, so all rows break the width expectation
     result = subprocess.run(
@@ -130,12 +205,40 @@ def test_a_failing_step_stops_the_run_with_one_clear_last_line(tmp_path):
         timeout=600,
     )
     assert result.returncode != 0
-    assert (
-        result.stderr.strip().splitlines()[-1]
-        == "clipflow: error: pipeline failed at validate; its error is in the log above"
-    )
-    assert "validation failed:" in result.stdout + result.stderr  # kfp.local relays task logs
+    log = next((tmp_path / "outputs/kfp").glob("*/logs/validate.log")).relative_to(tmp_path)
+    errors = result.stderr.strip().splitlines()
+    assert errors[-1] == f"clipflow: error: pipeline failed at validate; its log: {log}"
+    tail = errors[errors.index(f"last 20 lines of {log}:") + 1 : -1]
+    assert len(tail) == 20
+    logged = (tmp_path / log).read_text()
+    failure = next(line for line in tail if "validation failed:" in line)
+    assert failure.strip() in logged
+    assert result.stdout.splitlines()[-1].startswith("[2/6] validate FAILED after ")
+    assert len(result.stdout.splitlines()) == 4  # ingest started and done, validate started and failed
     assert not (tmp_path / "outputs/run-summary.json").exists()
+
+
+def test_verbose_streams_what_kfp_local_prints_and_still_keeps_the_log(tmp_path):
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    missing = tmp_path / "no-such-manifest.csv"  # passes params load, fails in the ingest step
+    result = subprocess.run(
+        [str(BIN / "clipflow"), "run", "--verbose", "--source", str(missing)],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode != 0
+    log = next((tmp_path / "outputs/kfp").glob("*/logs/ingest.log"))
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"clipflow: error: pipeline failed at ingest; its log: {log.relative_to(tmp_path)}"
+    )
+    streamed = ("Executing task", "Looking for component `ingest_component`", f"manifest not found: {missing}")
+    for text in streamed:
+        assert text in result.stdout
+        assert text in log.read_text()
+    assert "DockerRunner" in result.stderr  # kfp.local's warnings, on stderr as without clipflow
 
 
 def test_dvc_stages_reproduce_the_same_dag(tmp_path):

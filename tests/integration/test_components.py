@@ -1,109 +1,17 @@
 """Each component called as a plain function (`component.python_func`), as Kubeflow's own components are tested.
 
 The steps are chained as the DAG chains them (ingest -> validate -> train -> evaluate -> promote ->
-package) on the `test` profile, with real KFP artifact objects whose `.path` is a temporary folder,
-a fresh MLflow sqlite store and real torchrun workers. The whole DAG through kfp.local is
-tests/e2e/test_pipeline.py.
+package) on the `test` profile: the session fixtures of tests/support/component_run.py run the
+first five once. The whole DAG through kfp.local is tests/e2e/test_pipeline.py.
 """
 
 import json
 from pathlib import Path
 
 import pytest
-from kfp import dsl
 
-from components.evaluate import evaluate_component
-from components.ingest import ingest_component
 from components.package import package_component
-from components.promote import promote_component
-from components.train import train_component
-from components.validate import validate_component
-from pipelines import params_json
-from tests.support import REPO
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """The arguments every step receives, over a fresh MLflow store; the process's MLflow state restored after."""
-    import mlflow
-
-    tmp = tmp_path_factory.mktemp("components")
-    tracking_uri = f"sqlite:///{tmp}/mlflow.db"
-    previous_uri = mlflow.get_tracking_uri()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.delenv("CLIPFLOW_LAUNCHER", raising=False)  # kfp.local's torchrun, not the cluster's TrainJob
-        yield {
-            "tmp": tmp,
-            "tracking_uri": tracking_uri,
-            "common": {
-                "params": params_json(REPO / "params.yaml"),
-                "overrides": [f"tracking.uri={tracking_uri}", "tracking.experiment=components"],
-                "profile": "test",
-            },
-        }
-    mlflow.set_tracking_uri(previous_uri)
-
-
-def artifact(kind, run, name: str):
-    """An output artifact as the KFP executor hands it to a step: its folder exists, the path does not yet."""
-    made = kind(name=name.rpartition("/")[2], uri=str(run["tmp"] / name))
-    Path(made.path).parent.mkdir(parents=True, exist_ok=True)
-    return made
-
-
-def mlflow_client(run):
-    import mlflow
-
-    return mlflow.MlflowClient(tracking_uri=run["tracking_uri"])
-
-
-@pytest.fixture(scope="module")
-def ingested(run):
-    data = artifact(dsl.Dataset, run, "ingest/data")
-    outputs = ingest_component.python_func(source="builtin", data=data, **run["common"])
-    return data, outputs
-
-
-@pytest.fixture(scope="module")
-def validated(run, ingested):
-    data, _ = ingested
-    report, validation = artifact(dsl.HTML, run, "validate/report"), artifact(dsl.Artifact, run, "validate/validation")
-    output = validate_component.python_func(data=data, report=report, validation=validation, **run["common"])
-    return report, validation, json.loads(output)
-
-
-@pytest.fixture(scope="module")
-def trained(run, ingested, validated):
-    data, _ = ingested
-    model = artifact(dsl.Model, run, "train/model")
-    outputs = train_component.python_func(data=data, model=model, **run["common"])
-    return model, outputs
-
-
-@pytest.fixture(scope="module")
-def evaluated(run, ingested, trained):
-    (data, _), (model, trained_outputs) = ingested, trained
-    outputs = {
-        "metrics": artifact(dsl.Metrics, run, "evaluate/metrics"),
-        "confusion": artifact(dsl.ClassificationMetrics, run, "evaluate/confusion"),
-        "summary": artifact(dsl.Markdown, run, "evaluate/summary"),
-        "evaluation": artifact(dsl.Artifact, run, "evaluate/evaluation"),
-    }
-    returned = evaluate_component.python_func(
-        data=data, model=model, mlflow_run_id=trained_outputs.mlflow_run_id, **outputs, **run["common"]
-    )
-    return outputs, returned
-
-
-@pytest.fixture(scope="module")
-def promoted(run, ingested, trained, evaluated):
-    (_, ingest_outputs), (_, train_outputs), (_, evaluate_outputs) = ingested, trained, evaluated
-    return promote_component.python_func(
-        model_uri=train_outputs.model_uri,
-        metrics_json=evaluate_outputs.metrics_json,
-        data_version=ingest_outputs.data_version,
-        **run["common"],
-    )
+from tests.support.component_run import mlflow_client
 
 
 def test_ingest_writes_shards_per_split_and_reports_the_data_version(ingested, small_params):
@@ -150,7 +58,7 @@ def test_train_writes_an_open_clip_checkpoint_and_an_mlflow_run(run, ingested, t
     logged = mlflow_client(run).get_run(outputs.mlflow_run_id)
     assert logged.data.tags["clipflow.step"] == "train" and logged.data.tags["profile"] == "test"
     assert logged.data.tags["data_version"] == ingest_outputs.data_version
-    assert "train_loss" in logged.data.metrics
+    assert "train/loss" in logged.data.metrics
     assert int(logged.data.params["train.steps"]) == small_params.train.steps
 
 
@@ -171,18 +79,22 @@ def test_evaluate_fills_the_kfp_metrics_confusion_matrix_and_summary(run, traine
     for name in ("metrics.json", "confusion_heldout.png", "retrieval_grid.png", "probes.png", "summary.md"):
         assert (evaluation / name).stat().st_size > 0
     logged = mlflow_client(run).get_run(train_outputs.mlflow_run_id)
-    assert logged.data.metrics["zeroshot_top1_heldout"] == pytest.approx(metrics["zeroshot_top1_heldout"])
+    assert logged.data.metrics["eval/zeroshot_top1_heldout"] == pytest.approx(metrics["zeroshot_top1_heldout"])
 
 
 def test_promote_registers_the_first_model_as_champion(run, promoted, small_params):
+    promoted, summary = promoted
     report = json.loads(promoted.report)
     assert (report["model_name"], report["model_version"]) == (promoted.model_name, promoted.model_version)
     assert promoted.model_name == small_params.promote.model_name and promoted.model_version == "1"
     # the test profile's gate has zero floors, and there is no champion yet
     assert report["promoted"] is True and report["previous_champion"] is None
-    assert set(report["aliases"]) == {"challenger", "champion"}
+    assert report["aliases"] == ["champion"]
     champion = mlflow_client(run).get_model_version_by_alias(promoted.model_name, "champion")
     assert str(champion.version) == promoted.model_version
+    # the Kubeflow UI shows the decision and where the model is
+    text = Path(summary.path).read_text()
+    assert "**Promoted**" in text and f"`models:/{promoted.model_name}/1`" in text
 
 
 def test_package_builds_a_bento_of_the_champion_with_the_gallery(run, ingested, promoted, packaged, small_params):
@@ -192,7 +104,7 @@ def test_package_builds_a_bento_of_the_champion_with_the_gallery(run, ingested, 
 
     from clipflow.model.precision import resolve_precision
 
-    data, ingest_outputs = ingested
+    (data, ingest_outputs), (promoted, _) = ingested, promoted
     result = json.loads(package_component.python_func(model_name=promoted.model_name, data=data, **run["common"]))
     assert result["model_uri"] == f"models:/{promoted.model_name}@champion"
     assert result["gallery"] == {

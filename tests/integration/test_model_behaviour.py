@@ -64,7 +64,7 @@ class Behaviour:
 def measure(checkpoint: Path, data_dir: Path, metrics_file: Path) -> Behaviour:
     clip = clip_model.load(checkpoint)
     clip.model.eval()
-    losses = [json.loads(line)["metrics"]["train_loss"] for line in metrics_file.read_text().splitlines()]
+    losses = [json.loads(line)["metrics"]["train/loss"] for line in metrics_file.read_text().splitlines()]
     pairs = ShardPairs(data_dir, SPLIT, clip.preprocess, clip.tokenizer)
     images = pairs.embed_images(clip.encode_images, 100, desc="behaviour")
     facts = [pairs.meta(i) for i in range(len(pairs))]

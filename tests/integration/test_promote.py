@@ -101,7 +101,7 @@ def test_register_gate_refuse_and_roll_back(registry, small_params):
     params = _params(small_params, registry, "clip-gate")
     tracking.setup(params.tracking)
     first = promote(_logged_model(registry), {"zeroshot_top1_heldout": 0.5}, params, data_version="v1")
-    assert first.promoted and first.aliases == ["challenger", "champion"]
+    assert first.promoted and first.aliases == ["champion"]
 
     worse = promote(_logged_model(registry), {"zeroshot_top1_heldout": 0.4}, params, data_version="v1")
     assert not worse.promoted and worse.aliases == ["challenger"]
@@ -116,8 +116,20 @@ def test_register_gate_refuse_and_roll_back(registry, small_params):
     champion = client.get_model_version_by_alias("clip-gate", CHAMPION)
     assert str(champion.version) == better.model_version
     assert champion.tags["data_version"] == "v2" and champion.tags["metric.zeroshot_top1_heldout"] == "0.6"
-    rejected = client.get_model_version("clip-gate", worse.model_version).tags
-    assert rejected["promotion"] == "rejected" and "drops more than" in rejected["promotion_reason"]
+    # challenger names the last refused version, never one that became champion
+    assert client.get_registered_model("clip-gate").aliases == {
+        CHAMPION: better.model_version,
+        CHALLENGER: below_floor.model_version,
+    }
+    rejected = client.get_model_version("clip-gate", worse.model_version)
+    assert rejected.tags["promotion"] == "rejected" and "drops more than" in rejected.tags["promotion_reason"]
+    # the description explains the refusal: the floor held, the drop against the champion did not
+    assert "**Not promoted**" in rejected.description
+    assert "| `zeroshot_top1_heldout` | 0.4000 | its floor | 0.3000 or more | pass |" in rejected.description
+    against_champion = f"champion version {first.model_version}: 0.5000, less the allowed drop 0.0500"
+    assert f"| `zeroshot_top1_heldout` | 0.4000 | {against_champion} | 0.4500 or more | **fail** |" in (
+        rejected.description
+    )
 
     # the champion's weights come back from the S3 bucket, through the tracking server
     restored = clip_model.load(download_checkpoint("models:/clip-gate@champion"))
@@ -218,12 +230,13 @@ def test_a_promotion_waits_while_another_holds_the_lock(registry, small_params, 
     client = mlflow.MlflowClient()
     with promotion_lock(client, "clip-lock"):
         thread, outcome = _promote_in_thread("waiting", uri, 0.7, params)
-        # it registers its version and aliases it challenger, then stands at the lock
+        # it registers its version, then stands at the lock before any alias moves
         assert waiters.wait_for({"waiting"})
-        assert thread.is_alive() and _aliases(client, "clip-lock") == {CHALLENGER}
+        assert thread.is_alive() and len(client.search_model_versions("name = 'clip-lock'")) == 1
+        assert _aliases(client, "clip-lock") == set()
     result = _finished(thread, outcome)
     assert result.promoted and result.model_version == "1"
-    assert _aliases(client, "clip-lock") == {CHALLENGER, CHAMPION}
+    assert _aliases(client, "clip-lock") == {CHAMPION}
 
 
 @pytest.mark.parametrize("value", ["NaN", "Infinity", '"0.9"', "null"])

@@ -32,7 +32,7 @@ CHECKPOINT_EVERY = 3
 # steps_per_epoch = 1200 // 64 = 18: every checkpoint here is mid-epoch.
 SETTINGS = [f"train.steps={STEPS}", f"train.checkpoint_every={CHECKPOINT_EVERY}", "train.log_every=1"]
 SETTINGS += ["train.keep_checkpoints=5", "train.max_restarts=2"]
-METRICS = ("train_loss", "lr", "logit_scale", "samples_per_second")
+METRICS = ("train/loss", "train/lr", "train/logit_scale", "train/samples_per_second")
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +160,7 @@ def _kill_a_worker_after_a_checkpoint(launcher: subprocess.Popen, output: Path) 
         latest = store.latest()
         job = output / "job-node0.json"
         if latest is not None and latest.step < STEPS:
-            logged = _history(output.parent, json.loads(job.read_text())["mlflow_run_id"])["train_loss"]
+            logged = _history(output.parent, json.loads(job.read_text())["mlflow_run_id"])["train/loss"]
             if logged and max(logged) > latest.step:
                 workers = [
                     child

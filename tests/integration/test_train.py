@@ -120,7 +120,7 @@ def test_clipflow_train_with_a_tiled_loss_on_two_processes(tmp_path, small_param
     try:
         run = mlflow.get_run(trained["mlflow_run_id"])
         assert run.data.params["train.loss"] == loss and run.data.params["train.nproc"] == "2"
-        history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "train_loss")
+        history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "train/loss")
         assert [m.step for m in history] == list(range(4, small_params.train.steps + 1, 4))
     finally:
         mlflow.set_tracking_uri(None)

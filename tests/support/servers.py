@@ -74,21 +74,33 @@ def seaweedfs(workdir: Path) -> Iterator[S3Server]:
 
 
 @contextlib.contextmanager
-def mlflow_server(workdir: Path, s3: S3Server, bucket: str = "mlflow") -> Iterator[str]:
-    """`mlflow server` on a sqlite store whose artifacts live in an S3 bucket; yields its URL."""
+def mlflow_server(
+    workdir: Path, s3: S3Server | None = None, bucket: str = "mlflow", store: Path | None = None
+) -> Iterator[str]:
+    """`mlflow server` on a sqlite store; yields its URL.
+
+    Args:
+        workdir: the server's folder (its log; the store and local artifacts by default).
+        s3: where new artifacts go (a bucket); None: `workdir/artifacts`.
+        bucket: the bucket, created on `s3`.
+        store: an existing sqlite file to serve, as after `make run` (default: a fresh `workdir/mlflow.db`).
+    """
     workdir.mkdir(parents=True, exist_ok=True)
-    s3.client().create_bucket(Bucket=bucket)
     port = free_port()
     env = {
         **os.environ,
-        **s3.env,
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "DO_NOT_TRACK": "true",
     }
+    artifacts = str(workdir / "artifacts")
+    if s3 is not None:
+        s3.client().create_bucket(Bucket=bucket)
+        env |= s3.env
+        artifacts = f"s3://{bucket}/artifacts"
     command = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    command += ["--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}"]
-    command += ["--artifacts-destination", f"s3://{bucket}/artifacts"]
+    command += ["--backend-store-uri", f"sqlite:///{store or workdir / 'mlflow.db'}"]
+    command += ["--artifacts-destination", artifacts]
     url = f"http://127.0.0.1:{port}"
     with _running(command, workdir / "mlflow.log", env, stop_grace_s=10) as process:
         _wait(lambda: _http_ok(f"{url}/health"), process, workdir / "mlflow.log", "mlflow server")

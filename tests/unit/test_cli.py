@@ -57,7 +57,19 @@ def test_help_lists_every_verb():
     commands = result.stdout.partition("Commands:")[2]
     listed = [line.split()[0] for line in commands.splitlines() if line.strip()]
     # The names as listed, not words found anywhere in the text ("run" is inside "torchrun").
-    expected = ["run", "ingest", "validate", "train", "evaluate", "promote", "package", "serve", "compile", "submit"]
+    expected = [
+        "run",
+        "ingest",
+        "validate",
+        "train",
+        "evaluate",
+        "promote",
+        "package",
+        "export",
+        "serve",
+        "compile",
+        "submit",
+    ]
     assert listed == expected
 
 
@@ -116,3 +128,23 @@ def test_an_end_of_input_is_an_error_and_only_ctrl_c_is_an_interruption(monkeypa
     monkeypatch.setattr(cli, "app", app)
     assert cli.main(["verb"]) == code
     assert capsys.readouterr().err.strip() == message
+
+
+@pytest.mark.parametrize(
+    ("tracking_uri", "opens"),
+    [
+        # a tracking server is its own UI
+        ("https://mlflow.example.org", "https://mlflow.example.org"),
+        # a local store: the UI command of the mlflow installed beside clipflow, not one on PATH
+        (
+            "sqlite:////runs/mlflow.db",
+            f"{Path(sys.executable).with_name('mlflow')} ui --backend-store-uri sqlite:////runs/mlflow.db"
+            "   (then http://127.0.0.1:5000)",
+        ),
+    ],
+)
+def test_the_run_summary_says_how_to_open_the_mlflow_ui(tmp_path, monkeypatch, tracking_uri, opens):
+    from pipelines.local import mlflow_ui
+
+    monkeypatch.chdir(tmp_path)  # outside the environment, so the command names mlflow by its full path
+    assert mlflow_ui(tracking_uri) == opens

@@ -21,7 +21,7 @@ OUTPUTS = {
     "validate": {"report", "validation", "Output"},
     "train": {"model", "mlflow_run_id", "model_uri", "report"},
     "evaluate": {"metrics", "confusion", "summary", "evaluation", "metrics_json", "report"},
-    "promote": {"model_name", "model_version", "report"},
+    "promote": {"summary", "model_name", "model_version", "report"},
     "package": {"Output"},
 }
 

@@ -1,7 +1,18 @@
 import pytest
 import torch
 
-from clipflow.evaluate.metrics import classification_report, recall_at_k, zeroshot_topk
+from clipflow.evaluate.metrics import (
+    ClassRecall,
+    Confusion,
+    classification_report,
+    label_recall_at_k,
+    per_class_recall,
+    recall_at_k,
+    row_normalised,
+    top_confusions,
+    wilson_interval,
+    zeroshot_topk,
+)
 from clipflow.model import prompt_ensemble
 
 
@@ -76,3 +87,54 @@ def test_classification_report_on_known_scores():
     # class 1 is right once in two, classes 0 and 2 always
     assert report["mean_per_class_recall"] == pytest.approx((1 + 0.5 + 1) / 3)
     assert report["confusion"].tolist() == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
+
+
+def _at_degrees(*angles):
+    radians = torch.tensor(angles, dtype=torch.float64).deg2rad()
+    return torch.stack([radians.cos(), radians.sin()], dim=1)
+
+
+def test_label_recall_counts_any_candidate_of_the_query_label():
+    candidates = _at_degrees(0, 30, 60, 90)
+    candidate_labels = torch.tensor([0, 1, 1, 0])
+    # Nearest candidates first: q0 sees labels 0, 1, ...; q1 sees 0, 1; q2 sees 1, 1, 0; q3 sees 0 first.
+    queries = _at_degrees(0, 90, 40, 10)
+    query_labels = torch.tensor([1, 1, 0, 0])
+    expected = {1: 1 / 4, 2: 3 / 4, 3: 1.0}
+    for chunk_size in (1, 3, 1024):
+        recall = label_recall_at_k(queries, candidates, query_labels, candidate_labels, [1, 2, 3], chunk_size)
+        assert recall == pytest.approx(expected)
+    # Pair-level recall is the special case where every pair is a label of its own.
+    own = torch.arange(4)
+    assert recall_at_k(queries, candidates, [1, 2, 3]) == label_recall_at_k(queries, candidates, own, own, [1, 2, 3])
+
+
+def test_confusion_rows_are_normalised_and_read_per_class():
+    confusion = torch.tensor([[2, 2, 0], [0, 0, 0], [1, 0, 3]])
+    shares = row_normalised(confusion)
+    assert shares.tolist() == [[0.5, 0.5, 0.0], [0.0, 0.0, 0.0], [0.25, 0.0, 0.75]]
+    # Class "b" has no images: it has no recall, and its row stays empty instead of dividing by zero.
+    assert per_class_recall(confusion, ["a", "b", "c"]) == [
+        ClassRecall("a", samples=4, recall=0.5, confused_with="b", confused_share=0.5),
+        ClassRecall("c", samples=4, recall=0.75, confused_with="a", confused_share=0.25),
+    ]
+    assert top_confusions(confusion, ["a", "b", "c"], limit=5) == [
+        Confusion("a", "b", count=2, share=0.5),
+        Confusion("c", "a", count=1, share=0.25),
+    ]
+    assert top_confusions(confusion, ["a", "b", "c"], limit=1) == [Confusion("a", "b", count=2, share=0.5)]
+    perfect = per_class_recall(torch.tensor([[3, 0], [0, 1]]), ["a", "b"])
+    assert [(each.recall, each.confused_with) for each in perfect] == [(1.0, None), (1.0, None)]
+
+
+def test_wilson_interval_holds_the_estimate_and_matches_known_values():
+    # As scipy.stats.binomtest(k, n).proportion_ci(method="wilson") gives them.
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson_interval(19, 100) == pytest.approx((0.1251, 0.2778), abs=1e-4)
+    for trials in (1, 7, 60, 1000):
+        for successes in {0, 1, trials // 3, trials}:
+            low, high = wilson_interval(successes, trials)
+            assert 0.0 <= low <= successes / trials <= high <= 1.0
+    # More scenes, a narrower interval around the same share.
+    assert wilson_interval(200, 1000)[1] - wilson_interval(200, 1000)[0] < wilson_interval(2, 10)[1]

@@ -9,6 +9,7 @@ import tomllib
 import pytest
 from _bentoml_impl import serde
 from _bentoml_impl.server import app
+from _bentoml_sdk.service import openapi
 from bentoml._internal.server.http import instruments
 
 from clipflow.errors import ClipflowError
@@ -26,6 +27,8 @@ def unpatched(monkeypatch):
     monkeypatch.setattr(app, "CorkDispatcher", bentoml_patches.CorkDispatcher)
     monkeypatch.setattr(app, "log_exception", bentoml_patches._log_exception)
     monkeypatch.setattr(instruments, "RunnerTrafficMetricsMiddleware", bentoml_patches._instruments_middleware)
+    monkeypatch.setattr(app.ServiceAppFactory, "api_endpoint_wrapper", bentoml_patches._api_endpoint_wrapper)
+    monkeypatch.setattr(openapi, "generate_spec", bentoml_patches._generate_spec)
     monkeypatch.setitem(serde.ALL_SERDE, StrictJSONSerde.media_type, serde.JSONSerde)
     monkeypatch.setitem(serde.ALL_SERDE, StrictMultipartSerde.media_type, serde.MultipartSerde)
     return app.CorkDispatcher, dict(serde.ALL_SERDE)
@@ -61,6 +64,8 @@ def test_install_on_the_pinned_version_patches_the_dispatcher_and_the_parsers(un
     assert serde.ALL_SERDE["multipart/form-data"] is StrictMultipartSerde
     assert issubclass(instruments.RunnerTrafficMetricsMiddleware, bentoml_patches._instruments_middleware)
     assert app.log_exception is bentoml_patches._log_request_error
+    assert app.ServiceAppFactory.api_endpoint_wrapper is bentoml_patches._error_as_object
+    assert openapi.generate_spec is bentoml_patches._generate_spec  # no rewrite given: BentoML's spec
     # The subclasses stand on the classes BentoML's own code uses.
     assert issubclass(FillingDispatcher, bentoml_patches.CorkDispatcher)
     assert issubclass(StrictJSONSerde, serde.JSONSerde) and issubclass(StrictMultipartSerde, serde.MultipartSerde)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from clipflow.artifacts import ExpectationResult, ValidationReport
+from clipflow.artifacts import ExpectationResult, IngestReport, ValidationReport
 from clipflow.data.ingest import ingest
 from clipflow.errors import ClipflowError
 from clipflow.params import Params
@@ -40,6 +40,8 @@ def test_clean_dataset_passes(data_dir: Path, tmp_path: Path, small_params: Para
     assert result.input_rows == result.kept == len(pd.read_parquet(data_dir / "metadata.parquet"))
     assert result.quarantined == 0 and result.bad_fraction == 0.0
     assert all(e.success and e.unexpected_count == 0 for e in result.expectations)
+    counts = IngestReport.read(data_dir).counts
+    assert result.splits == {split: {"rows": n, "kept": n, "quarantined": 0} for split, n in counts.items()}
     assert result.report == str(report / "index.html")
     assert "<html" in (report / "index.html").read_text()
     assert "<html" in (report / "data_docs" / "index.html").read_text()
@@ -93,12 +95,31 @@ def test_corrupt_rows_are_quarantined(data_dir: Path, tmp_path: Path, small_para
             expectation="expect_column_values_to_be_between",
             column="width",
             reason="width outside [16, 4096]",
+            threshold="16 to 4096 px (validate.min_side, validate.max_side)",
             success=False,
             unexpected_count=1,
         )
     ]
     assert (report / "index.html").is_file() and (report / "data_docs" / "index.html").is_file()
     assert ValidationReport.from_json((report / "validation.json").read_text()) == result
+    bad_per_split = pd.Series([metadata.loc[row, "split"] for row in expected]).value_counts()
+    rows_per_split = metadata["split"].value_counts()
+    assert result.splits == {
+        split: {
+            "rows": rows_per_split[split],
+            "kept": rows_per_split[split] - bad_per_split.get(split, 0),
+            "quarantined": bad_per_split.get(split, 0),
+        }
+        for split in [*small_params.validate.splits, "bogus"]
+    }
+    assert list(result.splits)[-1] == "bogus"  # unexpected splits after the expected ones
+    thresholds = {(e.column, e.expectation): e.threshold for e in result.expectations}
+    assert thresholds[("split", "expect_column_values_to_be_in_set")] == (
+        "one of train, test, heldout, probe (validate.splits)"
+    )
+    assert thresholds[("caption", "expect_column_value_lengths_to_be_between")] == (
+        "3 to 300 characters (validate.caption_min_chars, validate.caption_max_chars)"
+    )
 
     with pytest.raises(ClipflowError) as failure:
         check_passed(result, small_params.validate)
@@ -137,7 +158,7 @@ def test_malformed_metadata_is_a_user_error(
 def test_report_is_logged_to_mlflow_with_the_data_lineage(data_dir: Path, tmp_path: Path, small_params: Params) -> None:
     import mlflow
 
-    from clipflow.artifacts import IngestReport, dvc_md5
+    from clipflow.artifacts import dvc_md5
     from clipflow.params import TrackingParams
     from clipflow.validate.tracking import log_report
 

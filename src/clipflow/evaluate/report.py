@@ -7,14 +7,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clipflow.artifacts import METRICS_FILE
+from clipflow.artifacts import METRICS_FILE, SUMMARY_FILE
 from clipflow.evaluate import plots
 from clipflow.evaluate.probes import ProbeResult
 from clipflow.evaluate.retrieval import RetrievalResult
 from clipflow.evaluate.zeroshot import ZeroshotResult
 
-SUMMARY_FILE = "summary.md"
 CLIP_BENCHMARK_DIR = "clip_benchmark"
+RETRIEVAL_GRID_FILE = "retrieval_grid.png"
+PROBES_FILE = "probes.png"
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,10 @@ class Evaluation:
         }
 
 
+def confusion_file(name: str) -> str:
+    return f"confusion_{name}.png"
+
+
 def write_figures(evaluation: Evaluation, output_dir: Path) -> list[Path]:
     """The confusion matrices, the retrieval grid, the probe bars and the CLIP_benchmark files; returns their paths."""
     files = [
@@ -53,16 +58,13 @@ def write_figures(evaluation: Evaluation, output_dir: Path) -> list[Path]:
             result.confusion,
             result.classes,
             f"zero-shot '{name}' ({result.split})",
-            output_dir / f"confusion_{name}.png",
+            output_dir / confusion_file(name),
         )
         for name, result in evaluation.zeroshot.items()
     ]
-    grid = evaluation.retrieval.grid
-    files.append(plots.retrieval_grid(grid.queries, grid.images, grid.hits, output_dir / "retrieval_grid.png"))
+    files.append(plots.retrieval_grid(evaluation.retrieval.grid, output_dir / RETRIEVAL_GRID_FILE))
     if evaluation.probes:
-        accuracy = {kind: r.accuracy for kind, r in evaluation.probes.items()}
-        chance = {kind: r.chance for kind, r in evaluation.probes.items()}
-        files.append(plots.probe_bars(accuracy, chance, output_dir / "probes.png"))
+        files.append(plots.probe_bars(evaluation.probes, output_dir / PROBES_FILE))
     for record in clip_benchmark_records(evaluation):
         path = output_dir / CLIP_BENCHMARK_DIR / f"{record['dataset']}_{record['task']}.json"
         path.parent.mkdir(exist_ok=True)
@@ -99,24 +101,90 @@ def clip_benchmark_records(evaluation: Evaluation) -> list[dict[str, Any]]:
     return [*records, record(retrieval.split, "zeroshot_retrieval", metrics)]
 
 
-def markdown_summary(evaluation: Evaluation) -> str:
-    """The evaluation in a few Markdown tables (the Kubeflow UI shows it)."""
+def markdown_summary(evaluation: Evaluation, figures_in: str | None = None) -> str:
+    """The evaluation as Markdown: tables per zero-shot set, class, retrieval direction and probe, with the figures.
+
+    The figures are linked relative to the summary, so they show where the folder is read as a whole.
+    `clipflow promote` appends its decision and the registered model's URI as a last section.
+
+    Args:
+        evaluation: what the evaluate step measured.
+        figures_in: for a copy read away from the folder (the Kubeflow UI's Markdown view), the
+            folder's location: each figure is then named there instead of shown.
+    """
+
+    def figure(alt: str, name: str) -> str:
+        return f"![{alt}]({name})" if figures_in is None else f"Figure: {alt}, `{name}` in `{figures_in}`."
+
     lines = [
         "# Evaluation",
         "",
         f"Model: `{evaluation.model}`",
         "",
-        "| zero-shot set | top-1 | top-5 | mean per-class recall | chance | prompt spread |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "`clipflow promote` appends the promotion decision and the registered model URI at the end.",
+        "",
+        "## Zero-shot classification",
+        "",
+        "| zero-shot set | split | images | top-1 | top-5 | mean per-class recall | chance | prompt spread |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, r in evaluation.zeroshot.items():
         lines.append(
-            f"| {name} | {r.acc1:.3f} | {r.acc5:.3f} | {r.mean_per_class_recall:.3f} | {1.0 / len(r.classes):.3f} "
-            f"| {r.prompt_spread:.3f} |"
+            f"| {name} | {r.split} | {int(r.confusion.sum())} | {r.acc1:.3f} | {r.acc5:.3f} "
+            f"| {r.mean_per_class_recall:.3f} | {1.0 / len(r.classes):.3f} | {r.prompt_spread:.3f} |"
         )
-    metrics = evaluation.retrieval.metrics()
-    lines += ["", "| retrieval | value |", "| --- | --- |", *(f"| {k} | {metrics[k]:.3f} |" for k in sorted(metrics))]
+    for name, r in evaluation.zeroshot.items():
+        lines += [
+            "",
+            f"### {name}: per class",
+            "",
+            figure(f"confusion matrix of {name}", confusion_file(name)),
+            "",
+            "| class | images | recall | most often taken for | share |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for each in r.per_class():
+            mixed = f"{each.confused_with} | {each.confused_share:.3f}" if each.confused_with else "- | -"
+            lines.append(f"| {each.label} | {each.samples} | {each.recall:.3f} | {mixed} |")
+    lines += [*_retrieval_lines(evaluation.retrieval), "", figure("retrieval grid", RETRIEVAL_GRID_FILE)]
     if evaluation.probes:
-        lines += ["", "| probe | accuracy | chance |", "| --- | --- | --- |"]
-        lines += [f"| {kind} | {r.accuracy:.3f} | {r.chance:.3f} |" for kind, r in evaluation.probes.items()]
+        lines += [
+            "",
+            "## Probes",
+            "",
+            "Where the 95% interval lies against chance: below, at (it holds chance) or above.",
+            "",
+            "| probe | what it asks | n | accuracy | 95% interval | chance | against chance |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {kind} | {r.description} | {r.samples} | {r.accuracy:.3f} | {r.ci_low:.3f}–{r.ci_high:.3f} "
+            f"| {r.chance:.3f} | {'**below**' if r.below_chance else r.versus_chance} |"
+            for kind, r in evaluation.probes.items()
+        ]
+        lines += ["", figure("probe accuracies", PROBES_FILE)]
     return "\n".join(lines) + "\n"
+
+
+def _retrieval_lines(retrieval: RetrievalResult) -> list[str]:
+    columns = {"image → text, pair": retrieval.i2t, "text → image, pair": retrieval.t2i}
+    meaning = "Recall@k: the share of queries whose own pair is among their k best matches"
+    if retrieval.i2t_label:
+        columns = {
+            "image → text, pair": retrieval.i2t,
+            "image → text, label": retrieval.i2t_label,
+            "text → image, pair": retrieval.t2i,
+            "text → image, label": retrieval.t2i_label,
+        }
+        meaning += f"; by label, whose k best hold any item of the query's `{retrieval.grid.label_field}`"
+    lines = [
+        "",
+        f"## Retrieval on split `{retrieval.split}`",
+        "",
+        f"{meaning}.",
+        "",
+        "| k | " + " | ".join(columns) + " |",
+        "| --- " * (len(columns) + 1) + "|",
+    ]
+    lines += [f"| {k} | " + " | ".join(f"{values[k]:.3f}" for values in columns.values()) + " |" for k in retrieval.i2t]
+    return lines

@@ -4,10 +4,11 @@ Output folder:
 
     metrics.json               every metric (clipflow names), per-template accuracies, probe details
     clip_benchmark/*.json      the same results in CLIP_benchmark's result format and metric names
-    confusion_<set>.png        confusion matrix of each zero-shot set
-    retrieval_grid.png         query texts with their top-5 images
-    probes.png                 accuracy per probe against chance
-    summary.md                 a Markdown summary (the Kubeflow UI shows it)
+    confusion_<set>.png        row-normalised confusion matrix of each zero-shot set with per-class recall
+                               (beyond 16 classes: per-class recall and the top confusions)
+    retrieval_grid.png         captions with their top-5 images, images with their top-5 captions
+    probes.png                 accuracy per probe with its 95% interval, against chance
+    summary.md                 a Markdown summary with per-class tables and the figures (the Kubeflow UI shows it)
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from clipflow import tracking
-from clipflow.artifacts import METADATA_FILE
+from clipflow.artifacts import EVALUATION_ARTIFACTS, METADATA_FILE
 from clipflow.errors import ClipflowError
 from clipflow.evaluate.embeddings import SplitEmbeddings
 from clipflow.evaluate.probes import PROBE_SPLIT, probes
@@ -70,7 +71,13 @@ def evaluate(
             for name, spec in settings.zeroshot.items()
         },
         retrieval=retrieval(
-            clip, images, settings.retrieval_split, settings.batch_size, settings.recall_k, settings.chunk_size
+            clip,
+            images,
+            settings.retrieval_split,
+            settings.batch_size,
+            settings.recall_k,
+            settings.chunk_size,
+            settings.retrieval_label_field,
         ),
         probes=probes(clip, images) if PROBE_SPLIT in set(metadata["split"]) else {},
     )
@@ -81,8 +88,11 @@ def evaluate(
         import mlflow
 
         with mlflow.start_run(run_id=mlflow_run_id):
-            mlflow.log_metrics(evaluation.metrics)
-            mlflow.log_artifacts(str(output_dir), artifact_path="evaluation")
+            # `eval/` groups them apart from the training's charts; metrics.json keeps the plain names.
+            mlflow.log_metrics({f"eval/{name}": value for name, value in evaluation.metrics.items()})
+            mlflow.log_artifacts(str(output_dir), artifact_path=EVALUATION_ARTIFACTS)
+            splits = [spec.split for spec in settings.zeroshot.values()] + [settings.retrieval_split, PROBE_SPLIT]
+            tracking.log_data(data_dir, splits, "evaluation")
     return dataclasses.replace(evaluation, files=[str(path) for path in files])
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import pandas as pd
@@ -10,7 +10,7 @@ import torch
 
 from clipflow.errors import ClipflowError
 from clipflow.evaluate.embeddings import SplitEmbeddings, check_rankable
-from clipflow.evaluate.metrics import classification_report, zeroshot_topk
+from clipflow.evaluate.metrics import ClassRecall, classification_report, per_class_recall, zeroshot_topk
 from clipflow.model import ClipModel
 from clipflow.params import ZeroshotSet
 
@@ -33,6 +33,10 @@ class ZeroshotResult:
         """Prompt sensitivity: how far top-1 moves between the best and the worst single template."""
         return max(self.per_template_top1.values()) - min(self.per_template_top1.values())
 
+    def per_class(self) -> list[ClassRecall]:
+        """Recall and the most frequent mix-up of each class that has images."""
+        return per_class_recall(self.confusion, self.classes)
+
     def metrics(self) -> dict[str, float]:
         return {
             f"zeroshot_top1_{self.name}": self.acc1,
@@ -48,6 +52,7 @@ class ZeroshotResult:
             "classes": self.classes,
             "per_template_top1": self.per_template_top1,
             "confusion": self.confusion.tolist(),
+            "per_class": [asdict(each) for each in self.per_class()],
         }
 
 

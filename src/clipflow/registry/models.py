@@ -2,8 +2,9 @@
 
 A clipflow model in MLflow is a pyfunc "model from code": the code is `clipflow/model/pyfunc.py`
 (plain source, nothing pickled) and the weights are the open_clip checkpoint, an artifact.
-`mlflow.pyfunc.load_model(uri).predict(["a red circle"])` gives text embeddings, and clipflow
-itself downloads the checkpoint to rebuild the full two-tower model.
+`mlflow.pyfunc.load_model(uri).predict(["a red circle"])` gives text embeddings, as the model's
+signature and input example show in MLflow, and clipflow itself downloads the checkpoint to
+rebuild the full two-tower model.
 """
 
 from __future__ import annotations
@@ -16,16 +17,37 @@ from clipflow.errors import ClipflowError
 ARTIFACT_NAME = "model"
 CHECKPOINT_KEY = "checkpoint"
 PYFUNC_CODE = Path(clip_model.__file__).parent / "pyfunc.py"
+INPUT_EXAMPLE = ["a red circle", "two blue stars left of a green square"]
 
 
-def log_clip_model(checkpoint: str | Path) -> str:
-    """Log a checkpoint as an MLflow model in the active run; returns its `models:/` URI."""
+def log_clip_model(checkpoint: str | Path, config_name: str | None = None) -> str:
+    """Log a checkpoint as an MLflow model in the active run; returns its `models:/` URI.
+
+    The model carries a signature (texts in, one float32 embedding of the model's width per text
+    out) and an input example, which MLflow checks by loading the logged model and encoding it.
+
+    Args:
+        checkpoint: a checkpoint file, or a folder holding `checkpoint.pt`.
+        config_name: its open_clip config, when known; else read from the checkpoint.
+    """
     import mlflow
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, Schema, TensorSpec
 
+    path = clip_model.resolve_checkpoint(checkpoint)
+    config = clip_model.model_config(config_name or clip_model.read_checkpoint_info(path).get("name"))
+    width = config["embed_dim"] if config else -1  # a config open_clip builds from elsewhere (hf-hub:)
+    signature = ModelSignature(
+        inputs=Schema([ColSpec(DataType.string)]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, width))]),
+    )
     info = mlflow.pyfunc.log_model(
         name=ARTIFACT_NAME,
         python_model=str(PYFUNC_CODE),
-        artifacts={CHECKPOINT_KEY: str(clip_model.resolve_checkpoint(checkpoint))},
+        artifacts={CHECKPOINT_KEY: str(path)},
+        signature=signature,
+        input_example=INPUT_EXAMPLE,
         # clipflow brings open_clip and torch; naming it avoids MLflow's slow requirement inference.
         pip_requirements=["clipflow"],
     )

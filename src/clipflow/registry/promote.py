@@ -1,12 +1,15 @@
 """The promote step: register a model version and move `champion` only through the gate.
 
-Every promoted model becomes a registered version aliased `challenger`, with its metrics and
-data version as tags. `champion` moves to it only when every floor in `promote.floors` holds
-and no gated metric falls more than `promote.max_drop` below the current champion's. The
-decision and its reason are tagged on the version (MLflow 3 aliases; stages are not used),
-and each new champion remembers the one it replaced, so `rollback` can move back.
+Every promoted model becomes a registered version with its metrics and data version as tags.
+`champion` moves to it only when every floor in `promote.floors` holds and no gated metric
+falls more than `promote.max_drop` below the current champion's; a version the gate refuses is
+aliased `challenger` instead, so `challenger` never names a version that became champion. The
+decision and its reason are tagged on the version (MLflow 3 aliases; stages are not used), its
+description explains them (each floor and each comparison with the champion, with the numbers),
+and each new champion remembers the one it replaced, so `rollback` can move back. The same
+explanation completes the evaluation summary (`evaluation/summary.md`) of the run that trained it.
 
-Reading the champion, deciding and moving the alias happen under a registry-wide lock, so
+Reading the champion, deciding and moving the aliases happen under a registry-wide lock, so
 two promotions racing cannot both pass against the same old champion and leave the worse
 one in place.
 """
@@ -14,17 +17,20 @@ one in place.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import random
 import socket
+import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from clipflow import tracking
-from clipflow.artifacts import JsonRecord
+from clipflow.artifacts import EVALUATION_ARTIFACTS, SUMMARY_FILE, JsonRecord
 from clipflow.errors import ClipflowError
 from clipflow.params import Params
 
@@ -36,12 +42,30 @@ LOCK_SUFFIX = ".promotion-lock"
 LOCK_TIMEOUT_S = 120.0
 # A lock older than this is taken to belong to a promotion that died without releasing it.
 LOCK_STALE_S = 600.0
+# What a gate check compares a metric with.
+FLOOR = "floor"
+AGAINST_CHAMPION = "champion"
+# The section `promote` adds to the evaluation's summary.md; a later promotion of the same run replaces it.
+SUMMARY_HEADING = "## Promotion"
+
+
+@dataclass(frozen=True)
+class GateCheck:
+    """One comparison of the gate: a metric against its floor, or against the champion's value less `max_drop`."""
+
+    metric: str
+    against: str  # FLOOR or AGAINST_CHAMPION
+    value: float | None  # None: the evaluation did not report it
+    threshold: float  # the lowest value that passes
+    passed: bool
+    champion: float | None = None  # against the champion: its value
 
 
 @dataclass(frozen=True)
 class GateDecision:
     passed: bool
     reason: str
+    checks: tuple[GateCheck, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -53,6 +77,18 @@ class PromoteResult(JsonRecord):
     reason: str
     previous_champion: str | None  # the version it replaced
     seconds: float
+    model_uri: str = ""  # the registered version, `models:/NAME/VERSION`
+    source_model: str = ""  # the logged model that was registered
+    run_id: str | None = None  # the run that logged it (and its evaluation)
+    data_version: str | None = None
+    compared_with: str | None = None  # the champion the gate judged it against
+    checks: tuple[GateCheck, ...] = ()
+
+    @classmethod
+    def from_json(cls, text: str) -> PromoteResult:
+        values = json.loads(text)
+        checks = tuple(GateCheck(**each) for each in values.pop("checks", ()))
+        return cls(**values, checks=checks)
 
 
 @dataclass(frozen=True)
@@ -84,29 +120,45 @@ def check_metrics(metrics: dict[str, Any], floors: dict[str, float]) -> None:
 def gate(
     metrics: dict[str, float], floors: dict[str, float], max_drop: float, champion: dict[str, float] | None
 ) -> GateDecision:
-    """Decide whether `metrics` may replace the current `champion` metrics (None: no champion yet)."""
-    missing = sorted(set(floors) - set(metrics))
-    if missing:
-        return GateDecision(False, f"metrics missing for the gate: {', '.join(missing)}")
-    for name, floor in sorted(floors.items()):
-        if not metrics[name] >= floor:  # NaN fails here too
-            return GateDecision(False, f"{name}={metrics[name]:.4f} is below its floor {floor:.4f}")
+    """Decide whether `metrics` may replace the current `champion` metrics (None: no champion yet).
+
+    Every check is made, so the decision lists them all; the reason names the first that failed.
+    """
+
+    def check(name: str, against: str, threshold: float, champion_value: float | None = None) -> GateCheck:
+        value = metrics.get(name)
+        passed = value is not None and value >= threshold  # NaN fails here too
+        return GateCheck(name, against, value, threshold, passed, champion_value)
+
+    checks = [check(name, FLOOR, floor) for name, floor in sorted(floors.items())]
     if champion:
-        for name in sorted(floors):
-            # A champion tagged with a non-finite metric (before check_metrics existed) must not block every successor.
-            if name in champion and math.isfinite(champion[name]) and metrics[name] < champion[name] - max_drop:
-                return GateDecision(
-                    False,
-                    f"{name}={metrics[name]:.4f} drops more than {max_drop} below the champion's {champion[name]:.4f}",
-                )
-        return GateDecision(True, "passes every floor and holds up against the champion")
-    return GateDecision(True, "passes every floor; no champion yet")
+        # A champion tagged with a non-finite metric (before check_metrics existed) must not block every successor.
+        gated = [name for name in sorted(floors) if name in champion and math.isfinite(champion[name])]
+        checks += [check(name, AGAINST_CHAMPION, champion[name] - max_drop, champion[name]) for name in gated]
+    missing = sorted(set(floors) - set(metrics))
+    failed = next((c for c in checks if not c.passed), None)
+    if missing:
+        reason = f"metrics missing for the gate: {', '.join(missing)}"
+    elif failed and failed.against == FLOOR:
+        reason = f"{failed.metric}={failed.value:.4f} is below its floor {failed.threshold:.4f}"
+    elif failed:
+        reason = (
+            f"{failed.metric}={failed.value:.4f} drops more than {max_drop} below the champion's {failed.champion:.4f}"
+        )
+    elif champion:
+        reason = "passes every floor and holds up against the champion"
+    else:
+        reason = "passes every floor; no champion yet"
+    return GateDecision(not missing and failed is None, reason, tuple(checks))
 
 
 def promote(
     model_uri: str, metrics: dict[str, float], params: Params, data_version: str | None = None
 ) -> PromoteResult:
-    """Register `model_uri`, alias it `challenger`, and make it `champion` if the gate passes.
+    """Register `model_uri`; make it `champion` if the gate passes, else `challenger`.
+
+    The version's description explains the decision (see `describe`), and the summary.md that
+    `evaluate` logged to the model's run gets the same section.
 
     Raises:
         ClipflowError: a gated metric that is not a finite fraction (before anything is
@@ -125,30 +177,94 @@ def promote(
     if data_version:
         tags["data_version"] = data_version
     try:
-        version = str(mlflow.register_model(model_uri, name, tags=tags).version)
+        registered = mlflow.register_model(model_uri, name, tags=tags)
     except MlflowException as exc:
         raise ClipflowError(f"cannot register {model_uri}: {exc.message.splitlines()[0]}") from None
-    client.set_registered_model_alias(name, CHALLENGER, version)
+    version = str(registered.version)
 
     with promotion_lock(client, name):
         champion = _champion(client, name)
         decision = gate(metrics, params.promote.floors, params.promote.max_drop, champion and version_metrics(champion))
-        previous = champion.version if champion and decision.passed else None
         if decision.passed:
-            if previous is not None:
-                client.set_model_version_tag(name, version, PREVIOUS_CHAMPION_TAG, str(previous))
+            if champion:
+                client.set_model_version_tag(name, version, PREVIOUS_CHAMPION_TAG, str(champion.version))
             client.set_registered_model_alias(name, CHAMPION, version)
+        else:
+            client.set_registered_model_alias(name, CHALLENGER, version)
     client.set_model_version_tag(name, version, "promotion", "champion" if decision.passed else "rejected")
     client.set_model_version_tag(name, version, "promotion_reason", decision.reason)
-    return PromoteResult(
+    result = PromoteResult(
         model_name=name,
         model_version=version,
         aliases=sorted(client.get_model_version(name, version).aliases),
         promoted=decision.passed,
         reason=decision.reason,
-        previous_champion=None if previous is None else str(previous),
-        seconds=round(time.perf_counter() - started, 2),
+        previous_champion=str(champion.version) if champion and decision.passed else None,
+        seconds=0.0,
+        model_uri=f"models:/{name}/{version}",
+        source_model=model_uri,
+        run_id=registered.run_id or None,
+        data_version=data_version,
+        compared_with=str(champion.version) if champion else None,
+        checks=decision.checks,
     )
+    section = describe(result)
+    client.update_model_version(name, version, description=section)
+    if result.run_id:
+        _complete_summary(client, result.run_id, section)
+    return replace(result, seconds=round(time.perf_counter() - started, 2))
+
+
+def describe(result: PromoteResult) -> str:
+    """The promotion in Markdown: the decision, every check with its value and threshold, where the model is.
+
+    It is the registered version's description and the last section of the evaluation summary.
+    """
+    name, version = result.model_name, result.model_version
+    if result.promoted:
+        verdict = f"**Promoted**: version {version} of `{name}` is now `{CHAMPION}`"
+    else:
+        champion = f"`{CHAMPION}` stays version {result.compared_with}" if result.compared_with else "no champion yet"
+        verdict = f"**Not promoted**: version {version} of `{name}` is `{CHALLENGER}`; {champion}"
+    lines = [
+        SUMMARY_HEADING,
+        "",
+        f"{verdict}: {result.reason}.",
+        "",
+        "| metric | value | compared with | passes at | result |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for check in result.checks:
+        value = "missing" if check.value is None else f"{check.value:.4f}"
+        if check.against == FLOOR:
+            against = "its floor"
+        else:
+            drop = check.champion - check.threshold
+            against = f"champion version {result.compared_with}: {check.champion:.4f}, less the allowed drop {drop:.4f}"
+        passed = "pass" if check.passed else "**fail**"
+        lines.append(f"| `{check.metric}` | {value} | {against} | {check.threshold:.4f} or more | {passed} |")
+    if result.compared_with is None:
+        lines += ["", "There was no champion to compare with: only the floors applied."]
+    lines += ["", f"- Registered model: `{result.model_uri}` (aliases: {', '.join(result.aliases) or 'none'})"]
+    origin = f", logged by run `{result.run_id}`" if result.run_id else ""
+    lines.append(f"- Logged model: `{result.source_model}`{origin}")
+    if result.data_version:
+        lines.append(f"- Data version: `{result.data_version}`")
+    return "\n".join(lines) + "\n"
+
+
+def _complete_summary(client, run_id: str, section: str) -> None:
+    """Add `section` to the summary.md `evaluate` logged to the run, in place of an earlier promotion's.
+
+    A run that holds no evaluation summary (promoted with metrics from elsewhere) is left as it is.
+    """
+    path = f"{EVALUATION_ARTIFACTS}/{SUMMARY_FILE}"
+    if path not in {artifact.path for artifact in client.list_artifacts(run_id, EVALUATION_ARTIFACTS)}:
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        text = Path(client.download_artifacts(run_id, path, folder)).read_text(encoding="utf-8")
+    evaluation = text.split(f"\n{SUMMARY_HEADING}\n")[0].rstrip("\n")
+    client.log_text(run_id, f"{evaluation}\n\n{section}", path)
 
 
 def rollback(params: Params) -> RollbackResult:

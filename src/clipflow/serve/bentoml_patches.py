@@ -13,7 +13,12 @@ which store a process already uses, so clipflow reaches into `bentoml._internal`
   `prometheus_multiproc_dir`, which `own_metrics_folder()` gives each server a folder of;
 - `RunnerTrafficMetricsMiddleware`, whose request metrics `install()` replaces with ones that
   label every path that is not a route alike, and the service app's `log_exception`, which
-  `install()` makes log a client's error in one line.
+  `install()` makes log a client's error in one line;
+- the service app's `api_endpoint_wrapper`, whose 4xx answers `install()` unwraps from the
+  one-element list BentoML puts them in (`[{"error": ...}]`) into `{"error": ...}`, the shape
+  every other refusal of the server has;
+- the new SDK's `generate_spec` and the `OpenAPISpecification` it returns, which `install()`
+  passes through clipflow's rewrite of the spec `/docs.json` serves.
 
 Private modules change without notice between releases, so `install()` and `store_home()` refuse
 any version but `PINNED_VERSION` (pyproject.toml pins the same), rather than patching something
@@ -22,6 +27,7 @@ that is no longer there or no longer means the same.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -56,10 +62,13 @@ def check_version() -> None:
 try:
     from _bentoml_impl import serde as _serde
     from _bentoml_impl.server import app as _service_app
+    from _bentoml_sdk.service import openapi as _sdk_openapi
     from bentoml._internal.configuration.containers import BentoMLContainer as _Container
     from bentoml._internal.context import server_context as _server_context
     from bentoml._internal.marshal.dispatcher import CorkDispatcher, NonBlockSema
     from bentoml._internal.server.http import instruments as _instruments
+    from bentoml._internal.service.openapi.specification import OpenAPISpecification as _OpenAPISpecification
+    from bentoml._internal.utils.cattr import bentoml_cattr as _cattr
 except ImportError as exc:  # another BentoML moved them: say which versions, not only what is missing
     check_version()
     raise ClipflowError(f"BentoML {installed_version()} lacks a private module clipflow uses: {exc}") from None
@@ -87,12 +96,17 @@ _logger = logging.getLogger("bentoml.serve")
 # BentoML's own, which `install()` replaces.
 _log_exception = _service_app.log_exception
 _instruments_middleware = _instruments.RunnerTrafficMetricsMiddleware
+_api_endpoint_wrapper = _service_app.ServiceAppFactory.api_endpoint_wrapper
+_generate_spec = _sdk_openapi.generate_spec
+# What `install()` passes the OpenAPI spec through; None serves BentoML's own.
+OpenAPIRewrite = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 def install(
     dispatcher: Callable[..., CorkDispatcher],
     serdes: Iterable[type[JSONSerde | MultipartSerde]],
     labelled_paths: Iterable[str] = (),
+    openapi: OpenAPIRewrite | None = None,
 ) -> None:
     """Patch BentoML's service app to build `dispatcher` for every batchable endpoint and parse with `serdes`.
 
@@ -101,8 +115,10 @@ def install(
     The request metrics label the API routes and `labelled_paths` by their path and every other
     path as `OTHER_PATHS`: BentoML's label each path a client sends, about 20 series for each
     distinct unknown path, unauthenticated ones too. A request refused with a 4xx, or shed with
-    a 503, is logged in one line, not as an error with its traceback. Calling it again replaces
-    what an earlier call put in place.
+    a 503, is logged in one line, not as an error with its traceback, and answered
+    `{"error": message}`. The OpenAPI spec (`/docs.json`, and the Bento's `apis/openapi.yaml`)
+    is BentoML's passed through `openapi`. Calling it again replaces what an earlier call put in
+    place.
 
     Raises:
         ClipflowError: the installed BentoML is not `PINNED_VERSION`.
@@ -119,6 +135,32 @@ def install(
     )
     # The service app calls this module-level name from inside each failed request's `except`.
     _service_app.log_exception = _log_request_error
+    # The service app binds each endpoint's handler to this method when it builds its routes.
+    _service_app.ServiceAppFactory.api_endpoint_wrapper = _error_as_object
+    # A service imports this module-level name each time it is asked for its spec.
+    _sdk_openapi.generate_spec = _generate_spec if openapi is None else _rewritten_spec(openapi)
+
+
+async def _error_as_object(self: Any, name: str, request: Any) -> Any:
+    """BentoML's `api_endpoint_wrapper`, with a 4xx `[{"error": message}]` answered `{"error": message}`."""
+    response = await _api_endpoint_wrapper(self, name, request)
+    if 400 <= response.status_code < 500 and response.media_type == "application/json":
+        answer = json.loads(response.body)
+        if isinstance(answer, list) and len(answer) == 1 and isinstance(answer[0], dict):
+            response.body = response.render(answer[0])
+            response.headers["content-length"] = str(len(response.body))
+    return response
+
+
+def _rewritten_spec(rewrite: OpenAPIRewrite) -> Callable[..., Any]:
+    """BentoML's `generate_spec`, its result passed through `rewrite` as plain JSON."""
+
+    def generate_spec(service: Any, **options: Any) -> Any:
+        spec = _generate_spec(service, **options).asdict()
+        # Back into BentoML's classes: `bentoml build` writes the spec with their YAML representers.
+        return _cattr.structure(rewrite(spec), _OpenAPISpecification)
+
+    return generate_spec
 
 
 class _RestorePath:

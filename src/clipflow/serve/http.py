@@ -1,8 +1,11 @@
-"""The HTTP edge of the served Bento: the web page, an optional API key, request gates, strict parsing.
+"""The HTTP edge of the served Bento: the web page, the API docs, an optional API key, request gates, strict parsing.
 
 BentoML 1.4 runs the middleware classes in every API worker (`Service.add_asgi_middleware`);
 they answer before BentoML reads a request, so neither an unauthorised nor an oversized request
-reaches the model, and the page is served without touching it. The strict serdes, which
+reaches the model, and the pages are served without touching it. `/docs` is Swagger UI from
+the files BentoML installs (`/static_content/`), over the OpenAPI spec as `ApiDocs` rewrites it:
+nothing on either page is fetched from another host. Every refusal answers `{"error": message}`
+(`ERROR_SCHEMA`), with the statuses `ERRORS` lists. The strict serdes, which
 `clipflow.serve.bentoml_patches.install()` puts in place, change how BentoML turns a request
 into arguments, so that what a client sends maps to clear 4xx answers:
 
@@ -19,13 +22,18 @@ the event loop, so a request of large images never stalls the others or the prob
 
 from __future__ import annotations
 
+import base64
 import functools
+import hashlib
 import hmac
+import html
+import inspect
 import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, TypeVar
@@ -100,35 +108,33 @@ class ApiKeyMiddleware:
 
 
 class PageMiddleware:
-    """Answer `GET /` with the web page, and `GET /docs` with BentoML's API docs page it replaces.
+    """Answer `GET /` with the web page, and `GET /docs` with the API docs page titled `docs_title`.
 
-    The page is read once, at startup; it is plain HTML with its script inline, and a strict
-    Content-Security-Policy lets it reach only this server.
+    Both are read or built once, at startup; a strict Content-Security-Policy lets each reach
+    only this server. BentoML's own docs page, which they replace, loads Google Tag Manager.
     """
 
-    def __init__(self, app: ASGIApp, page: Path) -> None:
+    def __init__(self, app: ASGIApp, page: Path, docs_title: str) -> None:
         self.app = app
-        self.body = Path(page).read_bytes()
+        self.pages = {
+            "/": (Path(page).read_bytes(), CONTENT_SECURITY_POLICY),
+            DOCS_PATH: (docs_page(docs_title), DOCS_CONTENT_SECURITY_POLICY),
+        }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] in ("GET", "HEAD"):
-            if scope["path"] == "/":
-                await self._send_page(send, head=scope["method"] == "HEAD")
-                return
-            if scope["path"] == DOCS_PATH:
-                scope = {**scope, "path": "/", "raw_path": b"/"}
+        if scope["type"] == "http" and scope["method"] in ("GET", "HEAD") and scope["path"] in self.pages:
+            body, policy = self.pages[scope["path"]]
+            headers = [
+                (b"content-type", b"text/html; charset=utf-8"),
+                (b"content-length", str(len(body)).encode()),
+                (b"content-security-policy", policy),
+                (b"x-content-type-options", b"nosniff"),
+                (b"cache-control", b"no-cache"),
+            ]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
+            return
         await self.app(scope, receive, send)
-
-    async def _send_page(self, send: Send, head: bool) -> None:
-        headers = [
-            (b"content-type", b"text/html; charset=utf-8"),
-            (b"content-length", str(len(self.body)).encode()),
-            (b"content-security-policy", CONTENT_SECURITY_POLICY),
-            (b"x-content-type-options", b"nosniff"),
-            (b"cache-control", b"no-cache"),
-        ]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": b"" if head else self.body})
 
 
 # Inline script and style only (the page has no other files), images from blob: URLs the page makes
@@ -137,6 +143,117 @@ CONTENT_SECURITY_POLICY = (
     b"default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' blob: data:; "
     b"connect-src 'self'; form-action 'none'; base-uri 'none'; frame-ancestors 'none'"
 )
+# Swagger UI's bundle, started by the one inline script. `validatorUrl: null`: by default it shows a
+# badge that sends the spec's URL to validator.swagger.io.
+DOCS_SCRIPT = (
+    'window.ui = SwaggerUIBundle({url: "docs.json", dom_id: "#swagger-ui", deepLinking: true, '
+    'validatorUrl: null, presets: [SwaggerUIBundle.presets.apis], layout: "BaseLayout"});'
+)
+# Swagger UI styles its elements inline and draws its icons as data: images; "Try it out" calls
+# this server and shows an image answer from a blob: URL.
+DOCS_CONTENT_SECURITY_POLICY = (
+    b"default-src 'none'; script-src 'self' 'sha256-"
+    + base64.b64encode(hashlib.sha256(DOCS_SCRIPT.encode()).digest())
+    + b"'; style-src 'self' 'unsafe-inline'; img-src 'self' blob: data:; connect-src 'self'; "
+    b"form-action 'none'; base-uri 'none'; frame-ancestors 'none'"
+)
+
+
+def docs_page(title: str) -> bytes:
+    """The `/docs` page: Swagger UI from BentoML's installed copy, over `/docs.json`."""
+    return f"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{html.escape(title)}</title>
+<link rel="icon" href="data:,">
+<link rel="stylesheet" href="static_content/swagger-ui.css">
+</head>
+<body>
+<div id="swagger-ui"></div>
+<script src="static_content/swagger-ui-bundle.js"></script>
+<script>{DOCS_SCRIPT}</script>
+</body>
+</html>
+""".encode()
+
+
+# The one shape of every refusal, whichever layer answers it.
+ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "title": "Error",
+    "required": ["error"],
+    "properties": {"error": {"type": "string", "description": "What was refused and why, in one line"}},
+    "additionalProperties": False,
+    "example": {"error": "labels: 9 given, at most 8 allowed"},
+}
+# Every endpoint may answer these; `ApiDocs.gallery_paths` may also answer 404.
+ERRORS = {
+    400: "Input outside a limit of `serve:` in params.yaml, or an image that cannot be decoded; "
+    "the message names the field and the limit.",
+    401: "A missing or wrong API key, when the server's environment sets `CLIPFLOW_API_KEY`.",
+    413: "A body over `serve.max_request_bytes`.",
+    415: "A content type other than `application/json` or `multipart/form-data`.",
+    422: "A request that does not fit the endpoint: invalid JSON, a missing field, a wrong type; "
+    "the message names the fields at fault.",
+    500: "A fault of the server; its log has the details.",
+    503: "The server is too busy to answer in time: retry after the `Retry-After` header's seconds.",
+}
+NOT_FOUND = "This Bento was packaged without a gallery (`clipflow package --gallery DIR`), or has no item of that id."
+# Schemas BentoML adds to every spec: task endpoints' (clipflow has none) and its error
+# schemas, whose `detail` no answer has.
+BENTOML_SCHEMAS = ("TaskStatusResponse", "InvalidArgument", "NotFound", "InternalServerError")
+
+
+@dataclass(frozen=True)
+class ApiDocs:
+    """What `/docs` says beyond the endpoints' signatures; `rewrite` puts it in BentoML's OpenAPI spec."""
+
+    title: str
+    description: str  # Markdown, above the endpoints
+    # Example values of request fields, by endpoint path then field name.
+    examples: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    gallery_paths: frozenset[str] = frozenset()  # endpoints that answer 404 without a gallery
+
+    def rewrite(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """A copy of BentoML's spec with this title and description, dedented endpoint docs,
+        the examples, and the error answers the server really gives."""
+        spec = json.loads(json.dumps(spec))  # a copy, with the status codes as JSON has them: strings
+        # BentoML fills the description with its README (badges from shields.io) and the contact with its team.
+        spec["info"] = {"title": self.title, "version": spec["info"]["version"], "description": self.description}
+        schemas = spec["components"]["schemas"]
+        for name in BENTOML_SCHEMAS:
+            schemas.pop(name, None)
+        schemas["Error"] = ERROR_SCHEMA
+        for tag in spec["tags"]:
+            if tag["name"] == "Service APIs":
+                tag["description"] = "Embeddings, zero-shot classification, ranking and gallery search."
+        for path, item in spec["paths"].items():
+            for operation in item.values():
+                if "x-bentoml-name" in operation:  # a service endpoint, not a probe
+                    self._document(path, operation)
+        return spec
+
+    def _document(self, path: str, operation: dict[str, Any]) -> None:
+        # Docstrings keep their indentation, which Markdown renders as code.
+        operation["description"] = inspect.cleandoc(operation.get("description", ""))
+        statuses = {**ERRORS, **({404: NOT_FOUND} if path in self.gallery_paths else {})}
+        operation["responses"] = {
+            "200": operation["responses"]["200"],
+            **{str(status): _error_response(statuses[status]) for status in sorted(statuses)},
+        }
+        for media in operation.get("requestBody", {}).get("content", {}).values():
+            properties = media["schema"].get("properties", {})
+            for name, example in self.examples.get(path, {}).items():
+                properties[name]["example"] = example
+
+
+def _error_response(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
 
 
 def _presented_key(headers: list[tuple[bytes, bytes]]) -> bytes | None:

@@ -143,14 +143,12 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
 
 
 def error_message(body: bytes) -> str:
-    """The message of an error answer from the native service: its `{"error": message}` (BentoML
-    wraps its own in a list), or its text."""
+    """The message of an error answer from the native service: its `{"error": message}` (BentoML's
+    own refusals too, see `clipflow.serve.bentoml_patches`), or its text."""
     try:
         answer = json.loads(body)
     except ValueError:
         return body.decode("utf-8", "replace").strip()[:300] or "error"
-    if isinstance(answer, list) and len(answer) == 1:
-        answer = answer[0]
     if isinstance(answer, dict) and isinstance(answer.get("error"), str):
         return answer["error"]
     return json.dumps(answer)[:300]

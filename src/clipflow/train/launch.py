@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import IO
 
 from clipflow import model as clip_model
 from clipflow import tracking
@@ -22,7 +25,15 @@ from clipflow.train import orphans
 from clipflow.train.checkpoint import CheckpointStore, fetch, load_state
 from clipflow.train.job import WorkerJob, checkpoint_extra
 from clipflow.train.metrics import FILE_NAME as METRICS_FILE
-from clipflow.train.metrics import MetricsRelay
+from clipflow.train.metrics import MetricsRelay, last_logged
+
+# Beside the checkpoint, and an artifact of the run: what torchrun and the workers printed.
+TRAIN_LOG = "train.log"
+PARAMS_ARTIFACT = "params.yaml"
+TRAIN_SPLIT = "train"
+# After torchrun exits, how long its output may take to drain; a process it left behind that
+# still holds the pipe must not keep the step waiting.
+LOG_DRAIN_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -79,14 +90,16 @@ def train(
     # launcher opens the MLflow run meanwhile, then writes the job, whole, for the workers to find.
     # An earlier job's file in this folder must not be read as this one's.
     job_file.unlink(missing_ok=True)
-    workers = _start_torchrun(params.train, job_file) if launcher == "torchrun" else None
+    log_path = output_dir / TRAIN_LOG
+    # A resumed job continues its log; a fresh one in the same folder starts a new one.
+    workers = Torchrun(params.train, job_file, log_path, append=bool(resume)) if launcher == "torchrun" else None
     import mlflow
 
     run_id = None
     try:
         if leads:
             tracking.setup(params.tracking)
-            run_id = _open_run(params, data_dir, start_from, previous_run_id)
+            run_id = _open_run(params, data_dir, start_from, previous_run_id, launcher)
         if workers is not None:
             job = WorkerJob(
                 params=replace(params.train, checkpoint_dir=checkpoint_dir),
@@ -99,7 +112,8 @@ def train(
                 metrics_file=str(output_dir.resolve() / METRICS_FILE) if leads else None,
             )
             Store(output_dir).put_bytes(json.dumps(job.to_dict(), indent=2).encode(), job_file.name)
-            _wait_for_workers(workers, job.metrics_file, run_id)
+            _wait_for_workers(workers.process, job.metrics_file, run_id)
+            workers.drain()
         else:
             from clipflow.train import trainjob
 
@@ -107,23 +121,30 @@ def train(
             spec = trainjob.job_spec(params, name, data_uri or "", run_id, data_version)
             trainjob.run_trainjob(params, spec, name, output_dir)
     except BaseException:
-        if workers is not None and workers.poll() is None:
-            workers.terminate()  # torchrun stops its workers
-            workers.wait()
+        if workers is not None:
+            workers.stop()
         if run_id:
-            mlflow.MlflowClient().set_terminated(run_id, status="FAILED")
+            client = mlflow.MlflowClient()
+            # The log says why it failed; a tracking store that refuses it must not hide the failure.
+            with contextlib.suppress(mlflow.exceptions.MlflowException, OSError):
+                _log_training_log(client, run_id, log_path)
+            client.set_terminated(run_id, status="FAILED")
         raise
     if not leads:
         return NodeReport(node_rank=params.train.node_rank, seconds=round(time.perf_counter() - started, 2))
 
     with mlflow.start_run(run_id=run_id):
-        model_uri = log_clip_model(output_dir)
+        _log_training_log(mlflow.MlflowClient(), run_id, log_path)
+        model_uri = log_clip_model(output_dir, params.train.model)
+    final = last_logged(output_dir / METRICS_FILE) if workers is not None else {}
     report = TrainReport(
         mlflow_run_id=run_id,
         model_uri=model_uri,
         checkpoint=str(clip_model.resolve_checkpoint(output_dir).resolve()),
         data_version=data_version,
         seconds=round(time.perf_counter() - started, 2),
+        final_loss=final.get("train/loss"),
+        samples_per_second=final.get("train/samples_per_second"),
     )
     report.write(output_dir)
     return report
@@ -141,15 +162,59 @@ def _check_model(params: TrainParams) -> None:
         )
 
 
-def _start_torchrun(params: TrainParams, job_file: Path) -> subprocess.Popen:
-    """This node's torchrun, whose workers wait for `job_file`; it stops them when this process ends, killed or not."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(params.threads_per_proc)}
-    launcher = os.getpid()
-    return subprocess.Popen(
-        torchrun_command(params, job_file),
-        env=env,
-        preexec_fn=lambda: orphans.end_with_parent(signal.SIGTERM, launcher),
-    )
+class Torchrun:
+    """This node's torchrun, whose workers wait for the job file, with its output copied to the training log.
+
+    torchrun and the workers write to a pipe; a thread copies every line to this process's stderr,
+    as before, and to the log file, which becomes an artifact of the run. torchrun stops its
+    workers when this process ends, killed or not.
+    """
+
+    def __init__(self, params: TrainParams, job_file: Path, log_path: Path, append: bool):
+        env = {**os.environ, "OMP_NUM_THREADS": str(params.threads_per_proc)}
+        launcher = os.getpid()
+        self.process = subprocess.Popen(
+            torchrun_command(params, job_file),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            preexec_fn=lambda: orphans.end_with_parent(signal.SIGTERM, launcher),
+        )
+        log = log_path.open("a" if append else "w", encoding="utf-8")  # noqa: SIM115 - closed by the copying thread
+        self._copier = threading.Thread(
+            target=_copy_lines, args=(self.process.stdout, log), name="clipflow-train-log", daemon=True
+        )
+        self._copier.start()
+
+    def drain(self) -> None:
+        """Wait until the log holds everything torchrun printed (it has exited)."""
+        self._copier.join(LOG_DRAIN_SECONDS)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()  # torchrun stops its workers
+            self.process.wait()
+        self.drain()
+
+
+def _copy_lines(source: IO[str], log: IO[str]) -> None:
+    """Every line of `source` to stderr and to `log`, as it comes (progress bars' updates each end a line)."""
+    with source, log:
+        for line in source:
+            log.write(line)
+            log.flush()
+            # A closed terminal must not stop the copying: torchrun would block on the full pipe.
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.write(line)
+                sys.stderr.flush()
+
+
+def _log_training_log(client, run_id: str, log_path: Path) -> None:
+    """The training log as an artifact of the run; a TrainJob's launcher writes none (its nodes log in the cluster)."""
+    if log_path.is_file():
+        client.log_artifact(run_id, str(log_path))
 
 
 def _wait_for_workers(workers: subprocess.Popen, metrics_file: str | None, run_id: str | None) -> None:
@@ -192,19 +257,55 @@ def _resolve_resume(resume: str, checkpoint_dir: str) -> tuple[str, str | None]:
     return latest.location, latest.run_id
 
 
-def _open_run(params: Params, data_dir: Path, start_from: str | None, previous_run_id: str | None) -> str:
-    """The MLflow run to train in: the one that wrote `start_from` if this store has it, else a new one."""
+def _open_run(
+    params: Params, data_dir: Path, start_from: str | None, previous_run_id: str | None, launcher: str
+) -> str:
+    """The MLflow run to train in: the one that wrote `start_from` if this store has it, else a new one.
+
+    A new run is named and described by what it trains on which data, logs the params of the
+    sections that apply to it (the cluster's only for a TrainJob), the resolved params whole as
+    `params.yaml`, and the train split as its training dataset.
+    """
     import mlflow
+    import yaml
 
     if previous_run_id:
         try:
             return mlflow.MlflowClient().get_run(previous_run_id).info.run_id
         except mlflow.exceptions.MlflowException:
             pass  # trained against another tracking store: start a run of its own here
-    with mlflow.start_run() as run:
-        mlflow.log_params(params.flat())
+    data = IngestReport.read(data_dir)
+    name = f"train {params.train.model} on data {data.data_version[:8]}"
+    with mlflow.start_run(run_name=name, description=run_description(params, data, launcher, start_from)) as run:
+        sections = {"train", "cluster"} if launcher == "trainjob" else {"train"}
+        mlflow.log_params({key: value for key, value in params.flat().items() if key.split(".")[0] in sections})
+        mlflow.log_text(yaml.safe_dump(params.to_dict(), sort_keys=False), PARAMS_ARTIFACT)
+        tracking.log_data(data_dir, [TRAIN_SPLIT], "training")
         tags = {**lineage(data_dir), "clipflow.step": "train", "profile": params.profile or ""}
         if start_from:
             tags["resumed_from"] = start_from
         mlflow.set_tags(tags)
         return run.info.run_id
+
+
+def run_description(params: Params, data: IngestReport, launcher: str, start_from: str | None) -> str:
+    """The training run's description in MLflow (Markdown): the model, how it trains, on which data."""
+    train = params.train
+    start = f"from `{train.pretrained}`" if train.pretrained else "from random weights"
+    if launcher == "trainjob":
+        processes = f"a Kubeflow TrainJob of {params.cluster.nodes} nodes x {params.procs_per_node()} processes"
+    elif train.nnodes > 1:
+        processes = f"{train.nnodes} nodes x {train.nproc} torchrun processes"
+    else:
+        processes = f"{train.nproc} torchrun processes"
+    lines = [
+        f"Trains `{train.model}` {start} for {train.steps} steps of {train.batch_size} image-text pairs"
+        f" ({train.loss} loss, {train.precision}) on {processes}.",
+        "",
+        f"Data: the `{TRAIN_SPLIT}` split ({data.counts.get(TRAIN_SPLIT, 0)} pairs) of data version"
+        f" `{data.data_version}`, ingested from `{tracking.source_name(data.source)}`.",
+    ]
+    if start_from:
+        lines += ["", f"Resumed from the checkpoint `{start_from}`."]
+    lines += ["", "`clipflow evaluate` adds its metrics (`eval/...`) and report (`evaluation/`) to this run."]
+    return "\n".join(lines)

@@ -75,13 +75,14 @@ def run(job: WorkerJob, data_dir: Path, output_dir: Path, group: Group) -> None:
             mean_loss = group.mean(loss.float())
             elapsed = time.perf_counter() - window_start
             if logger:
+                # `train/`: MLflow charts the run's metrics in groups by the part before the slash.
                 logger.log(
                     step,
                     {
-                        "train_loss": mean_loss.item(),
-                        "lr": scheduler.get_last_lr()[0],
-                        "logit_scale": module.logit_scale.exp().item(),
-                        "samples_per_second": window_samples / elapsed,
+                        "train/loss": mean_loss.item(),
+                        "train/lr": scheduler.get_last_lr()[0],
+                        "train/logit_scale": module.logit_scale.exp().item(),
+                        "train/samples_per_second": window_samples / elapsed,
                     },
                 )
             window_start, window_samples = time.perf_counter(), 0

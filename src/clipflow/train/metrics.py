@@ -68,6 +68,13 @@ class MetricsFile:
         self._file.close()
 
 
+def last_logged(path: str | Path) -> dict[str, float]:
+    """The metrics of the last step a `MetricsFile` holds (the final step: the loop always logs it); {} if none."""
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    return json.loads(lines[-1])["metrics"] if lines else {}
+
+
 class MetricsRelay:
     """The launcher's side: a thread that forwards the lines of a `MetricsFile` to the run.
 

@@ -2,8 +2,9 @@
 
 Output layout (a report directory):
 
-    index.html           a one-page summary linking into the data docs; open this one
-    data_docs/           the Great Expectations data docs site for this run
+    index.html           the report page, self-contained (no network): counts per split, each expectation
+                         with its threshold, the quarantined rows; open this one
+    data_docs/           the Great Expectations data docs site for this run (its styles load from CDNs)
     validation.json      the report that `validate` returns (`ValidationReport`), with per-expectation results
     quarantine.parquet   one row per rejected input row: stage, row, key, split, source, reason
 
@@ -18,24 +19,21 @@ the `validate.max_bad_fraction` threshold into a one-line `ClipflowError`.
 
 from __future__ import annotations
 
-import html
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
-from urllib.request import url2pathname
 
 import pandas as pd
 
 from clipflow.artifacts import METADATA_FILE, QUARANTINE_FILE, ExpectationResult, ValidationReport
 from clipflow.errors import ClipflowError
 from clipflow.params import ValidateParams
+from clipflow.validate.page import DOCS_DIR, NULL_SPLIT, percent, report_page
 from clipflow.validate.rows import reason_counts
 
 INDEX_FILE = "index.html"
-DOCS_DIR = "data_docs"
 SUITE_NAME = "clipflow-metadata"
 REQUIRED_COLUMNS = ("key", "split", "caption", "sha256", "width", "height")
 # The metadata row's position, added to the frame GX sees: `key` alone cannot tell apart
@@ -45,12 +43,13 @@ ROW = "row"
 
 @dataclass(frozen=True)
 class Check:
-    """One expectation and the words that a row failing it gets in the quarantine table."""
+    """One expectation, what it allows in words, and the words a row failing it gets in the quarantine table."""
 
     expectation: str
     column: str
     kwargs: dict[str, Any]
     reason: str
+    threshold: str
 
 
 def checks(params: ValidateParams) -> list[Check]:
@@ -58,21 +57,32 @@ def checks(params: ValidateParams) -> list[Check]:
     caption = [params.caption_min_chars, params.caption_max_chars]
     side = [params.min_side, params.max_side]
     between = {"min_value": params.min_side, "max_value": params.max_side}
+    sides = f"{params.min_side} to {params.max_side} px (validate.min_side, validate.max_side)"
     # GX's value checks skip nulls (a null split is "in the set"), so each column needs its own.
-    not_null = [Check("ExpectColumnValuesToNotBeNull", column, {}, f"{column} is null") for column in REQUIRED_COLUMNS]
+    not_null = [
+        Check("ExpectColumnValuesToNotBeNull", column, {}, f"{column} is null", "no nulls")
+        for column in REQUIRED_COLUMNS
+    ]
     return [
         *not_null,
-        Check("ExpectColumnValuesToBeUnique", "key", {}, "key not unique"),
-        Check("ExpectColumnValuesToBeInSet", "split", {"value_set": params.splits}, f"split not in {params.splits}"),
+        Check("ExpectColumnValuesToBeUnique", "key", {}, "key not unique", "every value unique"),
+        Check(
+            "ExpectColumnValuesToBeInSet",
+            "split",
+            {"value_set": params.splits},
+            f"split not in {params.splits}",
+            f"one of {', '.join(params.splits)} (validate.splits)",
+        ),
         Check(
             "ExpectColumnValueLengthsToBeBetween",
             "caption",
             {"min_value": params.caption_min_chars, "max_value": params.caption_max_chars},
             f"caption length outside {caption}",
+            f"{caption[0]} to {caption[1]} characters (validate.caption_min_chars, validate.caption_max_chars)",
         ),
-        Check("ExpectColumnValuesToBeUnique", "sha256", {}, "sha256 not unique"),
-        Check("ExpectColumnValuesToBeBetween", "width", between, f"width outside {side}"),
-        Check("ExpectColumnValuesToBeBetween", "height", between, f"height outside {side}"),
+        Check("ExpectColumnValuesToBeUnique", "sha256", {}, "sha256 not unique", "every value unique"),
+        Check("ExpectColumnValuesToBeBetween", "width", between, f"width outside {side}", sides),
+        Check("ExpectColumnValuesToBeBetween", "height", between, f"height outside {side}", sides),
     ]
 
 
@@ -105,7 +115,7 @@ def validate(data_dir: str | Path, report_dir: str | Path, params: ValidateParam
         shutil.rmtree(docs_dir)
     docs_dir.mkdir(parents=True)
 
-    results, validation_page = _run_suite(metadata, suite, docs_dir)
+    results = _run_suite(metadata, suite, docs_dir)
     reasons: dict[int, list[str]] = {}
     expectations = []
     for check, result in zip(suite, results, strict=True):
@@ -120,6 +130,7 @@ def validate(data_dir: str | Path, report_dir: str | Path, params: ValidateParam
                 expectation=result.expectation_config.type,
                 column=check.column,
                 reason=check.reason,
+                threshold=check.threshold,
                 success=bool(result.success),
                 unexpected_count=int(result.result.get("unexpected_count", len(failed))),
             )
@@ -141,7 +152,6 @@ def validate(data_dir: str | Path, report_dir: str | Path, params: ValidateParam
 
     input_rows = len(metadata) + len(rejected_at_ingest)
     bad_fraction = len(quarantine) / input_rows
-    page = Path(DOCS_DIR) / validation_page.relative_to(docs_dir.resolve())
     report = ValidationReport(
         success=bad_fraction <= params.max_bad_fraction,
         input_rows=input_rows,
@@ -150,14 +160,15 @@ def validate(data_dir: str | Path, report_dir: str | Path, params: ValidateParam
         quarantined_at_ingest=len(rejected_at_ingest),
         quarantined_by_suite=len(bad_rows),
         quarantine_reasons=reason_counts(quarantine["reason"]),
+        splits=_split_counts(metadata["split"], broke_suite["split"], params.splits),
         bad_fraction=bad_fraction,
         max_bad_fraction=params.max_bad_fraction,
         expectations=tuple(expectations),
         report=str(report_dir / INDEX_FILE),
         seconds=round(time.perf_counter() - started, 2),
     )
-    (report_dir / INDEX_FILE).write_text(_index_html(report, page))
     report.write(report_dir)
+    (report_dir / INDEX_FILE).write_text(report_page(report_dir))
     return report
 
 
@@ -170,7 +181,7 @@ def check_passed(result: ValidationReport, params: ValidateParams) -> None:
     if result.bad_fraction <= params.max_bad_fraction:
         return
     raise ClipflowError(
-        f"validation failed: {result.quarantined} of {result.input_rows} input rows ({_percent(result.bad_fraction)}) "
+        f"validation failed: {result.quarantined} of {result.input_rows} input rows ({percent(result.bad_fraction)}) "
         f"quarantined ({result.quarantined_at_ingest} at ingest, {result.quarantined_by_suite} by expectations), "
         f"above validate.max_bad_fraction={params.max_bad_fraction}; see {result.report}"
     )
@@ -187,6 +198,22 @@ def _read_ingest_quarantine(data_dir: Path) -> pd.DataFrame:
     except Exception as exc:  # pyarrow raises several unrelated types for a damaged file
         raise ClipflowError(f"cannot read {path}: {exc}") from None
     return rejected.assign(stage="ingest", split=None).reindex(columns=columns)
+
+
+def _split_counts(splits: pd.Series, quarantined: pd.Series, expected: list[str]) -> dict[str, dict[str, int]]:
+    """Rows, kept and quarantined rows per split of the metadata: the expected splits first, then any others."""
+    # A null split is a row too, quarantined for it, and must be counted somewhere.
+    rows = splits.fillna(NULL_SPLIT).value_counts()
+    bad = quarantined.fillna(NULL_SPLIT).value_counts()
+    names = [*expected, *sorted(set(rows.index) - set(expected))]
+    return {
+        name: {
+            "rows": int(rows.get(name, 0)),
+            "kept": int(rows.get(name, 0) - bad.get(name, 0)),
+            "quarantined": int(bad.get(name, 0)),
+        }
+        for name in names
+    }
 
 
 def _column_or_none(frame: pd.DataFrame, column: str, rows: list[int]) -> list:
@@ -223,7 +250,7 @@ def _read_metadata(data_dir: Path, rejected_at_ingest: int) -> pd.DataFrame:
     return metadata.reset_index(drop=True)
 
 
-def _run_suite(metadata: pd.DataFrame, suite: list[Check], docs_dir: Path) -> tuple[list[Any], Path]:
+def _run_suite(metadata: pd.DataFrame, suite: list[Check], docs_dir: Path) -> list[Any]:
     """Run the suite through a checkpoint that builds the data docs; return results in suite order."""
     import great_expectations as gx
     import great_expectations.expectations as gxe
@@ -259,13 +286,11 @@ def _run_suite(metadata: pd.DataFrame, suite: list[Check], docs_dir: Path) -> tu
     )
     frame = metadata.assign(**{ROW: range(len(metadata))})
     outcome = checkpoint.run(batch_parameters={"dataframe": frame})
-    ((identifier, validation),) = outcome.run_results.items()
+    (validation,) = outcome.run_results.values()
 
     # GX hands results back in its own order; match them to the suite by the expectation's id.
     by_id = {result.expectation_config.id: result for result in validation.results}
-    results = [by_id[expectation.id] for expectation in gx_suite.expectations]
-    (url,) = [u["site_url"] for u in context.get_docs_sites_urls(identifier, site_name=site)]
-    return results, Path(url2pathname(urlparse(url).path))
+    return [by_id[expectation.id] for expectation in gx_suite.expectations]
 
 
 def _exception_message(info: dict[str, Any] | None) -> str | None:
@@ -276,41 +301,3 @@ def _exception_message(info: dict[str, Any] | None) -> str | None:
             lines = str(entry.get("exception_message") or "").splitlines()
             return lines[0] if lines else "unknown error"
     return None
-
-
-def _percent(fraction: float) -> str:
-    # Two decimals hide a handful of bad rows in a big table (0.00%); keep two significant digits then.
-    value = fraction * 100
-    return f"{value:.2f}%" if value == 0 or value >= 0.01 else f"{value:.2g}%"
-
-
-def _index_html(report: ValidationReport, validation_page: Path) -> str:
-    """A self-contained summary page, readable where the data docs' relative links are not."""
-    status = "passed" if report.success else "failed"
-    cells = "".join(
-        f"<tr><td>{html.escape(e.expectation)}</td><td>{html.escape(e.column)}</td>"
-        f"<td>{'yes' if e.success else 'no'}</td><td>{e.unexpected_count}</td></tr>"
-        for e in report.expectations
-    )
-    reasons = "".join(
-        f"<tr><td>{html.escape(reason)}</td><td>{count}</td></tr>"
-        for reason, count in report.quarantine_reasons.items()
-    )
-    return f"""<!DOCTYPE html>
-<html lang="en">
-<head><meta charset="utf-8"><title>clipflow validation: {status}</title>
-<style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:.2em .8em;text-align:left}}</style></head>
-<body>
-<h1>Validation {status}</h1>
-<p>{report.quarantined} of {report.input_rows} input rows ({_percent(report.bad_fraction)}) quarantined:
-{report.quarantined_at_ingest} by ingest's image and caption checks, {report.quarantined_by_suite} by the
-expectations below; allowed: {_percent(report.max_bad_fraction)}. Kept {report.kept} rows.
-Rejected rows and reasons: <code>{QUARANTINE_FILE}</code>.</p>
-<p><a href="{html.escape(validation_page.as_posix())}">Validation result</a> ·
-<a href="{DOCS_DIR}/index.html">Great Expectations data docs</a></p>
-<table><tr><th>expectation</th><th>column</th><th>passed</th><th>unexpected rows</th></tr>{cells}</table>
-<h2>Quarantined rows by reason</h2>
-<table><tr><th>reason</th><th>rows</th></tr>{reasons}</table>
-</body>
-</html>
-"""
