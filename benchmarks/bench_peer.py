@@ -89,7 +89,7 @@ def infinity_folder(python: Path, folder: Path) -> None:
 
 def start_infinity(python: Path, folder: Path, dtype: str, port: int, log: Path) -> subprocess.Popen:
     command = [
-        str(python), "-m", "infinity_emb.infinity_server", "v2", "--model-id", str(folder),
+        str(python.parent / "infinity_emb"), "v2", "--model-id", str(folder),
         "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(port), "--url-prefix", "/v1",
         "--engine", "torch", "--device", "cpu", "--dtype", dtype, "--no-bettertransformer",
     ]  # fmt: skip
@@ -99,7 +99,8 @@ def start_infinity(python: Path, folder: Path, dtype: str, port: int, log: Path)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=2).status_code == 200:
+            # Its health route stays at the root: --url-prefix moves only the API.
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
                 return process
         except httpx.HTTPError:
             pass
