@@ -45,20 +45,24 @@ def test_compiled_pipeline_has_six_tasks_in_dag_order(tmp_path):
     assert names["train"]["inputs"]["parameters"]["resume"]["componentInputParameter"] == "resume"
 
 
-@pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory):
-    """`clipflow run` on the test profile, in a fresh working directory, as a user starts it."""
-    workdir = tmp_path_factory.mktemp("run")
+def clipflow_run(workdir: Path, *options: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`clipflow run` in `workdir` with a copy of the repository's params.yaml, on the test profile."""
     shutil.copy(REPO / "params.yaml", workdir / "params.yaml")
-    env = {**ENV, "BENTOML_HOME": str(workdir / "bentoml_home")}
-    result = subprocess.run(
-        [str(BIN / "clipflow"), "run", "--summary", "summary.json"],
+    return subprocess.run(
+        [str(BIN / "clipflow"), "run", *options],
         cwd=workdir,
-        env=env,
+        env={**ENV, **(env or {})},
         capture_output=True,
         text=True,
         timeout=1200,
     )
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory):
+    """`clipflow run` on the test profile, in a fresh working directory, as a user starts it."""
+    workdir = tmp_path_factory.mktemp("run")
+    result = clipflow_run(workdir, "--summary", "summary.json", env={"BENTOML_HOME": str(workdir / "bentoml_home")})
     assert result.returncode == 0, result.stderr[-4000:]
     return workdir, json.loads((workdir / "summary.json").read_text()), result.stdout
 
@@ -194,16 +198,8 @@ def test_the_printed_mlflow_ui_command_opens_the_run(pipeline_run, tmp_path):
 
 
 def test_a_failing_step_shows_its_log_s_tail_and_stops_the_run_with_one_clear_last_line(tmp_path):
-    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     # every rendered image is 64 px wide, so all rows break the width expectation
-    result = subprocess.run(
-        [str(BIN / "clipflow"), "run", "--set", "validate.max_side=32"],
-        cwd=tmp_path,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = clipflow_run(tmp_path, "--set", "validate.max_side=32")
     assert result.returncode != 0
     log = next((tmp_path / "outputs/kfp").glob("*/logs/validate.log")).relative_to(tmp_path)
     errors = result.stderr.strip().splitlines()
@@ -219,16 +215,8 @@ def test_a_failing_step_shows_its_log_s_tail_and_stops_the_run_with_one_clear_la
 
 
 def test_verbose_streams_what_kfp_local_prints_and_still_keeps_the_log(tmp_path):
-    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     missing = tmp_path / "no-such-manifest.csv"  # passes params load, fails in the ingest step
-    result = subprocess.run(
-        [str(BIN / "clipflow"), "run", "--verbose", "--source", str(missing)],
-        cwd=tmp_path,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = clipflow_run(tmp_path, "--verbose", "--source", str(missing))
     assert result.returncode != 0
     log = next((tmp_path / "outputs/kfp").glob("*/logs/ingest.log"))
     assert result.stderr.strip().splitlines()[-1] == (
