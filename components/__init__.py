@@ -66,3 +66,22 @@ def checkout() -> Path:
             return root
     missing = " and ".join(marker for marker in CHECKOUT_MARKERS if not (Path.cwd() / marker).is_file())
     raise ClipflowError(f"cannot find {missing} in {Path.cwd()}: run clipflow from its source checkout")
+
+
+# The catalogue name that means "the data this run ingested": the index step's `data` artifact.
+INGESTED = "ingested"
+
+
+def catalogue_source(source: str, data) -> str:
+    """The location an index step reads: `data`'s folder for `ingested`, else `source` as given.
+
+    Raises:
+        ClipflowError: `ingested` in a pipeline that passes no ingested data.
+    """
+    from clipflow.errors import ClipflowError
+
+    if source != INGESTED:
+        return source
+    if data is None:
+        raise ClipflowError(f"the catalogue {INGESTED!r} means the run's ingested data, which this pipeline lacks")
+    return data.path

@@ -30,7 +30,7 @@ def ingest_component(
     from clipflow.params import parse_params
 
     resolved = parse_params(params, overrides, profile or None)
-    report = ingest(source, data.path, resolved.data, resolved.validate)
+    report = ingest(source, data.path, resolved.data, resolved.validate, resolved.tracking)
     data.metadata.update({"data_version": report.data_version, "rows": report.kept})
     # What `dvc add` or dvc.lock would record for this folder, and the code that wrote it.
     data.metadata.update({"dvc_md5": dvc_md5(data.path), "git_revision": report.git_revision or ""})

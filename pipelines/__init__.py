@@ -1,6 +1,7 @@
 """Orchestration of the clipflow DAG: wiring over the library, no step logic.
 
-- `pipelines.pipeline`: the DAG (ingest -> validate -> train -> evaluate -> promote -> package).
+- `pipelines.pipeline`: the DAG (ingest -> validate -> train -> evaluate -> promote -> package -> optional index).
+- `pipelines.reindex`: the index steps, and the pipeline that re-indexes a catalogue with the champion.
 - `pipelines.local`: `clipflow run` (the DAG through kfp.local), `clipflow compile`, the run summary.
 - `pipelines.cluster`: the cluster build (images, Secrets, resources, retries, the TrainJob launcher).
 - `pipelines.submit`: `clipflow submit` (upload a pipeline version to Kubeflow, start a run, wait).
@@ -13,6 +14,8 @@ import json
 from pathlib import Path
 
 import yaml
+
+from components import CHECKOUT
 
 
 def params_json(path: str | Path) -> str:
@@ -31,3 +34,7 @@ def params_json(path: str | Path) -> str:
         OSError: the file cannot be read.
     """
     return json.dumps(yaml.safe_load(Path(path).read_text()))
+
+
+# The compiled default of every pipeline's `params`: the checkout's params.yaml (see `components.CHECKOUT`).
+DEFAULT_PARAMS = params_json(CHECKOUT / "params.yaml")

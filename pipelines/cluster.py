@@ -13,36 +13,56 @@ from pathlib import Path
 from typing import Any
 
 from clipflow.params import ClusterParams, Params
-from clipflow.train.trainjob import MLFLOW_KEYS, S3_KEYS, STEP_IMAGE, image
+from clipflow.train.trainjob import MLFLOW_KEYS, S3_KEYS, STEP_IMAGE, TRAIN_IMAGE, image
 from pipelines import params_json
 
 LAUNCHER_ENV = "CLIPFLOW_LAUNCHER"
 # Steps whose outputs are a function of their inputs alone; the others write to MLflow or the registry.
 PURE_STEPS = frozenset({"ingest", "validate"})
 RETRY_BACKOFF = "60s"
+# The pipeline parameter that sets how many pods embed a catalogue (the DAG's and the reindex pipeline's).
+INDEX_PODS_INPUT = "index_pods"
 
 _target: contextvars.ContextVar[ClusterParams | None] = contextvars.ContextVar("cluster_target", default=None)
 
 
 def apply_target(tasks: dict[str, Any]) -> None:
     """Give each step (name -> PipelineTask) its cluster settings while compiling for a cluster."""
-    from kfp import kubernetes
-
     cluster = _target.get()
     if cluster is None:
         return
     for step, task in tasks.items():
-        resources = cluster.resources[step]
-        task.set_container_image(image(cluster, STEP_IMAGE))
-        task.set_cpu_request(resources.cpu).set_memory_request(resources.memory)
-        task.set_caching_options(step in PURE_STEPS)
-        if resources.retries:
-            task.set_retry(resources.retries, backoff_duration=RETRY_BACKOFF)
-        required, optional = S3_KEYS[:2], S3_KEYS[2:]
-        kubernetes.use_secret_as_env(task, cluster.s3_secret, {key: key for key in required})
-        kubernetes.use_secret_as_env(task, cluster.s3_secret, {key: key for key in optional}, optional=True)
-        kubernetes.use_secret_as_env(task, cluster.mlflow_secret, {key: key for key in MLFLOW_KEYS}, optional=True)
+        _configure(task, cluster, step)
     tasks["train"].set_env_variable(LAUNCHER_ENV, cluster.launcher)
+
+
+def apply_index_target(embedding: list[Any], others: list[Any]) -> None:
+    """The index steps' cluster settings: `resources.index` each, GPUs (the CUDA image) for the tasks that embed."""
+    cluster = _target.get()
+    if cluster is None:
+        return
+    for task in (*embedding, *others):
+        _configure(task, cluster, "index")
+    if cluster.index_gpus_per_pod:
+        for task in embedding:
+            task.set_container_image(image(cluster, TRAIN_IMAGE))
+            task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(cluster.index_gpus_per_pod)
+
+
+def _configure(task: Any, cluster: ClusterParams, step: str) -> None:
+    """A step's image, requests, caching, retries and the Secrets' keys as environment variables."""
+    from kfp import kubernetes
+
+    resources = cluster.resources[step]
+    task.set_container_image(image(cluster, STEP_IMAGE))
+    task.set_cpu_request(resources.cpu).set_memory_request(resources.memory)
+    task.set_caching_options(step in PURE_STEPS)
+    if resources.retries:
+        task.set_retry(resources.retries, backoff_duration=RETRY_BACKOFF)
+    required, optional = S3_KEYS[:2], S3_KEYS[2:]
+    kubernetes.use_secret_as_env(task, cluster.s3_secret, {key: key for key in required})
+    kubernetes.use_secret_as_env(task, cluster.s3_secret, {key: key for key in optional}, optional=True)
+    kubernetes.use_secret_as_env(task, cluster.mlflow_secret, {key: key for key in MLFLOW_KEYS}, optional=True)
 
 
 def cluster_overrides(params: Params, tag: str | None) -> list[str]:
@@ -73,5 +93,7 @@ def compile_for_cluster(
         "overrides": cluster_overrides(params, cluster.image_tag),
         "profile": params.profile or "",
     }
+    if INDEX_PODS_INPUT in pipeline.component_spec.inputs:
+        defaults[INDEX_PODS_INPUT] = cluster.index_pods
     compiler.Compiler().compile(rebuilt, str(output), pipeline_parameters=defaults)
     return output

@@ -23,17 +23,32 @@ from clipflow.serve.package import PackageResult
 from clipflow.tracking import absolute_uri
 from pipelines import params_json
 from pipelines.pipeline import STEPS, clipflow_pipeline
+from pipelines.reindex import INDEX_STEPS, clipflow_reindex
 
 DEFAULT_PIPELINE_ROOT = Path("outputs/kfp")
+# What `clipflow compile --pipeline` and `clipflow submit --pipeline` name.
+PIPELINES = {"clipflow": clipflow_pipeline, "reindex": clipflow_reindex}
 
 
-def compile_pipeline(output: str | Path) -> Path:
-    """Write the pipeline as Kubeflow Pipelines IR YAML."""
+def pipeline_named(name: str):
+    """The pipeline `name` (a key of PIPELINES).
+
+    Raises:
+        ClipflowError: no pipeline has that name.
+    """
+    if name not in PIPELINES:
+        raise ClipflowError(f"--pipeline must be one of {', '.join(PIPELINES)}, got {name!r}")
+    return PIPELINES[name]
+
+
+def compile_pipeline(output: str | Path, name: str = "clipflow") -> Path:
+    """Write the pipeline `name` as Kubeflow Pipelines IR YAML."""
     from kfp import compiler
 
+    pipeline = pipeline_named(name)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(clipflow_pipeline, str(output))
+    compiler.Compiler().compile(pipeline, str(output))
     return output
 
 
@@ -44,13 +59,15 @@ def run_pipeline(
     source: str = "builtin",
     pipeline_root: Path = DEFAULT_PIPELINE_ROOT,
     verbose: bool = False,
+    index_source: str = "",
 ) -> dict[str, Any]:
     """Execute the whole DAG with kfp.local's SubprocessRunner and return the run summary.
 
     `params` must already be the result of loading `params_file` with `overrides`, so bad
     input fails here in one line before any step starts. Each step prints a line as it starts
     and ends, its output goes to `<pipeline_root>/<run>/logs/<step>.log`, and with `verbose`
-    also to the terminal, as kfp.local prints it.
+    also to the terminal, as kfp.local prints it. A non-empty `index_source` adds the index steps
+    (see `pipelines.reindex`): the champion embeds that catalogue after packaging.
 
     Raises:
         ClipflowError: a step failed (the last lines of its log are on stderr).
@@ -61,7 +78,7 @@ def run_pipeline(
     tracking_uri = absolute_uri(params.tracking.uri)
     overrides = [*overrides, f"tracking.uri={tracking_uri}"]
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
-    logs = StepLogs(STEPS, verbose=verbose)
+    logs = StepLogs(STEPS + (INDEX_STEPS if index_source else ()), verbose=verbose)
     artifacts: dict[str, dict[str, Any]] = {}
     started = time.perf_counter()
     try:
@@ -71,6 +88,7 @@ def run_pipeline(
                 overrides=overrides,
                 profile=params.profile or "",
                 params=params_json(params_file),
+                index_source=index_source,
             ).outputs
     except RuntimeError as exc:
         if logs.failed is None:  # kfp.local itself failed, before or between the steps
@@ -78,6 +96,10 @@ def run_pipeline(
         raise ClipflowError(f"pipeline failed at {logs.failed}; its log: {shown(logs.paths[logs.failed])}") from None
     reports = {step: outputs[f"{step}_report"] for step in STEPS}
     summary = summarize(reports, total_seconds=time.perf_counter() - started)
+    if index_source:
+        summary["index"] = json.loads(_report(artifacts["index"]))
+        total = summary["timings"].pop("total")
+        summary["timings"] |= {"index": summary["index"]["seconds"], "total": total}
     evaluation = Path(artifacts["evaluate"]["evaluation"].path)
     return {
         **summary,
@@ -130,6 +152,12 @@ def _report(outputs: dict[str, Any]) -> str:
 
 def step_figures(step: str, report: str) -> str:
     """The key figures of a finished step, from its JSON report, for its line on the terminal."""
+    if step == "index":
+        indexed = json.loads(report)
+        return (
+            f"{indexed['rows']} of {indexed['input_rows']} rows embedded ({indexed['quarantined']} quarantined)"
+            f" by {indexed['model']}; {indexed['store']['alias']} -> {indexed['store']['collection']}"
+        )
     if step == "ingest":
         ingested = IngestReport.from_json(report)
         return (
@@ -224,6 +252,7 @@ def describe(summary: dict[str, Any], summary_path: Path, serve: ServeParams) ->
             f" aliases {', '.join(summary['aliases']) or '-'} ({_verdict(summary['promoted'])}:"
             f" {summary['promotion_reason']})",
             f"bento:          {summary['bento_tag']} (serve.precision {summary['serve_precision']})",
+            *_index_lines(summary.get("index")),
             f"timings:        {timings}",
             f"evaluation:     {shown(Path(reports['evaluation']))} (the plots beside it)",
             f"promotion:      {shown(Path(reports['promotion']))} (every check of the gate)",
@@ -235,6 +264,18 @@ def describe(summary: dict[str, Any], summary_path: Path, serve: ServeParams) ->
             f"web page:       http://{serve.host}:{serve.port}/ after make serve",
         ]
     )
+
+
+def _index_lines(index: dict[str, Any] | None) -> list[str]:
+    """What the index step left, for a run that had one: the artifact, and what `search` reads."""
+    if index is None:
+        return []
+    store = index["store"]
+    return [
+        f"index:          {index['rows']} of {index['input_rows']} rows embedded ({index['quarantined']} quarantined)"
+        f" in {shown(Path(index['artifact']))}",
+        f"search reads:   {store['alias']} -> {store['collection']}",
+    ]
 
 
 def mlflow_ui(tracking_uri: str) -> str:

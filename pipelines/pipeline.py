@@ -1,4 +1,4 @@
-"""The clipflow DAG: ingest -> validate -> train -> evaluate -> promote -> package.
+"""The clipflow DAG: ingest -> validate -> train -> evaluate -> promote -> package, then optionally index.
 
 The same definition compiles to a Kubeflow Pipelines YAML (`clipflow compile`) and runs on
 one machine through `kfp.local` (`clipflow run`). Every step receives the text of params.yaml
@@ -9,19 +9,17 @@ from typing import NamedTuple
 
 from kfp import dsl
 
-from components import CHECKOUT
 from components.evaluate import evaluate_component
 from components.ingest import ingest_component
 from components.package import package_component
 from components.promote import promote_component
 from components.train import train_component
 from components.validate import validate_component
-from pipelines import params_json
+from pipelines import DEFAULT_PARAMS
 from pipelines.cluster import apply_target
+from pipelines.reindex import index_step
 
 PIPELINE_NAME = "clipflow"
-# The compiled default of `params`: the checkout's params.yaml (see `components.CHECKOUT`).
-DEFAULT_PARAMS = params_json(CHECKOUT / "params.yaml")
 # The steps in DAG order; the run summary and the tests read them from here.
 STEPS = ("ingest", "validate", "train", "evaluate", "promote", "package")
 
@@ -33,6 +31,7 @@ def clipflow_pipeline(
     profile: str = "",
     params: str = DEFAULT_PARAMS,
     resume: str = "",
+    index_source: str = "",
 ) -> NamedTuple(
     "ClipflowOutputs",
     [
@@ -54,6 +53,10 @@ def clipflow_pipeline(
         resume: empty to train from scratch; `latest` (the newest checkpoint in `train.checkpoint_dir`)
             or a checkpoint location to continue a stopped training. A new pipeline run sees an
             earlier run's checkpoints only where `train.checkpoint_dir` is shared storage (`s3://`).
+        index_source: empty for no index step; else, after packaging, the champion embeds this catalogue
+            (`ingested` for the data this run ingested, or a data folder, shards or a manifest) and
+            the new collection is swapped in under `index.alias`. A catalogue too large for one
+            pod goes through the reindex pipeline (`pipelines.reindex`), which spreads it over pods.
     """
     common = {"params": params, "overrides": overrides, "profile": profile}
     ingest = ingest_component(source=source, **common).set_display_name("Ingest")
@@ -74,9 +77,11 @@ def clipflow_pipeline(
         **common,
     ).set_display_name("Promote")
     package = package_component(
-        model_name=promote.outputs["model_name"], data=ingest.outputs["data"], **common
+        model_name=promote.outputs["model_name"], data=ingest.outputs["data"], index_source=index_source, **common
     ).set_display_name("Package")
     apply_target(dict(zip(STEPS, (ingest, validate, train, evaluate, promote, package), strict=True)))
+    with dsl.If(index_source != "", name="index-requested"):
+        index_step(common, index_source, ingest.outputs["data"]).after(package)
     outputs = NamedTuple(
         "ClipflowOutputs",
         [(f"{step}_report", str) for step in STEPS],

@@ -37,20 +37,26 @@ decoded to near the model's input size (`clipflow.images`, as ingest decodes the
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
+import json
 import logging
+import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional, Union
 
 import bentoml
 import PIL.Image
-from bentoml.exceptions import NotFound
+from bentoml.exceptions import InvalidArgument, NotFound, ServiceUnavailable
 from pydantic import AfterValidator, BaseModel
 
+from clipflow import vectors
+from clipflow.index import store
 from clipflow.model import image_side
+from clipflow.params import IndexParams
 from clipflow.serve import bentoml_patches, encoder, openai_api
-from clipflow.serve.dispatch import FillingDispatcher
+from clipflow.serve.dispatch import SHED, FillingDispatcher, Overloaded
 from clipflow.serve.encoder import usable_cores
 from clipflow.serve.http import (
     OPEN_PATHS,
@@ -69,6 +75,7 @@ from clipflow.serve.inputs import (
     check_item_id,
     check_k,
     check_labels,
+    check_page,
     check_query_text,
     check_text_list,
     decode_base64_images,
@@ -120,6 +127,13 @@ class GalleryItem(BaseModel):
     id: str
     caption: str
     score: float
+    image_path: Optional[str] = None  # where the catalogue keeps the image (items of an index)
+    metadata: dict[str, Any] = {}  # the item's other metadata fields (items of an index)
+
+
+# A search filter: metadata field -> the value it must equal, or a list of values it must be one of.
+FilterValue = Union[str, int, float, bool]
+SearchFilter = Optional[dict[str, Union[FilterValue, list[FilterValue]]]]
 
 
 class ModelInfo(BaseModel):
@@ -134,6 +148,8 @@ class ModelInfo(BaseModel):
     precision: str  # what it runs at on this server
     gallery_size: int  # 0 without a gallery
     gallery_split: Optional[str]
+    index_alias: Optional[str] = None  # the vector store alias `search` reads, when packaged with an index
+    index_collection: Optional[str] = None  # the collection it names now (None: not published, or the store is down)
 
 
 API_DESCRIPTION = """\
@@ -155,6 +171,8 @@ curl -s -X POST http://127.0.0.1:3000/rank -F 'queries=["a red circle"]' \\
      -F candidates=@a.png -F candidates=@b.png
 curl -s -X POST http://127.0.0.1:3000/search -H 'content-type: application/json' \\
      -d '{"text": "a red circle", "k": 5}'
+curl -s -X POST http://127.0.0.1:3000/search -H 'content-type: application/json' \\
+     -d '{"text": "a red circle", "k": 5, "offset": 5, "filter": {"colour": ["red", "blue"]}}'
 curl -s -X POST http://127.0.0.1:3000/search_image -F image=@shape.png -F k=5
 curl -s -X POST http://127.0.0.1:3000/gallery_image -H 'content-type: application/json' \\
      -d '{"id": "test-0000007"}' -o item.png
@@ -177,6 +195,11 @@ endpoint lists the statuses it may answer.
 """
 
 
+# Where the deployed service finds the vector store when it is not where `clipflow package` saw it
+# (a Milvus Service in the cluster instead of a local folder).
+INDEX_URI_ENV = "CLIPFLOW_INDEX_URI"
+STORE_RETRY_AFTER_S = 5
+
 ARGS = bentoml.use_arguments(BuildArgs)
 BENTO_MODEL = bentoml.models.BentoModel(ARGS.model_tag)
 PAGE = Path(__file__).with_name("page.html")
@@ -196,8 +219,8 @@ API_DOCS = ApiDocs(
         "/classify": {"labels": ["red circle", "blue square", "green star"], "templates": ["a drawing of a {}."]},
         "/rank": {"queries": ["a red circle"]},
         "/rank_texts": {"candidates": ["a red circle", "a blue square"]},
-        "/search": {"text": "a red circle", "k": 5},
-        "/search_image": {"k": 5},
+        "/search": {"text": "a red circle", "k": 5, "filter": {}, "offset": 0},
+        "/search_image": {"k": 5, "offset": 0},
         "/gallery_image": {"id": "test-0000007"},
     },
     gallery_paths=frozenset({"/search", "/search_image", "/gallery_image"}),
@@ -277,6 +300,7 @@ class Clipflow:
         self.limits = limits()
         self.templates = metadata["templates"]
         self.gallery = gallery.load(Path(self.bento_model.path))
+        self.searcher = _searcher(metadata.get("index"))
         guard_decoder(self.limits)
         uri = metadata["model_uri"]
         self.info = ModelInfo(
@@ -294,8 +318,16 @@ class Clipflow:
 
     @bentoml.api
     def model_info(self) -> ModelInfo:
-        """The served model (registry name, version and the alias it was packaged from) and the gallery size."""
-        return self.info
+        """The served model (registry name, version and the alias it was packaged from), the gallery size, and
+        the index `search` reads (its alias and the collection that alias names now)."""
+        if self.searcher is None:
+            return self.info
+        try:
+            index = self.searcher.describe()
+        except vectors.StoreUnavailable as exc:
+            logger.warning("model_info: %s", exc)
+            index = {"alias": self.searcher.params.alias, "collection": None}
+        return self.info.model_copy(update={"index_alias": index["alias"], "index_collection": index["collection"]})
 
     @bentoml.api(**BATCHED)
     def encode_text(self, texts: Texts) -> list[list[float]]:
@@ -348,23 +380,27 @@ class Clipflow:
         return self._rank(self.encoder.images(decoded), self.encoder.texts(candidates))
 
     @bentoml.api
-    def search(self, text: str, k: int = 5) -> list[GalleryItem]:
-        """The `k` gallery items whose images best match `text`, best first.
+    def search(self, text: str, k: int = 5, filter: SearchFilter = None, offset: int = 0) -> list[GalleryItem]:
+        """The `k` items whose images best match `text`, best first, after skipping the `offset` best.
 
-        `score` is the cosine similarity between the query and the item's image embedding.
+        `score` is the cosine similarity between the query and the item's image embedding. A Bento
+        packaged with an index searches its vector store (`model_info` names the collection), where
+        `filter` keeps only the items whose metadata fields equal the value given (or one of a list of
+        values); otherwise it searches its gallery, which has no metadata to filter. `k + offset` is at
+        most `serve.max_k`.
         """
-        gallery = self._gallery(k)
+        self._check_search(k, filter, offset)
         check_query_text("text", text, self.limits)
-        return [GalleryItem(**item) for item in gallery.search(self.encoder.texts([text])[0], k)]
+        return self._search(self.encoder.texts([text])[0], k, filter, offset)
 
     # Its own endpoint rather than an optional `image` of `search`: BentoML 1.4 cannot take an
     # optional file (Optional[Path] fails at import, `Path | None` refuses every upload).
     @bentoml.api
-    def search_image(self, image: Path, k: int = 5) -> list[GalleryItem]:
+    def search_image(self, image: Path, k: int = 5, filter: SearchFilter = None, offset: int = 0) -> list[GalleryItem]:
         """`search` with an uploaded image as the query."""
-        gallery = self._gallery(k)
+        self._check_search(k, filter, offset)
         query = self.encoder.images([open_image(image, self.limits, decode_side())])[0]
-        return [GalleryItem(**item) for item in gallery.search(query, k)]
+        return self._search(query, k, filter, offset)
 
     @bentoml.api
     def gallery_image(self, id: str) -> PIL.Image.Image:
@@ -375,6 +411,41 @@ class Clipflow:
         if thumbnail is None:
             raise NotFound(f"the gallery has no item {id[:80]!r}")
         return PIL.Image.open(io.BytesIO(thumbnail))
+
+    def _check_search(self, k: int, filter: SearchFilter, offset: int) -> None:
+        check_page(k, offset, self.limits)
+        if self.searcher is None:
+            self._gallery(k)
+            if filter:
+                raise InvalidArgument(
+                    "filter: this Bento searches its gallery, which has no metadata: package it with an index"
+                )
+        else:
+            try:
+                vectors.filter_expression(filter)
+            except vectors.FilterError as exc:
+                raise InvalidArgument(str(exc)) from None
+
+    def _search(self, query: torch.Tensor, k: int, filter: SearchFilter, offset: int) -> list[GalleryItem]:
+        if self.searcher is None:
+            return [GalleryItem(**item) for item in self._gallery(k).search(query, k + offset)[offset:]]
+        try:
+            found = self.searcher.search(query.float().numpy(), k, filter, offset)
+        except vectors.NotPublished as exc:
+            raise NotFound(str(exc)) from None
+        except vectors.StoreUnavailable as exc:
+            logger.warning("search: %s", exc)
+            raise _refused(StoreDown(str(exc))) from None
+        return [
+            GalleryItem(
+                id=item.pop("id"),
+                caption=item.pop("caption", ""),
+                score=item.pop("score"),
+                image_path=item.pop("image_path", None),
+                metadata=item,
+            )
+            for item in found
+        ]
 
     def _gallery(self, k: int = 1) -> Gallery:
         """The gallery, for a search of `k` items."""
@@ -388,6 +459,37 @@ class Clipflow:
             [Match(index=m.index, cosine=m.cosine, probability=m.probability) for m in row]
             for row in encoder.rank(queries, candidates, self.encoder.logit_scale)
         ]
+
+
+class StoreDown(Overloaded):
+    """The vector store did not answer: 503 with a `Retry-After`, and the reason as the message."""
+
+    def __init__(self, message: str) -> None:
+        ServiceUnavailable.__init__(self, message)  # Overloaded's own message says the server is busy; it is not
+        self.retry_after_s = STORE_RETRY_AFTER_S
+
+
+def _refused(refusal: Overloaded) -> Overloaded:
+    """`refusal`, noted where `ShedMiddleware` finds it: BentoML answers every 5xx with one generic message."""
+    notices = SHED.get()
+    if notices is not None:
+        notices.append(refusal)
+    return refusal
+
+
+def _searcher(settings: str | None) -> store.Searcher | None:
+    """The vector store searcher of a Bento packaged with an index (`settings`: its `IndexParams` as JSON), at
+    `$CLIPFLOW_INDEX_URI` when set."""
+    if settings is None:
+        if os.environ.get(INDEX_URI_ENV):
+            logger.warning(
+                "%s is set, but this Bento was packaged without an index: search reads its gallery", INDEX_URI_ENV
+            )
+        return None
+    params = IndexParams(**json.loads(settings))
+    params = dataclasses.replace(params, uri=os.environ.get(INDEX_URI_ENV) or params.uri)
+    logger.info("search reads the vector store's alias %s", params.alias)  # the uri may hold credentials
+    return store.Searcher(params)
 
 
 # The first added runs first: every refusal under /v1/ is reshaped for OpenAI's clients, the page

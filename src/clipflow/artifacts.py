@@ -76,6 +76,9 @@ class IngestReport(JsonRecord):
     data_version: str
     git_revision: str | None
     seconds: float
+    # The model curation (`clipflow.data.curate`): its model, weights' digest, thresholds and rows quarantined
+    # per reason kind; None when ingest did not curate.
+    curation: dict[str, Any] | None = None
 
     @classmethod
     def read(cls, data_dir: str | Path) -> IngestReport:

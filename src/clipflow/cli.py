@@ -35,6 +35,9 @@ ProfileOption = Annotated[
     Optional[str], typer.Option("--profile", help="A params profile, such as 'test' (default: $CLIPFLOW_PROFILE).")
 ]
 
+PipelineOption = Annotated[
+    str, typer.Option(help="clipflow (the DAG) or reindex (embed a catalogue with the champion and swap it in).")
+]
 ModelOption = Annotated[str, typer.Option(help="A checkpoint path or an MLflow model URI (models:/NAME@ALIAS).")]
 ModelConfigOption = Annotated[
     Optional[str], typer.Option(help="The open_clip config of a checkpoint that does not record it (ViT-B-32).")
@@ -65,6 +68,13 @@ def run(
     verbose: Annotated[
         bool, typer.Option("--verbose", help="Stream every step's whole output, as kfp.local prints it.")
     ] = False,
+    index_source: Annotated[
+        str,
+        typer.Option(
+            help="After packaging, index this catalogue with the champion: `ingested` (this run's data), "
+            "a data folder, shards or a manifest (default: no index step)."
+        ),
+    ] = "",
     params_file: ParamsOption = DEFAULT_PARAMS,
     overrides: SetOption = None,
     profile: ProfileOption = None,
@@ -73,7 +83,9 @@ def run(
     from pipelines.local import describe, run_pipeline
 
     params = _params(params_file, overrides, profile)
-    result = run_pipeline(params_file, params, overrides or [], source=source, verbose=verbose)
+    result = run_pipeline(
+        params_file, params, overrides or [], source=source, verbose=verbose, index_source=index_source
+    )
     summary.parent.mkdir(parents=True, exist_ok=True)
     summary.write_text(json.dumps(result, indent=2))
     typer.echo(describe(result, summary, params.serve))
@@ -95,7 +107,7 @@ def ingest(
     from clipflow.data.ingest import ingest as run_ingest
 
     params = _params(params_file, overrides, profile)
-    _print_json(run_ingest(source, output, params.data, params.validate))
+    _print_json(run_ingest(source, output, params.data, params.validate, params.tracking))
 
 
 @app.command()
@@ -245,18 +257,61 @@ def package(
         Optional[Path],
         typer.Option(help="An ingested data directory whose serve.gallery_split images `search` answers from."),
     ] = None,
+    index: Annotated[
+        bool,
+        typer.Option("--index", help="`search` answers from the vector store at index.uri (index.alias) instead."),
+    ] = False,
     params_file: ParamsOption = DEFAULT_PARAMS,
     overrides: SetOption = None,
     profile: ProfileOption = None,
 ) -> None:
-    """Build a Bento from the registry's champion, with a search gallery when given one."""
+    """Build a Bento from the registry's champion, with a search gallery or the catalogue's vector store."""
     from clipflow.serve.package import package as run_package
 
     params = _params(params_file, overrides, profile)
     if gallery is not None:
         _require_dir(gallery, "gallery data directory")
     model_uri = model or f"models:/{params.promote.model_name}@champion"
-    _print_json(run_package(model_uri, params, checkout() / "serving", gallery=gallery))
+    store = params.index if index else None
+    _print_json(run_package(model_uri, params, checkout() / "serving", gallery=gallery, index=store))
+
+
+@app.command()
+def index(
+    source: Annotated[
+        Optional[str],
+        typer.Option(help="The catalogue: an ingested data folder, WebDataset shards, or a CSV/Parquet/JSONL manifest"),
+    ] = None,
+    model: Annotated[Optional[str], typer.Option(help="The model (default: models:/NAME@champion).")] = None,
+    output: Annotated[
+        Optional[str],
+        typer.Option(help="The embedding artifact's folder (default: outputs/index/<model version>-<data version>)."),
+    ] = None,
+    no_store: Annotated[
+        bool, typer.Option("--no-store", help="Only embed: leave the vector store and its alias as they are.")
+    ] = False,
+    restore: Annotated[
+        bool, typer.Option("--restore", help="Point index.alias back at the previous collection; embed nothing.")
+    ] = False,
+    params_file: ParamsOption = DEFAULT_PARAMS,
+    overrides: SetOption = None,
+    profile: ProfileOption = None,
+) -> None:
+    """Embed a catalogue in clip-retrieval's layout, resumably, and publish it to the vector store (index.alias)."""
+    params = _params(params_file, overrides, profile)
+    if restore:
+        if source or model:
+            raise ClipflowError("--restore takes neither --source nor --model")
+        from clipflow.index.store import restore as restore_alias
+
+        _print_json(restore_alias(params.index))
+        return
+    if not source:
+        raise ClipflowError("index needs --source (or --restore)")
+    from clipflow.index.step import build_index
+
+    model = model or f"models:/{params.promote.model_name}@champion"
+    _print_json(build_index(source, model, output, params, publish=not no_store))
 
 
 @app.command()
@@ -305,6 +360,7 @@ def serve(
 @app.command("compile")
 def compile_command(
     output: Annotated[Path, typer.Option(help="Where to write the pipeline YAML.")] = Path("pipeline.yaml"),
+    pipeline: PipelineOption = "clipflow",
     target: Annotated[
         str, typer.Option(help="local: plain steps; cluster: images, Secrets, resources and TrainJob from `cluster`.")
     ] = "local",
@@ -313,19 +369,18 @@ def compile_command(
     overrides: SetOption = None,
     profile: ProfileOption = None,
 ) -> None:
-    """Compile the Kubeflow pipeline to YAML, ready to upload."""
-    from pipelines.local import compile_pipeline
+    """Compile a Kubeflow pipeline to YAML, ready to upload."""
+    from pipelines.local import compile_pipeline, pipeline_named
 
     if target == "local":
-        typer.echo(str(compile_pipeline(output)))
+        typer.echo(str(compile_pipeline(output, pipeline)))
         return
     if target != "cluster":
         raise ClipflowError(f"--target must be local or cluster, got {target!r}")
     from pipelines.cluster import compile_for_cluster
-    from pipelines.pipeline import clipflow_pipeline
 
     params = _params(params_file, overrides, profile)
-    typer.echo(str(compile_for_cluster(clipflow_pipeline, output, params_file, params, tag=image_tag)))
+    typer.echo(str(compile_for_cluster(pipeline_named(pipeline), output, params_file, params, tag=image_tag)))
 
 
 @app.command()
@@ -339,7 +394,10 @@ def submit(
     ] = None,
     image_tag: Annotated[Optional[str], typer.Option(help="The image tag (default: cluster.image_tag).")] = None,
     experiment: Annotated[str, typer.Option(help="The experiment of the run.")] = "clipflow",
-    source: Annotated[str, typer.Option(help="What to ingest: builtin, or a manifest/shard location.")] = "builtin",
+    pipeline: PipelineOption = "clipflow",
+    source: Annotated[
+        str, typer.Option(help="What to ingest (clipflow), or the catalogue to index (reindex): builtin or a location.")
+    ] = "builtin",
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the run to end; fail unless it succeeds.")] = False,
     timeout: Annotated[int, typer.Option(min=1, help="Seconds --wait waits.")] = 6 * 3600,
     summary: Annotated[
@@ -353,9 +411,11 @@ def submit(
     import kfp
 
     from pipelines import submit as submission
-    from pipelines.pipeline import clipflow_pipeline
+    from pipelines.local import pipeline_named
 
     params = _params(params_file, overrides, profile)
+    if pipeline == "reindex" and source == "builtin":
+        raise ClipflowError("--pipeline reindex needs --source: the catalogue to index")
     host = host or os.environ.get(submission.HOST_ENV)
     if not host:
         raise ClipflowError(f"submit needs --host or ${submission.HOST_ENV}")
@@ -363,7 +423,7 @@ def submit(
     client = kfp.Client(host=host, existing_token=token or os.environ.get(submission.TOKEN_ENV))
     result = submission.submit(
         client,
-        clipflow_pipeline,
+        pipeline_named(pipeline),
         params_file,
         params,
         overrides or [],

@@ -29,6 +29,8 @@ PROFILE_ENV = "CLIPFLOW_PROFILE"
 
 # BentoML's rule for the name part of a tag.
 BENTO_NAME = re.compile(r"[a-z0-9](?:[a-z0-9._-]*[a-z0-9])?")
+# Milvus's rule for collection names and aliases.
+MILVUS_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
 # A DNS host name, as the host of a URL spells it (lowercase: URLs' hosts are compared lowercased).
 HOST_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*")
 
@@ -94,6 +96,9 @@ class ValidateParams:
     image_formats: list[str]
     splits: list[str]
     max_bad_fraction: float
+    clip_score_model: str | None
+    clip_score_min: float | None
+    near_duplicate_cosine: float | None
 
     def check(self) -> None:
         if not 0 <= self.caption_min_chars <= self.caption_max_chars:
@@ -109,6 +114,19 @@ class ValidateParams:
             raise ClipflowError("validate.splits must name at least one split")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ClipflowError(f"validate.max_bad_fraction must be between 0 and 1, got {self.max_bad_fraction}")
+        for name in ("clip_score_min", "near_duplicate_cosine"):
+            cosine = getattr(self, name)
+            if cosine is None:
+                continue
+            if not -1.0 <= cosine <= 1.0:  # also false for NaN
+                raise ClipflowError(f"validate.{name} must be a cosine in [-1, 1], got {cosine}")
+            if self.clip_score_model is None:
+                raise ClipflowError(f"validate.{name} needs validate.clip_score_model, the model that embeds the pairs")
+
+    @property
+    def curates(self) -> bool:
+        """Whether ingest scores pairs or looks for near-duplicates with a model."""
+        return self.clip_score_min is not None or self.near_duplicate_cosine is not None
 
 
 @dataclass(frozen=True)
@@ -273,6 +291,44 @@ class ServeParams:
             )
 
 
+# Milvus's vector index types clipflow builds: HNSW and IVF_FLAT approximate, FLAT exact.
+INDEX_TYPES = ("HNSW", "IVF_FLAT", "FLAT")
+# How a Milvus server's URL starts; any other `index.uri` is a Milvus Lite folder.
+MILVUS_SERVER_SCHEMES = ("http://", "https://", "tcp://")
+
+
+@dataclass(frozen=True)
+class IndexParams:
+    uri: str
+    alias: str
+    keep_collections: int
+    batch_size: int
+    workers: int
+    threads_per_worker: int
+    part_size: int
+    split: str | None
+    text: bool
+    index_type: str
+    build_params: dict[str, int]
+    search_params: dict[str, int]
+    insert_batch: int
+
+    def check(self) -> None:
+        _require_positive("index", self, "batch_size", "workers", "threads_per_worker", "part_size", "insert_batch")
+        _require_not_negative("index", self, "keep_collections")
+        if self.index_type not in INDEX_TYPES:
+            raise ClipflowError(f"index.index_type must be one of {', '.join(INDEX_TYPES)}, got {self.index_type!r}")
+        if not MILVUS_NAME.fullmatch(self.alias):
+            raise ClipflowError(
+                f"index.alias must start with a letter or '_' and hold only letters, digits and '_', got {self.alias!r}"
+            )
+
+    @property
+    def is_server(self) -> bool:
+        """Whether `uri` names a Milvus server (which several processes share) rather than a Milvus Lite folder."""
+        return self.uri.startswith(MILVUS_SERVER_SCHEMES)
+
+
 @dataclass(frozen=True)
 class TrackingParams:
     uri: str
@@ -302,6 +358,8 @@ class ClusterParams:
     cpu_per_node: str
     memory_per_node: str
     poll_seconds: float
+    index_pods: int
+    index_gpus_per_pod: int
     resources: dict[str, StepResources]
 
     def check(self) -> None:
@@ -309,6 +367,8 @@ class ClusterParams:
             raise ClipflowError(f"cluster.launcher must be one of {', '.join(LAUNCHERS)}, got {self.launcher!r}")
         if self.nodes < 1 or self.gpus_per_node < 0:
             raise ClipflowError("cluster.nodes must be at least 1 and cluster.gpus_per_node not negative")
+        if self.index_pods < 1 or self.index_gpus_per_pod < 0:
+            raise ClipflowError("cluster.index_pods must be at least 1 and cluster.index_gpus_per_pod not negative")
 
 
 @dataclass(frozen=True)
@@ -319,6 +379,7 @@ class Params:
     evaluate: EvaluateParams
     promote: PromoteParams
     serve: ServeParams
+    index: IndexParams
     tracking: TrackingParams
     cluster: ClusterParams
     profile: str | None = field(default=None, compare=False)
@@ -341,7 +402,8 @@ class Params:
 
     def check(self) -> None:
         """Reject combinations that are well-typed but cannot work, section by section, then across them."""
-        for section in (self.data, self.validate, self.train, self.evaluate, self.promote, self.serve, self.cluster):
+        checked = (self.data, self.validate, self.train, self.evaluate, self.promote, self.serve, self.index)
+        for section in (*checked, self.cluster):
             section.check()
         if "heldout" not in self.evaluate.zeroshot:
             raise ClipflowError("evaluate.zeroshot must define the 'heldout' set that the gate and summary report")

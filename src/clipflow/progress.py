@@ -104,7 +104,7 @@ class StepLogs:
         self.folder = folder
         path = self.paths[name] = folder / f"{name}.log"
         folder.mkdir(parents=True, exist_ok=True)
-        label = f"[{self.steps.index(name) + 1}/{len(self.steps)}] {name:<9}"
+        label = f"[{self.steps.index(name) + 1}/{len(self.steps)}] {name:<{max(map(len, self.steps)) + 1}}"
         self._say(self._out, f"{label}started; log {shown(path)}")
         figures: list[str] = []
         started = time.perf_counter()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import mlflow
+import pandas as pd
 import pytest
 import yaml
 
@@ -27,9 +28,14 @@ BIN = Path(sys.executable).parent
 ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "CLIPFLOW_PROFILE": "test"}
 
 
-def test_compiled_pipeline_has_six_tasks_in_dag_order(tmp_path):
+def test_compiled_pipeline_has_six_tasks_in_dag_order_then_an_optional_index(tmp_path):
     spec = yaml.safe_load(compile_pipeline(tmp_path / "pipeline.yaml").read_text())  # also proves it parses
     tasks = spec["root"]["dag"]["tasks"]
+    # The index step runs only when the run names a catalogue, after the package step.
+    condition = tasks.pop("condition-1")
+    assert condition["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--index_source'] != ''"
+    assert "package-component" in condition["dependentTasks"]
+    assert list(spec["components"]["comp-condition-1"]["dag"]["tasks"]) == ["index-component"]
     names = {name.removesuffix("-component"): task for name, task in tasks.items()}
     assert sorted(names) == sorted(STEPS)
     upstream = {step: {d.removesuffix("-component") for d in names[step].get("dependentTasks", [])} for step in STEPS}
@@ -253,3 +259,34 @@ def test_dvc_stages_reproduce_the_same_dag(tmp_path):
     assert "Running stage" not in again.stdout
     metrics = json.loads((tmp_path / "outputs/evaluation/metrics.json").read_text())["metrics"]
     assert "zeroshot_top1_heldout" in metrics
+
+
+def test_run_with_an_index_step_serves_search_from_the_vector_store(tmp_path):
+    """`clipflow run --index-source ingested`: the champion embeds the run's data after packaging, the
+    Bento's `search` answers from that collection in the Milvus Lite folder, and a filter restricts it."""
+    env = {"BENTOML_HOME": str(tmp_path / "bentoml_home")}
+    result = clipflow_run(tmp_path, "--summary", "summary.json", "--index-source", "ingested", env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    steps = (*STEPS, "index")
+    ended = [line for line in result.stdout.splitlines() if line.startswith(f"[{len(steps)}/{len(steps)}] index")]
+    assert len(ended) == 2 and " done in " in ended[1], result.stdout
+    ingested = IngestReport.read(summary["data_dir"])
+    index = summary["index"]
+    assert (index["input_rows"], index["rows"], index["quarantined"]) == (ingested.kept, ingested.kept, 0)
+    assert index["model_version"] == summary["model_version"] and index["data_version"] == summary["data_version"]
+    assert index["store"]["rows"] == ingested.kept and index["store"]["alias"] in result.stdout
+    assert list(summary["timings"]) == [*steps, "total"]
+
+    port = free_port()
+    command = [str(BIN / "clipflow"), "serve", "--port", str(port)]
+    with bentoml_server(command, port, {**ENV, **env}, tmp_path) as url:
+        info = httpx.post(f"{url}/model_info", json={}, timeout=30).json()
+        assert info["index_collection"] == index["store"]["collection"]
+        hits = httpx.post(f"{url}/search", json={"text": "a red circle", "k": 5}, timeout=30).json()
+        test_only = {"text": "a red circle", "k": 5, "filter": {"split": "test"}}
+        filtered = httpx.post(f"{url}/search", json=test_only, timeout=30).json()
+    keys = set(pd.read_parquet(Path(summary["data_dir"]) / "metadata.parquet")["key"])
+    assert len(hits) == 5 and {hit["id"] for hit in hits} <= keys
+    assert [hit["score"] for hit in hits] == sorted((hit["score"] for hit in hits), reverse=True)
+    assert len(filtered) == 5 and {hit["metadata"]["split"] for hit in filtered} == {"test"}

@@ -178,7 +178,9 @@ def test_cluster_compile_sets_images_secrets_resources_and_the_launcher(tmp_path
     spec, platform = yaml.safe_load_all((tmp_path / "p.yaml").read_text())
     params = load_params(REPO / "params.yaml")
     executors = spec["deploymentSpec"]["executors"]
-    assert {e["container"]["image"] for e in executors.values()} == {"ghcr.io/clipflow/clipflow:3f2a9c1"}
+    images = {name: e["container"]["image"] for name, e in executors.items()}
+    assert images.pop("exec-index-component") == "ghcr.io/clipflow/clipflow-train:3f2a9c1"  # embeds on a GPU
+    assert set(images.values()) == {"ghcr.io/clipflow/clipflow:3f2a9c1"}
     for step in STEPS:
         container = executors[f"exec-{step}-component"]["container"]
         wanted = params.cluster.resources[step]
@@ -208,6 +210,35 @@ def test_cluster_compile_sets_images_secrets_resources_and_the_launcher(tmp_path
     shipped = parse_params(inputs["params"]["defaultValue"], inputs["overrides"]["defaultValue"])
     assert shipped.cluster == dataclasses.replace(params.cluster, image_tag="3f2a9c1")
     assert trainjob.image(shipped.cluster, trainjob.TRAIN_IMAGE) == "ghcr.io/clipflow/clipflow-train:3f2a9c1"
+
+
+def test_the_reindex_pipeline_spreads_a_catalogue_over_gpu_pods_on_a_cluster(tmp_path):
+    """`clipflow compile --pipeline reindex --target cluster`: plan, a ParallelFor of embedding pods (one per
+    group the plan makes, `cluster.index_pods` by default, each with its GPUs), then the index step."""
+    output = tmp_path / "reindex.yaml"
+    assert main(["compile", "--pipeline", "reindex", "--target", "cluster", "--output", str(output)]) == 0
+    spec, platform = yaml.safe_load_all(output.read_text())
+    params = load_params(REPO / "params.yaml")
+    inputs = spec["root"]["inputDefinitions"]["parameters"]
+    assert inputs["index_pods"]["defaultValue"] == params.cluster.index_pods
+    assert "defaultValue" not in inputs["source"]  # a catalogue must be named
+    tasks = spec["root"]["dag"]["tasks"]
+    assert tasks["plan-index-component"]["inputs"]["parameters"]["pods"]["componentInputParameter"] == "index_pods"
+    loop = tasks["for-loop-1"]
+    assert loop["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--plan-index-component-groups"
+    assert "embed-index-component" in spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
+    assert set(tasks["index-component"]["dependentTasks"]) >= {"for-loop-1", "plan-index-component"}
+    executors = spec["deploymentSpec"]["executors"]
+    embed = executors["exec-embed-index-component"]["container"]
+    assert embed["image"] == f"{params.cluster.registry}/clipflow-train:{params.cluster.image_tag}"
+    assert embed["resources"]["accelerator"]["resourceCount"] == str(params.cluster.index_gpus_per_pod)
+    for name in ("exec-plan-index-component", "exec-index-component"):
+        container = executors[name]["container"]
+        assert container["image"] == f"{params.cluster.registry}/clipflow:{params.cluster.image_tag}"
+        assert "accelerator" not in container["resources"]
+        assert container["resources"]["resourceCpuRequest"] == params.cluster.resources["index"].cpu
+    secrets = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-embed-index-component"]
+    assert {s["secretName"] for s in secrets["secretAsEnv"]} == {"clipflow-s3", "clipflow-mlflow"}
 
 
 def test_local_compile_is_untouched_by_the_cluster_settings(tmp_path):

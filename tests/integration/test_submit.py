@@ -94,8 +94,10 @@ def test_submit_uploads_a_version_named_by_the_tag_and_starts_a_run(monkeypatch,
     # the uploaded file is the cluster build: the steps run the images of this tag
     package = version["body"].split(b"\r\n\r\n", 1)[1].rsplit(b"\r\n--", 1)[0]
     spec = next(yaml.safe_load_all(package))
-    images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
-    assert images == {"ghcr.io/clipflow/clipflow:3f2a9c1"}
+    images = {name: e["container"]["image"] for name, e in spec["deploymentSpec"]["executors"].items()}
+    # The optional index step embeds on a GPU, in the CUDA image; every other step runs the step image.
+    assert images.pop("exec-index-component") == "ghcr.io/clipflow/clipflow-train:3f2a9c1"
+    assert set(images.values()) == {"ghcr.io/clipflow/clipflow:3f2a9c1"}
 
     (run,) = fake.calls("POST", "/apis/v2beta1/runs")
     body = json.loads(run["body"])

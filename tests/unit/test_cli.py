@@ -65,6 +65,7 @@ def test_help_lists_every_verb():
         "evaluate",
         "promote",
         "package",
+        "index",
         "export",
         "serve",
         "compile",

@@ -14,7 +14,8 @@ INPUTS = {
     "train": COMMON | {"data", "resume"},
     "evaluate": COMMON | {"data", "model", "mlflow_run_id"},
     "promote": COMMON | {"model_uri", "metrics_json", "data_version"},
-    "package": COMMON | {"model_name", "data"},
+    "package": COMMON | {"model_name", "data", "index_source"},
+    "index": COMMON | {"source", "model", "output", "data"},
 }
 OUTPUTS = {
     "ingest": {"data", "data_version", "report"},
@@ -23,6 +24,7 @@ OUTPUTS = {
     "evaluate": {"metrics", "confusion", "summary", "evaluation", "metrics_json", "report"},
     "promote": {"summary", "model_name", "model_version", "report"},
     "package": {"Output"},
+    "index": {"Output"},
 }
 
 

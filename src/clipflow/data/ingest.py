@@ -4,7 +4,8 @@ Output layout (a data directory, local or `s3://bucket/prefix`): see `clipflow.a
 
 Every source streams through `clipflow.data.chunks` in chunks of `data.shard_size` rows. For a
 manifest or shards (see `clipflow.data.sources`), workers fetch, check, decode and resize a
-chunk's images; the main process drops duplicates and assigns each row a split by a hash of its
+chunk's images; the main process drops duplicates, quarantines what the curation model rejects
+when `validate` names one (`clipflow.data.curate`), and assigns each row a split by a hash of its
 key. The built-in dataset (`clipflow.data.builtin`) is rendered split by split. Either way a
 re-run after a crash skips every committed chunk and redoes the rest, and the report has one
 schema: rows in, rows kept per split, rows quarantined and why.
@@ -12,6 +13,7 @@ schema: rows in, rows kept per split, rows quarantined and why.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -27,10 +29,11 @@ from urllib.parse import urlparse
 from clipflow.artifacts import INGEST_REPORT, IngestReport, git_revision, sha256_file
 from clipflow.data import builtin
 from clipflow.data.chunks import STAGING, ChunkWriter, KeptSample, Totals
+from clipflow.data.curate import DUPLICATE_REASON, SCORE_REASON, CurationModel, Curator, Pair, load_curation_model
 from clipflow.data.shards import ShardRecord
 from clipflow.data.sources import SourceRow, read_rows
 from clipflow.errors import ClipflowError
-from clipflow.params import DataParams, ValidateParams
+from clipflow.params import DataParams, TrackingParams, ValidateParams
 from clipflow.progress import progress
 from clipflow.storage import FetchError, FetchLimits, Store, fetch
 from clipflow.validate.rows import CheckedImage, Rejected, check_caption, check_image
@@ -38,7 +41,13 @@ from clipflow.validate.rows import CheckedImage, Rejected, check_caption, check_
 SOURCE_SCHEMES = {"", "s3", "http", "https"}
 
 
-def ingest(source: str, output: str | Path, params: DataParams, checks: ValidateParams | None = None) -> IngestReport:
+def ingest(
+    source: str,
+    output: str | Path,
+    params: DataParams,
+    checks: ValidateParams | None = None,
+    tracking: TrackingParams | None = None,
+) -> IngestReport:
     """Run the ingest step and return its report (also written to `ingest.json`).
 
     Args:
@@ -48,11 +57,14 @@ def ingest(source: str, output: str | Path, params: DataParams, checks: Validate
         output: the data directory to (re)create: a local folder or `s3://bucket/prefix`.
             An unfinished run of the same source and params into it is resumed.
         params: the `data` section of params.yaml.
-        checks: the `validate` section, whose per-row checks every non-builtin row must pass.
+        checks: the `validate` section, whose per-row checks every non-builtin row must pass, and
+            which curates those rows with a model when `checks.curates` (see `clipflow.data.curate`;
+            the built-in dataset is neither checked nor curated).
+        tracking: where a `models:/` curation model is looked up (None: MLflow's current tracking URI).
 
     Raises:
-        ClipflowError: an unsupported or unreadable source (a missing column, no shards),
-            or invalid data parameters. Bad rows never raise: they are quarantined.
+        ClipflowError: an unsupported or unreadable source (a missing column, no shards), a curation
+            model that does not load, or invalid data parameters. Bad rows never raise: they are quarantined.
     """
     params.check()  # at params load too; params built in code reach here unchecked
     if source != "builtin":
@@ -61,7 +73,7 @@ def ingest(source: str, output: str | Path, params: DataParams, checks: Validate
             raise ClipflowError(f"unsupported source {source!r}: use builtin, a local path, s3:// or http(s)://")
         if checks is None:
             raise ClipflowError(f"ingesting {source!r} needs the validate params for its per-row checks")
-        return _ingest_source(source, str(output), params, checks)
+        return _ingest_source(source, str(output), params, checks, tracking)
     _check_builtin_params(params)
     return _ingest_builtin(str(output), params)
 
@@ -100,7 +112,9 @@ def _builtin_sample(sample: builtin.Sample) -> KeptSample:
     return KeptSample(sample.split, ShardRecord(sample.key, image, "png", sample.caption, meta), row)
 
 
-def _report(source: str, store: Store, totals: Totals, started: float) -> IngestReport:
+def _report(
+    source: str, store: Store, totals: Totals, started: float, curation: dict[str, Any] | None = None
+) -> IngestReport:
     """The ingest report of every source, written last: its presence means the data is complete."""
     report = IngestReport(
         source=source,
@@ -113,6 +127,7 @@ def _report(source: str, store: Store, totals: Totals, started: float) -> Ingest
         data_version=totals.data_version,
         git_revision=git_revision(),
         seconds=round(time.perf_counter() - started, 2),
+        curation=curation,
     )
     store.put_bytes(report.to_json().encode(), INGEST_REPORT)
     store.delete(STAGING)
@@ -147,11 +162,12 @@ class _Checked:
 _WORKER: dict[str, Any] = {}
 
 
-def _configure_worker(checks: ValidateParams, limits: FetchLimits, short_side: int) -> None:
+def configure_worker(checks: ValidateParams, limits: FetchLimits, short_side: int) -> None:
+    """Set the checks and limits `check_row` applies in this process (a pool's initializer, or in line)."""
     _WORKER.update(checks=checks, limits=limits, short_side=short_side)
 
 
-def _check_row(row: SourceRow) -> _Checked | str:
+def check_row(row: SourceRow) -> _Checked | str:
     """Fetch and check one row: the checked image, or the reason it is quarantined."""
     if row.reject:
         return row.reject
@@ -164,28 +180,49 @@ def _check_row(row: SourceRow) -> _Checked | str:
     return _Checked(caption, image, hashlib.sha256(payload).hexdigest())
 
 
-def _ingest_source(source: str, output: str, params: DataParams, checks: ValidateParams) -> IngestReport:
+def _ingest_source(
+    source: str, output: str, params: DataParams, checks: ValidateParams, tracking: TrackingParams | None
+) -> IngestReport:
     started = time.perf_counter()
+    # Before any row: a curation model that does not load must cost nothing, and resuming needs its identity.
+    # The check workers forked later inherit none of torch's threads' work: they never run torch.
+    curation_model = load_curation_model(checks, tracking)
+    curation = curation_model.settings(checks) if curation_model else None
     limits = FetchLimits(params.max_image_bytes, params.http_timeout_s, params.http_retries)
     rows = read_rows(source, params.image_column, params.caption_column, limits, params.max_manifest_bytes)
     # The first row comes before the output is touched: a missing source or column must not
     # cost the user the data already in the output folder.
     rows = chain(list(islice(rows, 1)), rows)
     store = Store(output)
-    _start_or_resume(store, _fingerprint(source, params, checks))
+    _start_or_resume(store, _fingerprint(source, params, checks, curation))
 
     # Raw digests, not hex text: this map is the one thing that grows with the input (~100 bytes a row).
     seen: dict[bytes, int] = {}
-    with store.scratch(f"{STAGING}/tmp") as scratch, _pool(params, checks, limits) as check:
+    with (
+        store.scratch(f"{STAGING}/tmp") as scratch,
+        _pool(params, checks, limits) as check,
+        _curator(curation_model, checks, store, scratch) as curator,
+    ):
         chunks = ChunkWriter(store, scratch)
         for chunk in progress(_batched(rows, params.shard_size), desc="ingest chunks"):
             record = chunks.committed()
             if record is not None:
                 seen.update((bytes.fromhex(digest), row) for digest, row in record["digests"].items())
+                if curator is not None:
+                    curator.resume()
                 continue
-            _ingest_chunk(chunks, chunk, check(chunk), seen, params.split_fractions)
+            _ingest_chunk(chunks, chunk, check(chunk), seen, params.split_fractions, curator)
         totals = chunks.finish()
-    return _report(source, store, totals, started)
+    if curation is not None:
+        curated = {kind: totals.quarantine_reasons.get(kind, 0) for kind in (SCORE_REASON, DUPLICATE_REASON)}
+        curation = {**curation, "quarantined": curated}
+    return _report(source, store, totals, started, curation)
+
+
+def _curator(
+    model: CurationModel | None, checks: ValidateParams, store: Store, scratch: Path
+) -> contextlib.AbstractContextManager[Curator | None]:
+    return contextlib.nullcontext() if model is None else Curator(model, checks, store, scratch)
 
 
 def _split_of(key: str, fractions: dict[str, float]) -> str:
@@ -199,12 +236,15 @@ def _split_of(key: str, fractions: dict[str, float]) -> str:
     return next(reversed(fractions))
 
 
-def _fingerprint(source: str, params: DataParams, checks: ValidateParams | None = None) -> str:
+def _fingerprint(
+    source: str, params: DataParams, checks: ValidateParams | None = None, curation: dict[str, Any] | None = None
+) -> str:
     """What a resumed run must share with the crashed one: the source's content and every knob."""
     identity = sha256_file(Path(source)) if Path(source).is_file() else source
     # The worker count changes how fast, not what: a resume may use more or fewer.
     data = {k: v for k, v in vars(params).items() if k != "workers"}
-    knobs = json.dumps([identity, data, vars(checks) if checks else None], sort_keys=True, default=str)
+    # The curation's model by its weights: the same models:/NAME@ALIAS may name other weights on a resume.
+    knobs = json.dumps([identity, data, vars(checks) if checks else None, curation], sort_keys=True, default=str)
     return hashlib.sha256(knobs.encode()).hexdigest()
 
 
@@ -241,15 +281,15 @@ class _pool:
             # fork, before any manifest is read: no pyarrow threads to inherit yet, and unlike spawn
             # it works whatever the main module is; boto3 clients are made per process anyway.
             context = multiprocessing.get_context("fork")
-            self.pool = context.Pool(self.workers, initializer=_configure_worker, initargs=self.args)
+            self.pool = context.Pool(self.workers, initializer=configure_worker, initargs=self.args)
         else:
-            _configure_worker(*self.args)
+            configure_worker(*self.args)
         return self.check
 
     def check(self, chunk: list[SourceRow]) -> Iterator[_Checked | str]:
         if self.pool is None:
-            return map(_check_row, chunk)
-        return self.pool.imap(_check_row, chunk, chunksize=8)
+            return map(check_row, chunk)
+        return self.pool.imap(check_row, chunk, chunksize=8)
 
     def __exit__(self, *exc) -> None:
         if self.pool is not None:
@@ -263,16 +303,25 @@ def _ingest_chunk(
     outcomes: Iterator[_Checked | str],
     seen: dict[bytes, int],
     fractions: dict[str, float],
+    curator: Curator | None = None,
 ) -> None:
     """Sort one chunk's checked rows into kept samples (each in the split of its key) and quarantined rows."""
     kept: list[KeptSample] = []
     quarantined: list[dict[str, Any]] = []
     digests: dict[str, int] = {}
+    outcomes = list(outcomes)
+    curated: dict[int, str | None] = {}
+    if curator is not None:
+        checked = [(row, passed) for row, passed in zip(chunk, outcomes, strict=True) if isinstance(passed, _Checked)]
+        verdicts = curator.curate([Pair(row.key, passed.image.jpeg, passed.caption) for row, passed in checked])
+        curated = {row.row: verdict for (row, _), verdict in zip(checked, verdicts, strict=True)}
     for row, outcome in zip(chunk, outcomes, strict=True):
         if isinstance(outcome, _Checked):
             first = seen.get(bytes.fromhex(outcome.source_sha256))
             if first is not None:
                 outcome = f"duplicate image: same bytes as input row {first}"
+            elif curated.get(row.row) is not None:
+                outcome = curated[row.row]
         if isinstance(outcome, str):
             quarantined.append({"row": row.row, "key": row.key, "source": row.source, "reason": outcome})
             continue

@@ -233,7 +233,8 @@ def _json_object(line: str) -> dict | str:
     return record if isinstance(record, dict) else f"line is JSON {type(record).__name__}, not an object"
 
 
-def _shard_paths(source: str) -> list[str]:
+def shard_paths(source: str) -> list[str]:
+    """The `.tar` shards of a source (a `.tar`, a folder or an `s3://` prefix), in order."""
     if source.startswith("s3://"):
         if source.endswith(".tar"):
             return [source]
@@ -253,7 +254,7 @@ def _shard_rows(source: str, limits: FetchLimits) -> Iterator[SourceRow]:
     Members are read into memory one sample at a time and never extracted to disk; a member
     with an absolute or `..` name, a link or a device becomes a rejected row of its own.
     """
-    shards = _shard_paths(source)
+    shards = shard_paths(source)
     if not shards:
         raise ClipflowError(f"no .tar shards under {source}")
     counter = iter(range(sys.maxsize))

@@ -85,7 +85,7 @@ class ClipModel:
 
         from clipflow.model.text_length import encode_tokens
 
-        tokens = self.tokenizer(texts)
+        tokens = self.tokenizer(texts).to(next(self.model.parameters()).device)  # on a GPU when indexing there
         with torch.no_grad():
             return torch.nn.functional.normalize(encode_tokens(self.model, tokens).float(), dim=-1)
 

@@ -9,6 +9,7 @@ rebuild the full two-tower model.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from clipflow import model as clip_model
@@ -17,6 +18,8 @@ from clipflow.errors import ClipflowError
 ARTIFACT_NAME = "model"
 CHECKPOINT_KEY = "checkpoint"
 PYFUNC_CODE = Path(clip_model.__file__).parent / "pyfunc.py"
+# A registered model's version, by alias or number (`models:/m-...` names a logged model, not a version).
+REGISTRY_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))")
 INPUT_EXAMPLE = ["a red circle", "two blue stars left of a green square"]
 
 
@@ -56,6 +59,30 @@ def log_clip_model(checkpoint: str | Path, config_name: str | None = None) -> st
 
 def is_model_uri(reference: str) -> bool:
     return reference.startswith(("models:/", "runs:/"))
+
+
+def registered_version(reference: str):
+    """The registry's `ModelVersion` that `models:/NAME@ALIAS` or `models:/NAME/VERSION` names now, else None.
+
+    Pinning an alias to its version once keeps everything a step records about the model in agreement
+    while the alias may move on.
+
+    Raises:
+        ClipflowError: the registry has no such model, version or alias.
+    """
+    match = REGISTRY_URI.fullmatch(reference)
+    if match is None:
+        return None
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    try:
+        if match["alias"]:
+            return client.get_model_version_by_alias(match["name"], match["alias"])
+        return client.get_model_version(match["name"], match["version"])
+    except MlflowException as exc:
+        raise ClipflowError(f"cannot resolve {reference}: {exc.message.splitlines()[0]}") from None
 
 
 def download_checkpoint(model_uri: str, destination: str | Path | None = None) -> Path:

@@ -120,6 +120,14 @@ def check_k(k: int, limits: Limits) -> int:
     return k
 
 
+def check_page(k: int, offset: int, limits: Limits) -> int:
+    """A page of `k` results after `offset` others, within the `max_k` best; returns `offset`."""
+    check_k(k, limits)
+    if offset < 0 or k + offset > limits.max_k:
+        raise InvalidArgument(f"offset must be between 0 and max_k - k = {limits.max_k - k}, got {offset}")
+    return offset
+
+
 def check_item_id(item_id: str, limits: Limits, field: str = "id") -> str:
     """An item id of at most `max_text_chars`; returns it."""
     if len(item_id) > limits.max_text_chars:

@@ -7,7 +7,10 @@ templates, the serving precision (`serve.precision`) with the numbers of its che
 and what the registry knows of the version (its number, run, metrics and data version) as
 metadata. Given an ingested data directory, the model also
 carries a gallery index for `search`: the normalised embeddings of the `serve.gallery_split`
-images with their keys and captions (see `clipflow.serve.gallery`).
+images with their keys and captions (see `clipflow.serve.gallery`). Given the `index:` params, it
+records them instead (a Lite folder's path made absolute), and the service's `search` reads
+`index.alias` in that vector store (`clipflow.index.store`), or at `$CLIPFLOW_INDEX_URI` where it is
+deployed; the store need not exist yet, since `clipflow index` runs after `package`.
 
 A Bento that may serve bf16 (`serve.precision` auto or bf16) is built only once bf16 has passed
 `clipflow.serve.precision_check` against fp32, on a fixed batch and, given the data, on the
@@ -28,8 +31,9 @@ sets `$BENTOML_HOME` before BentoML first uses its store; this module changes no
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -46,8 +50,8 @@ from clipflow import model as clip_model
 from clipflow import tracking
 from clipflow.artifacts import JsonRecord
 from clipflow.errors import ClipflowError
-from clipflow.params import Params, ServeParams
-from clipflow.registry.models import download_checkpoint
+from clipflow.params import IndexParams, Params, ServeParams
+from clipflow.registry.models import download_checkpoint, registered_version
 from clipflow.registry.promote import version_metrics
 from clipflow.serve import gallery as clip_gallery
 from clipflow.serve.inputs import LIMITS
@@ -69,8 +73,9 @@ RUNTIME_DISTRIBUTIONS = (
     "tqdm",
     "pydantic",
     "starlette",
+    "pymilvus",
+    "milvus-lite",
 )
-_REGISTRY_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))")
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,7 @@ class PackageResult(JsonRecord):
     precision: str  # serve.precision as the Bento keeps it: auto, fp32 or bf16
     precision_check: dict[str, float]  # bf16 against fp32 (see `clipflow.serve.precision_check`); empty at fp32
     seconds: float
+    index: dict[str, str] | None = None  # the vector store's uri and alias that `search` reads; None: the gallery
 
 
 def bentoml_home() -> Path:
@@ -94,7 +100,9 @@ def bentoml_env() -> dict[str, str]:
     return {**os.environ, HOME_ENV: str(bentoml_home()), "BENTOML_DO_NOT_TRACK": "true"}
 
 
-def package(model_uri: str, params: Params, serving_dir: Path, gallery: Path | None = None) -> PackageResult:
+def package(
+    model_uri: str, params: Params, serving_dir: Path, gallery: Path | None = None, index: IndexParams | None = None
+) -> PackageResult:
     """Import an MLflow model into the BentoML store and build a Bento serving it.
 
     Args:
@@ -105,6 +113,7 @@ def package(model_uri: str, params: Params, serving_dir: Path, gallery: Path | N
         serving_dir: the folder holding the BentoML service and its page, `serving/` in the checkout.
         gallery: an ingested data directory whose `serve.gallery_split` images become the
             search gallery, or None for a Bento whose `search` answers that it has none.
+        index: the vector store `search` reads instead of the gallery (usually `params.index`), or None.
 
     Raises:
         ClipflowError: the model cannot be resolved or fetched, bf16 fails its check against fp32
@@ -130,10 +139,12 @@ def package(model_uri: str, params: Params, serving_dir: Path, gallery: Path | N
         with tempfile.TemporaryDirectory(prefix="clipflow-package-") as tmp:
             checkpoint = download_checkpoint(fetch_uri, Path(tmp) / "mlflow")
             clip, precision_check = _checked_model(checkpoint, params, gallery)
-            index, gallery_info = _build_gallery(clip, Path(gallery), params) if gallery is not None else (None, None)
+            gallery_index, gallery_info = (
+                _build_gallery(clip, Path(gallery), params) if gallery is not None else (None, None)
+            )
             del clip  # freed before the build: the service loads its own from the stored checkpoint
             model_tag = _import_model(
-                checkpoint, params, labels, registry.metrics, precision_check, index, gallery_info
+                checkpoint, params, labels, registry.metrics, precision_check, gallery_index, gallery_info, index
             )
             try:
                 bento = _build_bento(Path(tmp) / "build", serving_dir, model_tag, params.serve, labels)
@@ -151,6 +162,7 @@ def package(model_uri: str, params: Params, serving_dir: Path, gallery: Path | N
         precision=params.serve.precision,
         precision_check=precision_check,
         seconds=round(time.perf_counter() - start, 3),
+        index={"uri": index.uri, "alias": index.alias} if index is not None else None,
     )
 
 
@@ -178,20 +190,9 @@ def _resolve_registry_version(model_uri: str) -> tuple[str, RegistryFacts]:
     Returns the URI to download and the registry's facts about that version: its name, number
     and run, the data version it was trained on, and the metrics promote tagged it with.
     """
-    match = _REGISTRY_URI.fullmatch(model_uri)
-    if match is None:
+    found = registered_version(model_uri)
+    if found is None:
         return model_uri, RegistryFacts()
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    client = MlflowClient()
-    try:
-        if match["alias"]:
-            found = client.get_model_version_by_alias(match["name"], match["alias"])
-        else:
-            found = client.get_model_version(match["name"], match["version"])
-    except MlflowException as exc:
-        raise ClipflowError(f"cannot resolve {model_uri}: {exc.message.splitlines()[0]}") from None
     labels = {"mlflow_model": found.name, "mlflow_version": str(found.version), "mlflow_run_id": found.run_id or ""}
     if found.tags.get("data_version"):
         labels["data_version"] = found.tags["data_version"]
@@ -244,6 +245,7 @@ def _import_model(
     precision_check: dict[str, float],
     gallery: clip_gallery.Gallery | None,
     gallery_info: dict[str, Any] | None,
+    index: IndexParams | None,
 ) -> str:
     """Store the checkpoint (and gallery) as a BentoML model with what the service reads; returns its tag."""
     import bentoml
@@ -263,6 +265,10 @@ def _import_model(
     }
     if gallery_info is not None:  # BentoML metadata cannot hold None
         metadata["gallery"] = gallery_info
+    if index is not None:
+        # A relative Lite folder would resolve against wherever the Bento is served from.
+        uri = index.uri if index.is_server else str(Path(index.uri).resolve())
+        metadata["index"] = json.dumps(dataclasses.asdict(dataclasses.replace(index, uri=uri)))  # holds None
     with bentoml.models.create(params.serve.bento_name, labels=labels, metadata=metadata) as stored:
         shutil.copyfile(checkpoint, stored.path_of(clip_model.CHECKPOINT_FILE))
         if gallery is not None:

@@ -1,0 +1,324 @@
+"""`clipflow index` against the in-process encode of the same images, and the index's search against exact search.
+
+    python benchmarks/bench_index.py [--sizes 10000 100000] [--vectors 1000000] [--clients 16] [--seconds 20]
+
+(1) Embedding: the built-in data is ingested with `data.num_train` = N, and its train split is indexed
+by `clipflow index --no-store` (a fresh process, `index.workers` processes of `index.threads_per_worker`
+threads, images and captions), timed from the command's start to its end, with the process tree's
+peak proportional set size sampled every 0.1 s. The peer is the same work written the plain way in one
+fresh process on the same cores: read the shards in order (`ShardPairs`), preprocess, and encode
+images and captions in batches of `index.batch_size` with every core's thread, keeping the float16
+embeddings. Both load the same CLIP-Tiny checkpoint (random weights: speed does not depend on them).
+
+(2) Search: N random 512-d unit vectors (seeded) are written as an embedding artifact, published to
+a `milvus-lite server` on 127.0.0.1 (`index.index_type` with `index.build_params`), and queried with
+the text embeddings of ViT-B-32 (random weights, 512-d) of distinct queries: recall@10 of the index
+against an exact matrix product over the same vectors, at several `ef` (HNSW's search breadth) with
+the in-library searcher; then the `search` endpoint of a Bento packaged with that index, under
+`--clients` closed-loop clients (p50 and p99 include the text encode), beside the brute-force
+matrix product of the same queries in this process, one at a time.
+
+(3) clip-retrieval's `clip-retrieval inference` is tried in its own virtualenv (see `clip_retrieval_note`).
+Writes benchmarks/results/bench_index.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+from bench_serve import closed_loop
+from common import case, write_results
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+COMMAND = "python benchmarks/bench_index.py"
+EMBED_MODEL = "CLIP-Tiny"
+SEARCH_MODEL = "ViT-B-32"  # 512-d, the width of the random catalogue
+K = 10
+RECALL_QUERIES = 200
+EF_SWEEP = (64, 128, 256, 512)
+PART_ROWS = 100_000
+BIN = Path(sys.executable).parent
+
+
+def ingest_builtin(work: Path, count: int) -> Path:
+    """The built-in data with `count` training images (other splits at their smallest), ingested once."""
+    from clipflow.data.ingest import ingest
+    from clipflow.params import load_params
+
+    data = work / f"data-{count}"
+    if not (data / "ingest.json").is_file():
+        sizes = [f"data.num_train={count}", "data.num_test=10", "data.num_heldout=10", "data.num_probe=3"]
+        ingest("builtin", data, load_params(ROOT / "params.yaml", overrides=sizes).data)
+    return data
+
+
+def tree_peak_mb(process: psutil.Process, running: threading.Event, peak: list[float]) -> None:
+    """Sample the proportional set size of `process` and its children until `running` clears."""
+    while running.is_set():
+        total = 0.0
+        for member in [process, *process.children(recursive=True)]:
+            try:
+                total += member.memory_full_info().pss / 2**20
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        peak[0] = max(peak[0], total)
+        time.sleep(0.1)
+
+
+def timed(command: list[str]) -> dict:
+    """Run `command` to its end: wall seconds and the process tree's peak PSS (MB)."""
+    running, peak = threading.Event(), [0.0]
+    running.set()
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sampler = threading.Thread(target=tree_peak_mb, args=(psutil.Process(process.pid), running, peak), daemon=True)
+    sampler.start()
+    stdout, stderr = process.communicate()
+    seconds = time.perf_counter() - started
+    running.clear()
+    sampler.join()
+    if process.returncode != 0:
+        raise SystemExit(f"{' '.join(command[:3])} failed:\n{stderr[-3000:]}")
+    return {"seconds": seconds, "peak_mb": peak[0], "stdout": stdout}
+
+
+def peer_encode(data: Path, checkpoint: Path, batch_size: int) -> None:
+    """The peer, in this (fresh) process: the train split's images and captions, encoded in order, in batches."""
+    import torch
+
+    from clipflow import model as clip_model
+    from clipflow.data.pairs import ShardPairs
+
+    clip = clip_model.load(checkpoint)
+    pairs = ShardPairs(data, "train", clip.preprocess, clip.tokenizer)
+    images, texts = [], []
+    with torch.no_grad():
+        for start in range(0, len(pairs), batch_size):
+            rows = range(start, min(start + batch_size, len(pairs)))
+            batch = torch.stack([clip.preprocess(pairs.image(i)) for i in rows])
+            images.append(clip.encode_images(batch).numpy().astype(np.float16))
+            texts.append(clip.encode_text([pairs.caption(i) for i in rows]).numpy().astype(np.float16))
+    print(json.dumps({"rows": sum(len(chunk) for chunk in images)}))
+
+
+def embedding_cases(work: Path, sizes: list[int]) -> tuple[list[dict], dict]:
+    from clipflow import model as clip_model
+    from clipflow.params import load_params
+
+    index = load_params(ROOT / "params.yaml").index
+    checkpoint = work / EMBED_MODEL
+    if not checkpoint.exists():
+        clip_model.save_checkpoint(checkpoint, clip_model.create(EMBED_MODEL).model, EMBED_MODEL, extra={})
+    measured = {}
+    for count in sorted(sizes):
+        data = ingest_builtin(work, count)
+        output = work / f"embeddings-{count}-{time.time_ns()}"
+        ours = timed(
+            [str(BIN / "clipflow"), "index", "--no-store", "--source", str(data), "--model", str(checkpoint)]
+            + ["--output", str(output), "--set", "index.split=train"]
+        )
+        rows = json.loads(ours["stdout"])["rows"]
+        peer = timed([sys.executable, __file__, "--peer", str(data), str(checkpoint), str(index.batch_size)])
+        assert json.loads(peer["stdout"].strip().splitlines()[-1])["rows"] == rows == count
+        measured[count] = {"clipflow": ours, "peer": peer, "rows": rows}
+        print(json.dumps({"embedding": count, "clipflow_s": ours["seconds"], "peer_s": peer["seconds"]}), flush=True)
+    cases = []
+    smallest = min(measured)
+    workers = f"{index.workers} processes x {index.threads_per_worker} thread"
+    for count, result in sorted(measured.items()):
+        label = f"{count} images, {EMBED_MODEL}"
+        ours, peer = count / result["clipflow"]["seconds"], count / result["peer"]["seconds"]
+        row = case(label, "images_per_s", "images/s", round(ours, 1), "in-process batched encode", round(peer, 1))
+        row["note"] = (
+            f"clipflow index ({workers}, images and captions) {result['clipflow']['seconds']:.1f} s; "
+            f"one process, {os.cpu_count()} threads, {result['peer']['seconds']:.1f} s; both from process start"
+        )
+        cases.append(row)
+        base = round(measured[smallest]["clipflow"]["peak_mb"], 1)
+        cases.append(
+            case(label, "peak_pss_mb", "MB", round(result["clipflow"]["peak_mb"], 1), f"at {smallest} images", base)
+        )
+    return cases, {"embedding_workers": workers}
+
+
+def random_catalogue(folder: Path, count: int, dim: int, seed: int = 0) -> np.ndarray:
+    """`count` seeded random unit vectors as an embedding artifact in `folder`; returns them (float32)."""
+    import pandas as pd
+
+    from clipflow.index import artifact
+
+    vectors = np.random.default_rng(seed).standard_normal((count, dim), dtype=np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    vectors = vectors.astype(artifact.EMBEDDING_DTYPE).astype(np.float32)  # what the artifact holds
+    for number, start in enumerate(range(0, count, PART_ROWS)):
+        rows = range(start, min(start + PART_ROWS, count))
+        metadata = pd.DataFrame(
+            {"key": [f"v{i:07d}" for i in rows], "image_path": [f"s3://catalogue/{i}.jpg" for i in rows]}
+            | {"caption": [f"item {i}" for i in rows], "shard": [i % 10 for i in rows]}
+        )
+        part = artifact.Part(number, vectors[rows.start : rows.stop], None, metadata)
+        artifact.write_part(folder, part, pd.DataFrame(columns=["row", "key", "source", "reason"]))
+    manifest = artifact.IndexManifest(
+        model="random",
+        model_version="random",
+        data_version=f"random-{count}-{seed}",
+        source="numpy",
+        dim=dim,
+        input_rows=count,
+        rows=count,
+        quarantined=0,
+        parts=len(range(0, count, PART_ROWS)),
+        text=False,
+    )
+    artifact.write_manifest(folder, manifest)
+    return vectors
+
+
+def exact_top(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """The exact top-k rows of each query by inner product, in chunks of queries."""
+    tops = []
+    for start in range(0, len(queries), 16):
+        scores = queries[start : start + 16] @ vectors.T
+        part = np.argpartition(-scores, k, axis=1)[:, :k]
+        order = np.take_along_axis(scores, part, axis=1).argsort(axis=1)[:, ::-1]
+        tops.append(np.take_along_axis(part, order, axis=1))
+    return np.concatenate(tops)
+
+
+def search_cases(work: Path, count: int, clients: int, seconds: float) -> tuple[list[dict], dict]:
+    import dataclasses
+
+    from clipflow import model as clip_model
+    from clipflow.index.store import Searcher, publish
+    from clipflow.params import load_params
+    from clipflow.serve.package import bentoml_env, package
+    from tests.support.milvus import milvus_lite_server
+    from tests.support.servers import bentoml_server, free_port
+
+    clip = clip_model.create(SEARCH_MODEL)
+    texts = [f"a photo of product number {i}" for i in range(RECALL_QUERIES)]
+    queries = clip.encode_text(texts).numpy()
+    artifact_folder = work / f"random-{count}"
+    vectors = random_catalogue(artifact_folder, count, queries.shape[1])
+    exact = exact_top(vectors, queries, K)
+    brute = []
+    for query in queries[:100]:
+        started = time.perf_counter()
+        exact_top(vectors, query[None, :], K)
+        brute.append(time.perf_counter() - started)
+    brute_cuts = statistics.quantiles(brute, n=100)
+    del vectors
+
+    params = load_params(ROOT / "params.yaml", overrides=[f"tracking.uri=sqlite:///{work}/mlflow.db"])
+    cases: list[dict] = []
+    with milvus_lite_server(work / f"milvus-{time.time_ns()}") as server:
+        index = dataclasses.replace(params.index, uri=server.uri)
+        started = time.perf_counter()
+        published = publish(artifact_folder, index)
+        publish_s = time.perf_counter() - started
+        print(json.dumps({"published": published, "seconds": publish_s}), flush=True)
+        keys = np.array([f"v{i:07d}" for i in range(count)])
+        recall_by_ef = {}
+        for ef in EF_SWEEP:
+            searcher = Searcher(dataclasses.replace(index, search_params={**index.search_params, "ef": ef}))
+            hits, latencies = [], []
+            for query, truth in zip(queries, exact, strict=True):
+                started = time.perf_counter()
+                found = {hit["id"] for hit in searcher.search(query, K)}
+                latencies.append(time.perf_counter() - started)
+                hits.append(len(found & set(keys[truth])) / K)
+            recall_by_ef[ef] = {"recall": float(np.mean(hits)), "p50_ms": 1000 * statistics.median(latencies)}
+            print(json.dumps({"ef": ef, **recall_by_ef[ef]}), flush=True)
+        default_ef = index.search_params.get("ef")
+        for ef, result in recall_by_ef.items():
+            label = f"{count} x 512 random, {index.index_type} ef={ef}" + (" (params)" if ef == default_ef else "")
+            cases.append(case(label, "recall_at_10", "fraction", round(result["recall"], 4), "exact search", 1.0))
+            row = case(label, "p50_ms", "ms", round(result["p50_ms"], 2), "brute force in process", None)
+            row["peer_value"] = round(1000 * statistics.median(brute), 2)
+            row["ratio"] = round(result["p50_ms"] / row["peer_value"], 4)
+            row["note"] = "one query at a time, no model call (the library's Searcher against numpy)"
+            cases.append(row)
+
+        checkpoint = work / SEARCH_MODEL
+        if not checkpoint.exists():
+            clip_model.save_checkpoint(checkpoint, clip.model, SEARCH_MODEL, extra={})
+        os.environ["BENTOML_HOME"] = str(work / "bentoml")
+        bento = package(str(checkpoint), params, ROOT / "serving", index=index).bento_tag
+        port = free_port()
+        command = [sys.executable, "-m", "bentoml", "serve", bento, "--host", "127.0.0.1", "--port", str(port)]
+        with bentoml_server(command, port, bentoml_env(), work) as url:
+            served = asyncio.run(search_load(url, texts, clients, seconds))
+        print(json.dumps({"served": served}), flush=True)
+    for metric in ("p50_ms", "p99_ms"):
+        brute_ms = 1000 * (brute_cuts[49] if metric == "p50_ms" else brute_cuts[98])
+        row = case(f"{count} x 512 random, /search", metric, "ms", round(served[metric], 1), "brute force", None)
+        row["peer_value"] = round(brute_ms, 1)
+        row["ratio"] = round(served[metric] / brute_ms, 4)
+        row["note"] = (
+            f"{clients} closed-loop clients, {served['items_per_s']:.1f} searches/s, {served['failures'] or 'no'}"
+            f" failures; latency includes the {SEARCH_MODEL} text encode; brute force is one query at a time"
+        )
+        cases.append(row)
+    return cases, {"publish_seconds": round(publish_s, 1), "index_type": index.index_type}
+
+
+async def search_load(url: str, texts: list[str], clients: int, seconds: float) -> dict:
+    """`closed_loop` of `/search` calls (k=10), each with the next query text."""
+    turn = iter(range(10**9))
+    async with httpx.AsyncClient(timeout=120) as client:
+
+        async def send() -> str | None:
+            text = texts[next(turn) % len(texts)]
+            response = await client.post(f"{url}/search", json={"text": text, "k": K})
+            return None if response.status_code == 200 else str(response.status_code)
+
+        return await closed_loop(send, clients, seconds)
+
+
+def clip_retrieval_note() -> str:
+    """Why clip-retrieval's own inference is not beside ours here (tried: see the note's text)."""
+    return (
+        "clip-retrieval inference was not run: it loads models by name through clip/open_clip/hf hubs "
+        "(`--clip_model`), which this machine cannot download from"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--vectors", type=int, default=1_000_000)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--peer", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.peer:
+        data, checkpoint, batch_size = args.peer
+        peer_encode(Path(data), Path(checkpoint), int(batch_size))
+        return
+    os.environ.update({"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "BENTOML_DO_NOT_TRACK": "true"})
+    with tempfile.TemporaryDirectory(prefix="bench-index-") as name:
+        work = args.work or Path(name)
+        work.mkdir(parents=True, exist_ok=True)
+        embedding, embedding_details = embedding_cases(work, args.sizes)
+        search, search_details = search_cases(work, args.vectors, args.clients, args.seconds)
+    details = {**embedding_details, **search_details, "clip_retrieval": clip_retrieval_note()}
+    print(f"wrote {write_results('bench_index', COMMAND, embedding + search, **details)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""The vector store: Milvus, as a Milvus Lite folder or a server, one collection per (model, data) behind an alias.
+
+    index.uri = outputs/index/milvus.db      a Milvus Lite folder: one process opens it at a time
+    index.uri = http://127.0.0.1:19530       a server: `milvus-lite server --data-dir ... --host 127.0.0.1`
+                                             here, a Milvus cluster in production; every process shares it
+
+`publish` loads an embedding artifact (`clipflow.index.artifact`) into a collection named after the
+artifact's model and data versions, checks its row count against the artifact's, and points
+`index.alias` at it in one `alter_alias` call, so a searcher of the alias sees the old collection or
+the new one, never a half-filled one, and needs no restart. `restore` points it back.
+
+The swap history lives in the store itself: a published collection keeps the name of the one it
+replaced in its `clipflow.previous` property. A JSON file beside the data would not exist for a
+server URL, while a property is as durable as the collection, is seen by every process that shares
+the server, and disappears with the collection it describes.
+
+The client, the collection and the filters are `clipflow.vectors`'.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clipflow.errors import ClipflowError
+from clipflow.index.artifact import IndexManifest, read_manifest, read_parts
+from clipflow.params import IndexParams
+from clipflow.progress import progress
+from clipflow.vectors import (
+    CALL_TIMEOUT_S,
+    KEY_FIELD,
+    Collection,
+    Filter,
+    StoreUnavailable,
+    open_client,
+    store_error,
+)
+
+PREVIOUS_PROPERTY = "clipflow.previous"
+_UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9_]+")
+
+
+def collection_name(manifest: IndexManifest) -> str:
+    """The collection of an artifact: one per (model version, data version), a valid Milvus name.
+
+    Readable versions, then a digest of both in full, so versions that differ only in characters Milvus
+    refuses, or past the length kept, still get their own collections.
+    """
+    pair = f"{manifest.model_version}\0{manifest.data_version}"
+    digest = hashlib.sha256(pair.encode()).hexdigest()[:12]
+    readable = _UNSAFE_NAME_CHARS.sub("_", f"{manifest.model_version}_{manifest.data_version}").strip("_")[:120]
+    return f"clipflow_{readable}_{digest}"
+
+
+def publish(artifact_folder: str | Path, params: IndexParams) -> dict[str, Any]:
+    """Load an embedding artifact into its collection and swap it in under `params.alias`.
+
+    A collection of the same name that already holds every row is reused (publishing twice is a no-op
+    past the swap); one that holds fewer, left by an interrupted publish, is refilled. The alias moves
+    only once the row count matches the artifact's; then collections more than `params.keep_collections`
+    swaps back are dropped (never the live one).
+
+    Returns:
+        collection, alias, rows, previous (the collection the alias named before, or None), dropped,
+        index_type, seconds.
+
+    Raises:
+        ClipflowError: the artifact is unfinished, the store refuses a step, or the counts disagree.
+        StoreUnavailable: the server cannot be reached.
+    """
+    start = time.perf_counter()
+    manifest = read_manifest(artifact_folder)
+    name = collection_name(manifest)
+    client = open_client(params.uri)
+    try:
+        live = _alias_target(client, params.alias)
+        collection = _filled(client, name, manifest, Path(artifact_folder), params, live)
+        client.load_collection(name, timeout=CALL_TIMEOUT_S)
+        if live == name:
+            previous = _previous(client, name)
+        else:
+            previous = live
+            if live is not None:
+                client.alter_collection_properties(name, {PREVIOUS_PROPERTY: live}, timeout=CALL_TIMEOUT_S)
+                client.alter_alias(name, params.alias, timeout=CALL_TIMEOUT_S)
+            else:
+                client.create_alias(name, params.alias, timeout=CALL_TIMEOUT_S)
+        dropped = _drop_beyond(client, name, params.keep_collections)
+    except ClipflowError:
+        raise
+    except Exception as exc:
+        raise store_error(exc, f"publishing {name} under {params.alias}") from None
+    finally:
+        client.close()
+    return {
+        "collection": collection.name,
+        "alias": params.alias,
+        "rows": manifest.rows,
+        "previous": previous,
+        "dropped": dropped,
+        "index_type": params.index_type,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+
+
+def _filled(
+    client, name: str, manifest: IndexManifest, folder: Path, params: IndexParams, live: str | None
+) -> Collection:
+    """The collection `name` holding every row of the artifact, created and filled unless it already does."""
+    if client.has_collection(name, timeout=CALL_TIMEOUT_S):
+        existing = Collection(client, name, params)
+        rows = existing.count()
+        if rows == manifest.rows:
+            return existing
+        if name == live:
+            raise ClipflowError(
+                f"the live collection {name} holds {rows} rows, its artifact {manifest.rows}: publish another"
+            )
+        client.drop_collection(name, timeout=CALL_TIMEOUT_S)
+    collection = Collection.create(client, name, manifest.dim, params)
+    for part in progress(read_parts(folder), total=manifest.parts, desc=f"publish {name}"):
+        records = part.metadata.to_dict("records")
+        for first in range(0, len(records), params.insert_batch):
+            batch = records[first : first + params.insert_batch]
+            keys = [str(record[KEY_FIELD]) for record in batch]
+            collection.insert(keys, part.image_embeddings[first : first + len(batch)], batch)
+    rows = collection.count()
+    if rows != manifest.rows:
+        raise ClipflowError(
+            f"collection {name} holds {rows} rows but {folder} has {manifest.rows} (duplicate keys?): not swapped in"
+        )
+    return collection
+
+
+def _alias_target(client, alias: str) -> str | None:
+    if alias not in client.list_aliases(timeout=CALL_TIMEOUT_S)["aliases"]:
+        return None
+    return client.describe_alias(alias, timeout=CALL_TIMEOUT_S)["collection_name"]
+
+
+def _previous(client, name: str) -> str | None:
+    properties = client.describe_collection(name, timeout=CALL_TIMEOUT_S).get("properties", {})
+    return properties.get(PREVIOUS_PROPERTY) or None
+
+
+def _drop_beyond(client, live: str, keep: int) -> list[str]:
+    """Drop the collections more than `keep` swaps behind `live` in its history; returns their names."""
+    history, seen = [], {live}
+    previous = _previous(client, live)
+    while previous and previous not in seen and client.has_collection(previous, timeout=CALL_TIMEOUT_S):
+        history.append(previous)
+        seen.add(previous)
+        previous = _previous(client, previous)
+    for name in history[keep:]:
+        client.drop_collection(name, timeout=CALL_TIMEOUT_S)
+    return history[keep:]
+
+
+def restore(params: IndexParams) -> dict[str, Any]:
+    """Point `params.alias` back at the collection it named before the last swap.
+
+    The collection swapped out is kept, so publishing its artifact again swaps it back without re-inserting.
+
+    Returns:
+        alias, collection (now live), replaced (the one it named).
+
+    Raises:
+        ClipflowError: the alias names no collection, or its previous one is unrecorded or dropped.
+    """
+    client = open_client(params.uri)
+    try:
+        live = _alias_target(client, params.alias)
+        if live is None:
+            raise ClipflowError(f"nothing to restore: alias {params.alias} names no collection in {params.uri}")
+        previous = _previous(client, live)
+        if previous is None or not client.has_collection(previous, timeout=CALL_TIMEOUT_S):
+            raise ClipflowError(
+                f"nothing to restore: {live} (under {params.alias}) replaced "
+                f"{'no collection' if previous is None else f'{previous}, which was dropped'} (index.keep_collections)"
+            )
+        client.load_collection(previous, timeout=CALL_TIMEOUT_S)
+        client.alter_alias(previous, params.alias, timeout=CALL_TIMEOUT_S)
+    except ClipflowError:
+        raise
+    except Exception as exc:
+        raise store_error(exc, f"restoring {params.alias}") from None
+    finally:
+        client.close()
+    return {"alias": params.alias, "collection": previous, "replaced": live}
+
+
+class Searcher:
+    """Searches whatever `params.alias` names at the time of each query, so a swap is seen at once.
+
+    Connects on first use, and again after the store was unreachable; safe to share between threads.
+    """
+
+    def __init__(self, params: IndexParams) -> None:
+        self.params = params
+        self._collection: Collection | None = None
+        self._lock = threading.Lock()
+
+    def search(self, vector: np.ndarray, k: int, filter: Filter | None = None, offset: int = 0) -> list[dict[str, Any]]:
+        """The `k` rows nearest a normalised query (D,), after `offset`: dicts of id, caption, score, image_path
+        and the row's other metadata fields.
+
+        Raises:
+            FilterError: a bad filter.
+            StoreUnavailable: the store cannot be reached.
+            ClipflowError: the alias names no collection.
+        """
+        try:
+            hits = self._alias().search(vector[None, :], k, filter, offset)[0]
+        except StoreUnavailable:
+            self._disconnect()
+            raise
+        return [{**hit.fields, "id": hit.key, "score": hit.score} for hit in hits]
+
+    def describe(self) -> dict[str, str | None]:
+        """The alias searched and the collection it names now (None before the first publish)."""
+        collection = self._alias()
+        try:
+            return {"alias": self.params.alias, "collection": _alias_target(collection.client, self.params.alias)}
+        except Exception as exc:
+            self._disconnect()
+            raise store_error(exc, f"describing alias {self.params.alias}") from None
+
+    def _disconnect(self) -> None:
+        """Drop the connection to a store that stopped answering: the next query connects afresh."""
+        with self._lock:
+            collection, self._collection = self._collection, None
+        if collection is not None:
+            with contextlib.suppress(Exception):  # closing a dead channel may fail too
+                collection.client.close()
+
+    def _alias(self) -> Collection:
+        with self._lock:
+            if self._collection is None:
+                self._collection = Collection(open_client(self.params.uri), self.params.alias, self.params)
+            return self._collection
