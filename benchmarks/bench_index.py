@@ -18,7 +18,10 @@ the in-library searcher; then the `search` endpoint of a Bento packaged with tha
 `--clients` closed-loop clients (p50 and p99 include the text encode), beside the brute-force
 matrix product of the same queries in this process, one at a time.
 
-(3) clip-retrieval's `clip-retrieval inference` is tried in its own virtualenv (see `clip_retrieval_note`).
+(3) clip-retrieval's `clip-retrieval inference` (its own virtualenv, `benchmarks/.peers/clip-retrieval`,
+made on first use with this machine's torch as a constraint) embeds the same shards with the same
+checkpoint (`open_clip:CLIP-Tiny/PATH`; CLIP-Tiny's config is copied into that venv's open_clip), images
+and captions, `--num_prepro_workers` = the cores, timed the same way.
 Writes benchmarks/results/bench_index.json.
 """
 
@@ -49,9 +52,13 @@ EMBED_MODEL = "CLIP-Tiny"
 SEARCH_MODEL = "ViT-B-32"  # 512-d, the width of the random catalogue
 K = 10
 RECALL_QUERIES = 200
-EF_SWEEP = (64, 128, 256, 512)
+EF_SWEEP = (128, 512, 2048)
+IDLE_CPU_PERCENT = 5.0  # the server is done building its indexes once it stays below this
 PART_ROWS = 100_000
 BIN = Path(sys.executable).parent
+CLIP_RETRIEVAL = "clip-retrieval==2.45.0"
+# clip-anytorch imports pkg_resources, which setuptools 81 removed.
+CLIP_RETRIEVAL_EXTRA = "setuptools<81"
 
 
 def ingest_builtin(work: Path, count: int) -> Path:
@@ -115,7 +122,50 @@ def peer_encode(data: Path, checkpoint: Path, batch_size: int) -> None:
     print(json.dumps({"rows": sum(len(chunk) for chunk in images)}))
 
 
-def embedding_cases(work: Path, sizes: list[int]) -> tuple[list[dict], dict]:
+def clip_retrieval_venv(venv: Path) -> Path:
+    """clip-retrieval's virtualenv, made first if missing, with CLIP-Tiny's config where its open_clip reads configs."""
+    import torch
+
+    from clipflow.model import CONFIG_DIR
+
+    cli = venv / "bin" / "clip-retrieval"
+    if not (venv / ".installed").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        constraints = venv / "constraints.txt"
+        # The torch this machine serves from disk: anything newer is a multi-gigabyte download.
+        constraints.write_text(f"torch=={torch.__version__.split('+')[0]}\n")
+        pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "-c", str(constraints)]
+        subprocess.run([*pip, CLIP_RETRIEVAL, CLIP_RETRIEVAL_EXTRA], check=True)
+        (venv / ".installed").touch()
+    found = subprocess.run(
+        [
+            str(venv / "bin" / "python"),
+            "-c",
+            "import open_clip, pathlib; print(pathlib.Path(open_clip.__file__).parent)",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    configs = Path(found.stdout.strip()) / "model_configs"
+    (configs / f"{EMBED_MODEL}.json").write_text((CONFIG_DIR / f"{EMBED_MODEL}.json").read_text())
+    return cli
+
+
+def clip_retrieval_command(cli: Path, data: Path, checkpoint: Path, output: Path, batch_size: int) -> list[str]:
+    """`clip-retrieval inference` over the train shards of `data`, images and captions, as its README runs it."""
+    shards = sorted((data / "train").glob("*.tar"))
+    first, last = shards[0].stem.rsplit("-", 1)[1], shards[-1].stem.rsplit("-", 1)[1]
+    return [
+        str(cli), "inference", "--input_dataset", str(data / "train" / f"train-{{{first}..{last}}}.tar"),
+        "--input_format", "webdataset", "--wds_image_key", "png", "--wds_caption_key", "txt",
+        "--output_folder", str(output), "--clip_model", f"open_clip:{EMBED_MODEL}/{checkpoint}",
+        "--batch_size", str(batch_size), "--num_prepro_workers", str(os.cpu_count()), "--use_jit", "False",
+        "--enable_metadata", "True", "--enable_wandb", "False", "--write_batch_size", str(10**6),
+    ]  # fmt: skip
+
+
+def embedding_cases(work: Path, sizes: list[int], clip_retrieval: Path) -> tuple[list[dict], dict]:
     from clipflow import model as clip_model
     from clipflow.params import load_params
 
@@ -134,8 +184,13 @@ def embedding_cases(work: Path, sizes: list[int]) -> tuple[list[dict], dict]:
         rows = json.loads(ours["stdout"])["rows"]
         peer = timed([sys.executable, __file__, "--peer", str(data), str(checkpoint), str(index.batch_size)])
         assert json.loads(peer["stdout"].strip().splitlines()[-1])["rows"] == rows == count
-        measured[count] = {"clipflow": ours, "peer": peer, "rows": rows}
-        print(json.dumps({"embedding": count, "clipflow_s": ours["seconds"], "peer_s": peer["seconds"]}), flush=True)
+        theirs_output = work / f"clip-retrieval-{count}-{time.time_ns()}"
+        checkpoint_file = clip_model.resolve_checkpoint(checkpoint)  # open_clip takes the file, not its folder
+        theirs = timed(clip_retrieval_command(clip_retrieval, data, checkpoint_file, theirs_output, index.batch_size))
+        agreement = embedding_agreement(output, theirs_output)
+        measured[count] = {"clipflow": ours, "peer": peer, "clip-retrieval": theirs, "agreement": agreement}
+        seconds = {name: measured[count][name]["seconds"] for name in ("clipflow", "peer", "clip-retrieval")}
+        print(json.dumps({"embedding": count, "seconds": seconds, **agreement}), flush=True)
     cases = []
     smallest = min(measured)
     workers = f"{index.workers} processes x {index.threads_per_worker} thread"
@@ -148,11 +203,36 @@ def embedding_cases(work: Path, sizes: list[int]) -> tuple[list[dict], dict]:
             f"one process, {os.cpu_count()} threads, {result['peer']['seconds']:.1f} s; both from process start"
         )
         cases.append(row)
+        theirs = count / result["clip-retrieval"]["seconds"]
+        row = case(label, "images_per_s", "images/s", round(ours, 1), "clip-retrieval inference", round(theirs, 1))
+        row["note"] = (
+            f"clip-retrieval {result['clip-retrieval']['seconds']:.1f} s ({os.cpu_count()} preprocessing workers);"
+            f" its embeddings against ours: worst row cosine {result['agreement']['worst_cosine']:.5f}"
+            f" over {result['agreement']['rows']} rows matched by key"
+        )
+        cases.append(row)
         base = round(measured[smallest]["clipflow"]["peak_mb"], 1)
         cases.append(
             case(label, "peak_pss_mb", "MB", round(result["clipflow"]["peak_mb"], 1), f"at {smallest} images", base)
         )
     return cases, {"embedding_workers": workers}
+
+
+def embedding_agreement(ours: Path, theirs: Path) -> dict:
+    """The worst cosine between our image embeddings and clip-retrieval's of the same keys (both artifacts read
+    the way clip-retrieval's consumers read them)."""
+    import pandas as pd
+
+    def read(folder: Path) -> dict[str, np.ndarray]:
+        vectors = np.concatenate([np.load(path) for path in sorted((folder / "img_emb").glob("*.npy"))])
+        metadata = pd.concat([pd.read_parquet(path) for path in sorted((folder / "metadata").glob("*.parquet"))])
+        keys = metadata["key"] if "key" in metadata else metadata["image_path"]
+        return dict(zip(keys.astype(str), vectors.astype(np.float32), strict=True))
+
+    mine, other = read(ours), read(theirs)
+    shared = sorted(set(mine) & set(other))
+    cosines = [float(mine[key] @ other[key] / np.linalg.norm(other[key])) for key in shared]
+    return {"rows": len(shared), "worst_cosine": min(cosines) if cosines else float("nan")}
 
 
 def random_catalogue(folder: Path, count: int, dim: int, seed: int = 0) -> np.ndarray:
@@ -230,7 +310,8 @@ def search_cases(work: Path, count: int, clients: int, seconds: float) -> tuple[
         started = time.perf_counter()
         published = publish(artifact_folder, index)
         publish_s = time.perf_counter() - started
-        print(json.dumps({"published": published, "seconds": publish_s}), flush=True)
+        build_s = wait_until_idle(server.pid)
+        print(json.dumps({"published": published, "seconds": publish_s, "index_build_s": build_s}), flush=True)
         keys = np.array([f"v{i:07d}" for i in range(count)])
         recall_by_ef = {}
         for ef in EF_SWEEP:
@@ -273,7 +354,19 @@ def search_cases(work: Path, count: int, clients: int, seconds: float) -> tuple[
             f" failures; latency includes the {SEARCH_MODEL} text encode; brute force is one query at a time"
         )
         cases.append(row)
-    return cases, {"publish_seconds": round(publish_s, 1), "index_type": index.index_type}
+    details = {"publish_seconds": round(publish_s, 1), "index_build_seconds_after_publish": round(build_s, 1)}
+    return cases, {**details, "index_type": index.index_type, "build_params": index.build_params}
+
+
+def wait_until_idle(pid: int, quiet_s: float = 10.0) -> float:
+    """Seconds until the store's server stays idle for `quiet_s`: Milvus Lite builds a segment's index in the
+    background after the insert, and a segment not yet indexed is searched exactly (slowly)."""
+    server = psutil.Process(pid)
+    started = quiet_since = time.perf_counter()
+    while time.perf_counter() - quiet_since < quiet_s:
+        if server.cpu_percent(interval=1.0) > IDLE_CPU_PERCENT:
+            quiet_since = time.perf_counter()
+    return time.perf_counter() - started - quiet_s
 
 
 async def search_load(url: str, texts: list[str], clients: int, seconds: float) -> dict:
@@ -289,14 +382,6 @@ async def search_load(url: str, texts: list[str], clients: int, seconds: float) 
         return await closed_loop(send, clients, seconds)
 
 
-def clip_retrieval_note() -> str:
-    """Why clip-retrieval's own inference is not beside ours here (tried: see the note's text)."""
-    return (
-        "clip-retrieval inference was not run: it loads models by name through clip/open_clip/hf hubs "
-        "(`--clip_model`), which this machine cannot download from"
-    )
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
@@ -304,6 +389,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--clip-retrieval-venv", type=Path, default=Path(__file__).parent / ".peers" / "clip-retrieval")
     parser.add_argument("--peer", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.peer:
@@ -314,9 +400,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-index-") as name:
         work = args.work or Path(name)
         work.mkdir(parents=True, exist_ok=True)
-        embedding, embedding_details = embedding_cases(work, args.sizes)
+        clip_retrieval = clip_retrieval_venv(args.clip_retrieval_venv.resolve())
+        embedding, embedding_details = embedding_cases(work, args.sizes, clip_retrieval)
         search, search_details = search_cases(work, args.vectors, args.clients, args.seconds)
-    details = {**embedding_details, **search_details, "clip_retrieval": clip_retrieval_note()}
+    details = {**embedding_details, **search_details, "clip_retrieval": CLIP_RETRIEVAL}
     print(f"wrote {write_results('bench_index', COMMAND, embedding + search, **details)}")
 
 

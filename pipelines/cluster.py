@@ -66,8 +66,15 @@ def _configure(task: Any, cluster: ClusterParams, step: str) -> None:
 
 
 def cluster_overrides(params: Params, tag: str | None) -> list[str]:
-    """The `overrides` a cluster run starts from: the image tag the steps run and the MLflow server."""
-    return [f"cluster.image_tag={tag or params.cluster.image_tag}", f"tracking.uri={params.cluster.tracking_uri}"]
+    """The `overrides` a cluster run starts from: the image tag the steps run, the MLflow server, the Milvus server
+    and the S3 prefix the embedding pods share."""
+    cluster = params.cluster
+    return [
+        f"cluster.image_tag={tag or cluster.image_tag}",
+        f"tracking.uri={cluster.tracking_uri}",
+        f"index.uri={cluster.index_uri}",
+        f"index.artifact_root={cluster.index_root}",
+    ]
 
 
 def compile_for_cluster(

@@ -307,6 +307,7 @@ class IndexParams:
     threads_per_worker: int
     part_size: int
     split: str | None
+    artifact_root: str
     text: bool
     index_type: str
     build_params: dict[str, int]
@@ -348,6 +349,8 @@ class ClusterParams:
     image_tag: str
     tracking_uri: str
     scratch_uri: str
+    index_uri: str
+    index_root: str
     namespace: str
     s3_secret: str
     mlflow_secret: str

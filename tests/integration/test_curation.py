@@ -25,6 +25,7 @@ from clipflow.artifacts import IngestReport
 from clipflow.data import chunks as chunk_module
 from clipflow.data.ingest import ingest
 from clipflow.data.shards import ShardIndex
+from clipflow.errors import ClipflowError
 from clipflow.params import load_params
 from clipflow.train import worker
 from clipflow.train.job import WorkerJob
@@ -249,3 +250,12 @@ def test_a_bad_curation_model_fails_in_one_line_before_any_work(trained, manifes
     assert lines[-1].startswith("clipflow: error: ") and model in lines[-1], result.stderr[-3000:]
     assert "ingest chunks" not in result.stderr  # no row was read
     assert sorted(path.name for path in output.iterdir()) == ["earlier.txt"]
+
+
+def test_curating_the_built_in_dataset_is_refused_in_one_line(tmp_path):
+    """Its captions are rendered from the scenes: the settings are refused, not silently ignored."""
+    params = load_params(REPO / "params.yaml", profile="test")
+    checks = replace(params.validate, clip_score_model=str(tmp_path / "model"), clip_score_min=0.2)
+    with pytest.raises(ClipflowError, match="curate manifest and shard sources, not the built-in dataset"):
+        ingest("builtin", tmp_path / "data", params.data, checks)
+    assert not (tmp_path / "data").exists()

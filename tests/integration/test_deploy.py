@@ -205,6 +205,8 @@ def test_cluster_compile_sets_images_secrets_resources_and_the_launcher(tmp_path
     assert inputs["overrides"]["defaultValue"] == [
         "cluster.image_tag=3f2a9c1",
         f"tracking.uri={params.cluster.tracking_uri}",
+        f"index.uri={params.cluster.index_uri}",
+        f"index.artifact_root={params.cluster.index_root}",
     ]
     # what the launcher step will read: its nodes, GPUs and training image come from these params
     shipped = parse_params(inputs["params"]["defaultValue"], inputs["overrides"]["defaultValue"])

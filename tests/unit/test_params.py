@@ -68,6 +68,13 @@ def test_set_overrides_parse_values_as_yaml_and_accept_ints_for_floats():
         ("evaluate.templates=[]", "evaluate.templates must hold at least one prompt template"),
         ('evaluate.templates=["a {:x>40000000}"]', "evaluate.templates: template 'a {:x>40000000}' must contain '{}'"),
         ('evaluate.templates=["a photo"]', "evaluate.templates: template 'a photo' must contain '{}' exactly once"),
+        ("index.index_type=ANNOY", "index.index_type must be one of HNSW, IVF_FLAT, FLAT, got 'ANNOY'"),
+        ("index.alias=my-alias", "index.alias must start with a letter or '_'"),
+        ("index.workers=0", "index.workers must be positive, got 0"),
+        ("index.keep_collections=-1", "index.keep_collections must not be negative, got -1"),
+        ("validate.clip_score_min=0.2", "validate.clip_score_min needs validate.clip_score_model"),
+        ("validate.near_duplicate_cosine=1.5", "validate.near_duplicate_cosine must be a cosine in [-1, 1], got 1.5"),
+        ("cluster.index_pods=0", "cluster.index_pods must be at least 1"),
         (
             'evaluate.zeroshot={heldout: {split: heldout, label_field: label, classes: [], templates: ["{0}"]}}',
             "evaluate.zeroshot.heldout.templates: template '{0}' must contain '{}' exactly once",

@@ -93,18 +93,14 @@ def load_curation_model(checks: ValidateParams, tracking: TrackingParams | None)
         return None
     import torch
 
-    from clipflow import model as clip_model
-    from clipflow.registry.models import download_checkpoint, is_model_uri, load_model
+    from clipflow.registry.models import is_model_uri, load_model, local_checkpoint
 
     reference = str(checks.clip_score_model)
-    if is_model_uri(reference):
-        if tracking is not None:
-            from clipflow import tracking as clip_tracking
+    if is_model_uri(reference) and tracking is not None:
+        from clipflow import tracking as clip_tracking
 
-            clip_tracking.setup(tracking)
-        checkpoint = download_checkpoint(reference)
-    else:
-        checkpoint = clip_model.resolve_checkpoint(reference)
+        clip_tracking.setup(tracking)
+    checkpoint = local_checkpoint(reference)
     clip = load_model(checkpoint)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     clip.model.to(device)
@@ -244,6 +240,7 @@ def _exact_index() -> IndexParams:
         threads_per_worker=1,
         part_size=BATCH_SIZE,
         split=None,
+        artifact_root="",
         text=False,
         index_type="FLAT",
         build_params={},

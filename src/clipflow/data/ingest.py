@@ -74,6 +74,12 @@ def ingest(
         if checks is None:
             raise ClipflowError(f"ingesting {source!r} needs the validate params for its per-row checks")
         return _ingest_source(source, str(output), params, checks, tracking)
+    if checks is not None and checks.curates:
+        # Its captions describe the scene they were rendered from: a score filter would only drop the model's mistakes.
+        raise ClipflowError(
+            "validate.clip_score_min and validate.near_duplicate_cosine curate manifest and shard sources, "
+            "not the built-in dataset: unset them, or ingest your own data"
+        )
     _check_builtin_params(params)
     return _ingest_builtin(str(output), params)
 

@@ -16,7 +16,10 @@ Parts go to `index.workers` processes on a CPU (each with `index.threads_per_wor
 or one process per GPU; a process holds one part at a time. Each process writes its own parts
 atomically, so a killed run leaves no part a reader takes for finished, and a re-run of the same
 command skips the finished ones. `.index-run.json`, written before the first part, pins the source,
-model and settings of the output folder: another model or source is refused, not mixed in.
+model and settings of the output: another model or source is refused, not mixed in.
+
+The output is a local folder or an `s3://bucket/prefix` (`artifact.Location`): on Kubeflow the pods of a
+`dsl.ParallelFor` share no disk, so each writes its parts under the same prefix and the last step finishes it.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import queue
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -143,7 +145,7 @@ def embed_catalogue(
         source: an ingested data folder, WebDataset shards (a `.tar`, a folder or an `s3://` prefix), or a
             CSV/Parquet/JSONL manifest (local, `s3://` or `http(s)://`).
         model_reference: a checkpoint path, or an MLflow model URI (`models:/NAME@ALIAS`, `models:/NAME/3`).
-        output: the artifact folder (local).
+        output: the artifact's location: a local folder or an `s3://bucket/prefix`.
         params: the whole params; `index` says how, `data` and `validate` how rows are read and checked.
         parts: only these parts (one pod's share); None embeds every part and writes index.json.
 
@@ -151,12 +153,12 @@ def embed_catalogue(
         The artifact's manifest, or None when `parts` named a share.
 
     Raises:
-        ClipflowError: a missing or unreadable source, an unknown model, an output folder that holds the
-            embeddings of another model or source, a part number the source does not have, or no row
-            that passed the checks. Bad rows never raise: they are quarantined.
+        ClipflowError: a missing or unreadable source, an unknown model, an output that is neither a folder
+            nor an `s3://` prefix or that holds the embeddings of another model or source, a part number the
+            source does not have, S3 refusing the output, or no row that passed the checks. Bad rows never
+            raise: they are quarantined.
     """
-    if urlparse(output).scheme:
-        raise ClipflowError(f"the embedding artifact is written to a local folder, not {output}")
+    location = artifact.Location(output)
     catalogue = _catalogue(source, params)
     checkpoint, model_version = _resolve_model(model_reference, params)
     index = params.index
@@ -172,19 +174,19 @@ def embed_catalogue(
         split=index.split if catalogue.kind == "ingested" else None,
         part_size=index.part_size if catalogue.kind == "manifest" else None,
     )
-    folder = Path(output)
-    _start_or_resume(folder, run)
+    _start_or_resume(location, run)
     if parts is None:
-        # Not for a share: other pods may be writing their parts into the same folder right now.
-        artifact.remove_unfinished(folder)
+        # Not for a share: other pods may be writing their parts into the same artifact right now.
+        artifact.remove_unfinished(output)
     wanted = list(range(catalogue.parts)) if parts is None else sorted(set(parts))
     unknown = [number for number in wanted if not 0 <= number < catalogue.parts]
     if unknown:
         raise ClipflowError(f"{source} has parts 0 to {catalogue.parts - 1}, not {unknown}")
-    todo = [number for number in wanted if not artifact.is_complete(folder, number)]
+    finished = set(artifact.part_numbers(output))
+    todo = [number for number in wanted if number not in finished]
     setup = _Setup(
         checkpoint=str(checkpoint),
-        output=str(folder),
+        output=output,
         catalogue=catalogue,
         text=index.text,
         batch_size=index.batch_size,
@@ -201,17 +203,18 @@ def embed_catalogue(
 
 
 def finish(output: str) -> artifact.IndexManifest:
-    """Write index.json once every part of the artifact folder `output` is embedded; returns the manifest.
+    """Write index.json once every part of the artifact at `output` is embedded; returns the manifest.
 
     Raises:
         ClipflowError: no run was started there, some parts are not embedded yet, the counts do not
             reconcile with the source's rows, or no row passed the checks.
     """
-    folder = Path(output)
-    run = _read_run(folder)
+    location = artifact.Location(output)
+    run = _read_run(location)
     if run is None:
         raise ClipflowError(f"no `clipflow index` run has written to {output}")
-    missing = [number for number in range(run.parts) if not artifact.is_complete(folder, number)]
+    finished = set(artifact.part_numbers(output))
+    missing = [number for number in range(run.parts) if number not in finished]
     if missing:
         raise ClipflowError(
             f"{len(missing)} of the {run.parts} parts of {output} are not embedded yet (part {missing[0]} first)"
@@ -219,16 +222,20 @@ def finish(output: str) -> artifact.IndexManifest:
     rows = quarantined = 0
     dim = None
     for number in range(run.parts):
-        paths = artifact.part_paths(folder, number)
-        kept = _parquet_rows(paths["metadata"])
-        rows += kept
-        quarantined += _parquet_rows(paths["quarantine"])
-        if kept and dim is None:
-            dim = int(np.load(paths["image"], mmap_mode="r", allow_pickle=False).shape[1])
+        files = artifact.part_files(number)
+        # The width is read from the first part with rows; from S3, only its embeddings are downloaded.
+        needed = [files["metadata"], files["quarantine"]] + ([files["image"]] if dim is None else [])
+        with location.local(needed) as folder:
+            paths = artifact.part_paths(folder, number)
+            kept = _parquet_rows(paths["metadata"])
+            rows += kept
+            quarantined += _parquet_rows(paths["quarantine"])
+            if kept and dim is None:
+                dim = int(np.load(paths["image"], mmap_mode="r", allow_pickle=False).shape[1])
     if dim is None:
         raise ClipflowError(
             f"no image of {run.source} passed the checks: all {quarantined} rows are quarantined"
-            f" (see {folder / artifact.QUARANTINE_DIR})"
+            f" (see {output.rstrip('/')}/{artifact.QUARANTINE_DIR})"
         )
     if run.input_rows is not None and rows + quarantined != run.input_rows:
         raise ClipflowError(
@@ -245,9 +252,9 @@ def finish(output: str) -> artifact.IndexManifest:
         quarantined=quarantined,
         parts=run.parts,
         text=run.text,
-        extra={"quarantine_reasons": reason_counts(artifact.read_quarantine(folder)["reason"]), "split": run.split},
+        extra={"quarantine_reasons": reason_counts(artifact.read_quarantine(output)["reason"]), "split": run.split},
     )
-    artifact.write_manifest(folder, manifest)
+    artifact.write_manifest(output, manifest)
     return manifest
 
 
@@ -318,47 +325,43 @@ def _rows(source: str, params: Params) -> Iterator[SourceRow]:
 
 def _resolve_model(reference: str, params: Params) -> tuple[Path, str]:
     """The local checkpoint of a model reference, and its version: the registry's, or the file's digest."""
-    from clipflow import model as clip_model
-    from clipflow.registry.models import download_checkpoint, is_model_uri, registered_version
+    from clipflow.registry.models import is_model_uri, local_checkpoint, registered_version
 
     if not is_model_uri(reference):
-        checkpoint = clip_model.resolve_checkpoint(reference)
+        checkpoint = local_checkpoint(reference)
         return checkpoint, "sha256-" + sha256_file(checkpoint)[:16]
     from clipflow import tracking
 
     tracking.setup(params.tracking)
-    checkpoint = download_checkpoint(reference)
     version = registered_version(reference)
-    return checkpoint, reference if version is None else str(version.version)
+    return local_checkpoint(reference), reference if version is None else str(version.version)
 
 
 # --- the run record and the parts ---------------------------------------------------------------------
 
 
-def _read_run(folder: Path) -> IndexRun | None:
-    path = folder / RUN_FILE
-    return IndexRun(**json.loads(path.read_text())) if path.is_file() else None
+def _read_run(location: artifact.Location) -> IndexRun | None:
+    return IndexRun(**json.loads(location.read_text(RUN_FILE))) if location.exists(RUN_FILE) else None
 
 
-def _start_or_resume(folder: Path, run: IndexRun) -> None:
-    """Pin the folder to this run, or check that it already is."""
-    earlier = _read_run(folder)
+def _start_or_resume(location: artifact.Location, run: IndexRun) -> None:
+    """Pin the artifact's location to this run, or check that it already is."""
+    earlier = _read_run(location)
+    if earlier is None:
+        # Pods of one run may start together: another's run file, landed or on its way in, is no stranger's.
+        if not all(name == RUN_FILE or name.startswith(f".{RUN_FILE}.") for name in location.names()):
+            raise ClipflowError(f"{location} is not empty and holds no `clipflow index` run: choose another --output")
+        location.write_text(RUN_FILE, json.dumps(asdict(run), indent=2))
+        # Of pods that wrote theirs together, the last one's pins the run; the others check against it.
+        earlier = _read_run(location)
     # The model is compared by version: `models:/NAME@ALIAS` and `models:/NAME/3` may name the same one.
-    earlier_values = asdict(earlier) if earlier is not None else {}
+    earlier_values = asdict(earlier)
     changed = [name for name, value in asdict(run).items() if name != "model" and earlier_values.get(name) != value]
-    if earlier is not None and changed:
+    if changed:
         raise ClipflowError(
-            f"{folder} holds embeddings of another run (its {', '.join(changed)} differ): "
+            f"{location} holds embeddings of another run (its {', '.join(changed)} differ): "
             "choose another --output, or delete it to start over"
         )
-    if earlier is None:
-        # Pods of one run may start together: another's run file on its way in is no stranger's file.
-        if folder.is_dir() and any(not path.name.startswith(f".{RUN_FILE}.") for path in folder.iterdir()):
-            raise ClipflowError(f"{folder} is not empty and holds no `clipflow index` run: choose another --output")
-        folder.mkdir(parents=True, exist_ok=True)
-        temporary = folder / f".{RUN_FILE}.{os.getpid()}.tmp"
-        temporary.write_text(json.dumps(asdict(run), indent=2))
-        temporary.replace(folder / RUN_FILE)
 
 
 def _tasks(catalogue: _Catalogue, params: Params, numbers: set[int]) -> Iterator[_Task]:
@@ -546,7 +549,7 @@ def _embed_part(task: _Task) -> Iterator[int]:
         metadata=_frame(metadata, setup.catalogue.metadata),
     )
     quarantine = pd.DataFrame(quarantined, columns=QUARANTINE_COLUMNS).astype({"row": "int64"})
-    artifact.write_part(Path(setup.output), part, quarantine)
+    artifact.write_part(setup.output, part, quarantine)
 
 
 def _frame(rows: list[dict[str, Any]], source_metadata: str | None) -> pd.DataFrame:

@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import re
 import time
-from pathlib import Path
 from typing import Any
 
 from clipflow.params import Params
-
-DEFAULT_ROOT = Path("outputs/index")
 
 
 def pinned_model(reference: str, params: Params) -> str:
@@ -38,11 +35,12 @@ def pinned_model(reference: str, params: Params) -> str:
 
 
 def default_output(source: str, model: str, params: Params) -> str:
-    """Where the embeddings of `source` by `model` (pinned) go unless told: `outputs/index/<model>-<data version>`."""
+    """Where the embeddings of `source` by `model` (pinned) go unless told: `<index.artifact_root>/<model>-<data
+    version>`, a folder or an S3 prefix."""
     from clipflow.index.embed import catalogue_version
 
     model_name = re.sub(r"[^A-Za-z0-9._-]+", "-", model.removeprefix("models:/")).strip("-")
-    return str(DEFAULT_ROOT / f"{model_name}-{catalogue_version(source, params)}")
+    return f"{params.index.artifact_root.rstrip('/')}/{model_name}-{catalogue_version(source, params)}"
 
 
 def build_index(source: str, model: str, output: str | None, params: Params, publish: bool = True) -> dict[str, Any]:

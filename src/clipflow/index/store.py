@@ -24,6 +24,7 @@ import hashlib
 import re
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,10 @@ def publish(artifact_folder: str | Path, params: IndexParams) -> dict[str, Any]:
     only once the row count matches the artifact's; then collections more than `params.keep_collections`
     swaps back are dropped (never the live one).
 
+    Args:
+        artifact_folder: the artifact: a local folder, or an `s3://` prefix, read one part at a time.
+        params: the store, its alias and index.
+
     Returns:
         collection, alias, rows, previous (the collection the alias named before, or None), dropped,
         index_type, seconds.
@@ -78,10 +83,9 @@ def publish(artifact_folder: str | Path, params: IndexParams) -> dict[str, Any]:
     start = time.perf_counter()
     manifest = read_manifest(artifact_folder)
     name = collection_name(manifest)
-    client = open_client(params.uri)
-    try:
+    with _client(params.uri, f"publishing {name} under {params.alias}") as client:
         live = _alias_target(client, params.alias)
-        collection = _filled(client, name, manifest, Path(artifact_folder), params, live)
+        collection = _filled(client, name, manifest, str(artifact_folder), params, live)
         client.load_collection(name, timeout=CALL_TIMEOUT_S)
         if live == name:
             previous = _previous(client, name)
@@ -93,12 +97,6 @@ def publish(artifact_folder: str | Path, params: IndexParams) -> dict[str, Any]:
             else:
                 client.create_alias(name, params.alias, timeout=CALL_TIMEOUT_S)
         dropped = _drop_beyond(client, name, params.keep_collections)
-    except ClipflowError:
-        raise
-    except Exception as exc:
-        raise store_error(exc, f"publishing {name} under {params.alias}") from None
-    finally:
-        client.close()
     return {
         "collection": collection.name,
         "alias": params.alias,
@@ -110,10 +108,25 @@ def publish(artifact_folder: str | Path, params: IndexParams) -> dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def _client(uri: str, doing: str) -> Iterator[Any]:
+    """A client of the store for one operation `doing`: any failure of it as one line, the client closed after."""
+    client = open_client(uri)
+    try:
+        yield client
+    except ClipflowError:
+        raise
+    except Exception as exc:
+        raise store_error(exc, doing) from None
+    finally:
+        client.close()
+
+
 def _filled(
-    client, name: str, manifest: IndexManifest, folder: Path, params: IndexParams, live: str | None
+    client, name: str, manifest: IndexManifest, artifact: str, params: IndexParams, live: str | None
 ) -> Collection:
-    """The collection `name` holding every row of the artifact, created and filled unless it already does."""
+    """The collection `name` holding every row of the artifact at `artifact` (a folder or an `s3://` prefix,
+    read one part at a time), created and filled unless it already does."""
     if client.has_collection(name, timeout=CALL_TIMEOUT_S):
         existing = Collection(client, name, params)
         rows = existing.count()
@@ -125,7 +138,7 @@ def _filled(
             )
         client.drop_collection(name, timeout=CALL_TIMEOUT_S)
     collection = Collection.create(client, name, manifest.dim, params)
-    for part in progress(read_parts(folder), total=manifest.parts, desc=f"publish {name}"):
+    for part in progress(read_parts(artifact), total=manifest.parts, desc=f"publish {name}"):
         records = part.metadata.to_dict("records")
         for first in range(0, len(records), params.insert_batch):
             batch = records[first : first + params.insert_batch]
@@ -134,7 +147,7 @@ def _filled(
     rows = collection.count()
     if rows != manifest.rows:
         raise ClipflowError(
-            f"collection {name} holds {rows} rows but {folder} has {manifest.rows} (duplicate keys?): not swapped in"
+            f"collection {name} holds {rows} rows but {artifact} has {manifest.rows} (duplicate keys?): not swapped in"
         )
     return collection
 
@@ -174,8 +187,7 @@ def restore(params: IndexParams) -> dict[str, Any]:
     Raises:
         ClipflowError: the alias names no collection, or its previous one is unrecorded or dropped.
     """
-    client = open_client(params.uri)
-    try:
+    with _client(params.uri, f"restoring {params.alias}") as client:
         live = _alias_target(client, params.alias)
         if live is None:
             raise ClipflowError(f"nothing to restore: alias {params.alias} names no collection in {params.uri}")
@@ -187,12 +199,6 @@ def restore(params: IndexParams) -> dict[str, Any]:
             )
         client.load_collection(previous, timeout=CALL_TIMEOUT_S)
         client.alter_alias(previous, params.alias, timeout=CALL_TIMEOUT_S)
-    except ClipflowError:
-        raise
-    except Exception as exc:
-        raise store_error(exc, f"restoring {params.alias}") from None
-    finally:
-        client.close()
     return {"alias": params.alias, "collection": previous, "replaced": live}
 
 

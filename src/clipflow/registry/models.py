@@ -101,11 +101,17 @@ def download_checkpoint(model_uri: str, destination: str | Path | None = None) -
     return found[0]
 
 
+def local_checkpoint(reference: str | Path) -> Path:
+    """The checkpoint file of a model reference on this machine: a path (file or folder) as it is, an MLflow
+    model URI downloaded (tracking must be set up for it)."""
+    if is_model_uri(str(reference)):
+        return download_checkpoint(str(reference))
+    return clip_model.resolve_checkpoint(reference)
+
+
 def load_model(reference: str | Path, config_name: str | None = None) -> clip_model.ClipModel:
     """Load a model from a checkpoint path or an MLflow model URI.
 
     `config_name` names the open_clip config of a checkpoint that does not record it.
     """
-    if is_model_uri(str(reference)):
-        return clip_model.load(download_checkpoint(str(reference)), config_name)
-    return clip_model.load(reference, config_name)
+    return clip_model.load(local_checkpoint(reference), config_name)
