@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from clipflow.params import params_file
 from components import CHECKOUT
 
 
@@ -25,15 +26,16 @@ def params_json(path: str | Path) -> str:
     multi-line value would break the file.
 
     Args:
-        path: a params.yaml.
+        path: a params.yaml (`params.yaml` where there is none: the packaged defaults).
 
     Returns:
         The file's YAML as compact JSON text, which `clipflow.params.parse_params` reads.
 
     Raises:
+        ClipflowError: `path` names a file that does not exist.
         OSError: the file cannot be read.
     """
-    return json.dumps(yaml.safe_load(Path(path).read_text()))
+    return json.dumps(yaml.safe_load(params_file(path).read_text()))
 
 
 # The compiled default of every pipeline's `params`: the checkout's params.yaml (see `components.CHECKOUT`).

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from clipflow.errors import ClipflowError
-from clipflow.params import DEFAULT_PARAMS, LAUNCHERS, Params, load_params
+from clipflow.params import DEFAULT_PARAMS, LAUNCHERS, PACKAGED_PARAMS, Params, load_params
 from components import checkout
 
 app = typer.Typer(
@@ -57,6 +57,19 @@ def _print_json(result: Any) -> None:
 def _require_dir(path: Path, what: str) -> None:
     if not path.is_dir():
         raise ClipflowError(f"{what} not found: {path}")
+
+
+@app.command()
+def init(
+    to: Annotated[Path, typer.Option(help="Where to write the params file.")] = DEFAULT_PARAMS,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
+) -> None:
+    """Write the packaged default params to a file to edit; every verb reads ./params.yaml when there is one."""
+    if to.exists() and not force:
+        raise ClipflowError(f"{to} exists; pass --force to replace it with the packaged defaults")
+    to.parent.mkdir(parents=True, exist_ok=True)
+    to.write_text(PACKAGED_PARAMS.read_text())
+    typer.echo(f"wrote {to}: edit it, or override single keys with --set section.key=value")
 
 
 @app.command()
@@ -317,7 +330,9 @@ def index(
 @app.command()
 def export(
     model: ModelOption,
-    to: Annotated[str, typer.Option(help="A new folder, or an s3://bucket/prefix.")],
+    to: Annotated[
+        str, typer.Option(help="A new folder, an s3://bucket/prefix, or hf-hub:ORG/NAME (pushed with HF_TOKEN).")
+    ],
     format: Annotated[str, typer.Option(help="open_clip (config + safetensors) or onnx (both towers).")] = "open_clip",
     model_config: ModelConfigOption = None,
     params_file: ParamsOption = DEFAULT_PARAMS,

@@ -24,6 +24,9 @@ from clipflow.errors import ClipflowError
 from clipflow.prompts import split_template
 
 DEFAULT_PARAMS = Path("params.yaml")
+# The checkout's params.yaml, shipped inside the package (a link in the checkout, a copy in a wheel): every verb
+# works from any folder, and `clipflow init` writes it out to edit.
+PACKAGED_PARAMS = Path(__file__).parent / "defaults" / "params.yaml"
 PROFILE_ENV = "CLIPFLOW_PROFILE"
 
 
@@ -475,10 +478,23 @@ def load_params(
     Raises:
         ClipflowError: a missing file, an unknown profile or key, or a value of the wrong type.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ClipflowError(f"params file not found: {path}")
+    path = params_file(path)
     return parse_params(path.read_text(), overrides, profile, source=str(path))
+
+
+def params_file(path: str | Path = DEFAULT_PARAMS) -> Path:
+    """The params file a verb reads: `path`, or the packaged defaults when `path` is the default and this
+    folder has none.
+
+    Raises:
+        ClipflowError: `path` names a file that does not exist.
+    """
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path == DEFAULT_PARAMS:
+        return PACKAGED_PARAMS
+    raise ClipflowError(f"params file not found: {path}")
 
 
 def parse_params(

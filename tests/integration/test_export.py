@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -146,3 +147,24 @@ def test_export_to_s3(checkpoint: Path, tmp_path: Path, monkeypatch: pytest.Monk
             "tiny/v1/open_clip_config.json",
             "tiny/v1/open_clip_model.safetensors",
         ]
+
+
+@pytest.mark.parametrize(
+    ("to", "env", "message"),
+    [
+        ("hf-hub:someone/tiny", {"HF_HUB_OFFLINE": "1"}, "offline mode is enabled"),
+        # A hub that does not answer: what a cluster without egress sees.
+        ("hf-hub:someone/tiny", {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0"}, "Connection refused"),
+        ("hf-hub:tiny", {}, "does not name a Hugging Face repository as hf-hub:ORG/NAME"),
+    ],
+)
+def test_a_push_to_the_hub_that_cannot_happen_fails_in_one_line(checkpoint: Path, tmp_path: Path, to, env, message):
+    # A process of its own: huggingface_hub reads HF_HUB_OFFLINE and HF_ENDPOINT once, when it is imported.
+    command = [str(Path(sys.executable).with_name("clipflow")), "export", "--model", str(checkpoint), "--to", to]
+    command += ["--params", str(REPO / "params.yaml")]
+    done = subprocess.run(command, cwd=tmp_path, env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+    (err,) = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and message in err, done.stderr
+    if "Hugging Face repository" not in message:
+        assert err.startswith(f"clipflow: error: cannot push to {to}: ") and err.endswith("nothing was uploaded")
+    assert not list(tmp_path.iterdir()), "the staged export was left behind"

@@ -58,6 +58,7 @@ def test_help_lists_every_verb():
     listed = [line.split()[0] for line in commands.splitlines() if line.strip()]
     # The names as listed, not words found anywhere in the text ("run" is inside "torchrun").
     expected = [
+        "init",
         "run",
         "ingest",
         "validate",
@@ -82,6 +83,31 @@ def test_compile_works_outside_the_checkout(tmp_path):
     spec = yaml.safe_load((tmp_path / "p.yaml").read_text())
     default = spec["root"]["inputDefinitions"]["parameters"]["params"]["defaultValue"]
     assert json.loads(default) == yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def test_init_writes_the_packaged_defaults_and_never_replaces_an_edited_file_unasked(tmp_path):
+    assert _clipflow("init", cwd=tmp_path).returncode == 0
+    written = tmp_path / "params.yaml"
+    assert written.read_text() == (REPO / "params.yaml").read_text()
+
+    written.write_text(written.read_text().replace("steps: 1000", "steps: 7"))
+    again = _clipflow("init", cwd=tmp_path)
+    assert again.returncode != 0
+    assert again.stderr.strip() == (
+        "clipflow: error: params.yaml exists; pass --force to replace it with the packaged defaults"
+    )
+    assert "steps: 7" in written.read_text()
+    assert _clipflow("init", "--force", cwd=tmp_path).returncode == 0
+    assert written.read_text() == (REPO / "params.yaml").read_text()
+
+
+def test_a_verb_outside_any_checkout_reads_the_packaged_defaults(tmp_path):
+    """A folder with no params.yaml: the packaged defaults, with the profile and --set applied to them."""
+    small = ["--set", "data.num_train=40", "--set", "data.num_test=10", "--set", "data.num_heldout=10"]
+    result = _clipflow("ingest", "--source", "builtin", "--output", "data", "--profile", "test", *small, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["counts"]["train"] == 40, report
 
 
 def test_checkout_is_the_working_directory_holding_the_pipeline_and_the_service(tmp_path, monkeypatch):

@@ -3,6 +3,7 @@
 `open_clip`: `open_clip_config.json` (`model_cfg` and `preprocess_cfg`, as open_clip's
 `save_config_for_hf` writes it) and `open_clip_model.safetensors`, so plain open_clip loads the
 folder with `open_clip.create_model_and_transforms("local-dir:FOLDER")`, and no pickle is read.
+Pushed to a Hugging Face repository (`hf-hub:ORG/NAME`), the same files load with `hf-hub:ORG/NAME`.
 
 `onnx`: `image_encoder.onnx` (`pixel_values`, float32 (N, 3, H, W), preprocessed as
 `onnx.json` says, to `image_embeds`) and `text_encoder.onnx` (`input_ids`, int64 (N, context)
@@ -18,6 +19,7 @@ PyTorch (see DESIGN.md).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -32,6 +34,9 @@ if TYPE_CHECKING:
     from clipflow.model import ClipModel
 
 FORMATS = ("open_clip", "onnx")
+HF_HUB = "hf-hub:"
+# A Hugging Face repository id, as the hub names them: ORG/NAME.
+HUB_REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 IMAGE_FILE = "image_encoder.onnx"
 TEXT_FILE = "text_encoder.onnx"
 ONNX_INFO_FILE = "onnx.json"
@@ -45,15 +50,22 @@ CHECK_TEXTS = ("a photo of a dog", "two small purple stars at the top left", "a 
 
 
 def export(clip: ClipModel, to: str, fmt: str) -> dict[str, Any]:
-    """Write `clip` in format `fmt` to the new folder or the `s3://` prefix `to`; returns what was written.
+    """Write `clip` in format `fmt` to the new folder, the `s3://` prefix or the `hf-hub:ORG/REPO` `to`;
+    returns what was written.
 
     The files are written beside the folder and moved into place whole: a reader never finds a half
-    export, and a failed check leaves nothing.
+    export, and a failed check leaves nothing. A Hugging Face repository receives them in one commit.
     """
     if fmt not in FORMATS:
         raise ClipflowError(f"export format {fmt!r} is not one of {', '.join(FORMATS)}")
+    hub_repo = to.removeprefix(HF_HUB) if to.startswith(HF_HUB) else None
+    if hub_repo is not None:
+        if fmt != "open_clip":
+            raise ClipflowError(f"{HF_HUB} receives the open_clip format, which open_clip loads from it, not {fmt!r}")
+        if not HUB_REPO.fullmatch(hub_repo):
+            raise ClipflowError(f"{to!r} does not name a Hugging Face repository as hf-hub:ORG/NAME")
     writer = write_open_clip if fmt == "open_clip" else write_onnx
-    target = None if storage.is_s3(to) else Path(to).resolve()
+    target = None if storage.is_s3(to) or hub_repo is not None else Path(to).resolve()
     if target is not None:
         if target.exists() and (not target.is_dir() or any(target.iterdir())):
             raise ClipflowError(f"export target {target} exists and is not an empty folder: choose a new one")
@@ -62,7 +74,9 @@ def export(clip: ClipModel, to: str, fmt: str) -> dict[str, Any]:
     try:
         details = writer(clip.at_precision("fp32"), staging)
         files = sorted(path.name for path in staging.iterdir())
-        if target is None:
+        if hub_repo is not None:
+            details["commit"] = push_to_hub(staging, hub_repo, f"clipflow export of {clip.name}")
+        elif target is None:
             storage.upload_tree(staging, to)
         else:
             # mkdtemp's folder and safetensors' file are private; an export is for others to read.
@@ -76,7 +90,27 @@ def export(clip: ClipModel, to: str, fmt: str) -> dict[str, Any]:
         shutil.rmtree(staging, ignore_errors=True)
     if fmt == "open_clip" and target is not None:
         details["open_clip_name"] = f"local-dir:{target}"  # what open_clip.create_model_and_transforms takes
+    elif hub_repo is not None:
+        details["open_clip_name"] = to
     return {"format": fmt, "model": clip.name, "to": str(target or to), "files": files, **details}
+
+
+def push_to_hub(folder: Path, repo_id: str, message: str) -> str:
+    """Upload `folder` to the Hugging Face model repository `repo_id` (created if new) in one commit; returns its URL.
+
+    The token is huggingface_hub's own (HF_TOKEN, or the one `hf auth login` stored), never an argument
+    that would show in a process list or a log.
+    """
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, exist_ok=True)
+        commit = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=message)
+    except Exception as exc:  # huggingface_hub's HTTP, auth and offline-mode errors, and the HTTP client's own
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise ClipflowError(f"cannot push to {HF_HUB}{repo_id}: {reason}; nothing was uploaded") from None
+    return commit.commit_url
 
 
 def write_open_clip(clip: ClipModel, folder: Path) -> dict[str, Any]:
