@@ -22,7 +22,8 @@ def promote_component(
         params: the content of params.yaml, as JSON.
         overrides: `section.key=value` strings applied on top of it.
         profile: a params profile name, or "" for none.
-        model_uri: the logged MLflow model to register.
+        model_uri: the logged MLflow model to register: the one the evaluate step judged (the trained model,
+            or the WiSE-FT mix it chose); its run's evaluation/per_item.parquet feeds the gate's bootstrap.
         metrics_json: the evaluation metrics, a JSON object.
         data_version: the version of the data the model was trained on.
         summary: the decision with every check of the gate and the registered model's URI, as Markdown

@@ -13,7 +13,8 @@ def validate_component(
     report: Output[HTML],
     validation: Output[Artifact],
 ) -> str:
-    """Run the Great Expectations suite over the metadata; fail when too many rows break it.
+    """Run the Great Expectations suite over the metadata; fail when too many rows break it, or when the
+    evaluation's zero-shot sets, retrieval split or the gate's floors do not fit the data.
 
     The report folder is also logged to MLflow, as a run tagged with the data's version.
 
@@ -34,9 +35,12 @@ def validate_component(
     from clipflow.params import parse_params
     from clipflow.validate import check_passed, validate
     from clipflow.validate.page import report_page
+    from clipflow.validate.plan import check_evaluation_plan
     from clipflow.validate.tracking import log_report
 
     resolved = parse_params(params, overrides, profile or None)
+    # What would fail the evaluation or the gate fails here, before the training.
+    check_evaluation_plan(data.path, resolved)
     result = validate(data.path, validation.path, resolved.validate)
     # The Kubeflow UI shows this page alone, away from the folder: it names the folder's files instead of linking them.
     Path(report.path).write_text(report_page(validation.path, folder=validation.uri))

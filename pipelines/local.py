@@ -16,6 +16,7 @@ from typing import Any
 
 from clipflow.artifacts import SUMMARY_FILE, IngestReport, TrainReport, ValidationReport
 from clipflow.errors import ClipflowError
+from clipflow.metric_names import ZEROSHOT_CHANCE, ZEROSHOT_TOP1
 from clipflow.params import Params, ServeParams
 from clipflow.progress import StepLogs, shown
 from clipflow.registry.promote import PromoteResult
@@ -178,7 +179,7 @@ def step_figures(step: str, report: str) -> str:
     if step == "evaluate":
         m = json.loads(report)["metrics"]
         return (
-            f"held-out zero-shot top-1 {m['zeroshot_top1_heldout']:.3f} (chance {m['zeroshot_chance_heldout']:.3f}),"
+            f"zero-shot top-1 {_zeroshot_figures(m)},"
             f" R@1 image->text {m['retrieval_i2t_r1']:.3f}, text->image {m['retrieval_t2i_r1']:.3f}"
         )
     if step == "promote":
@@ -188,6 +189,18 @@ def step_figures(step: str, report: str) -> str:
         )
     packaged = PackageResult.from_json(report)
     return f"bento {packaged.bento_tag} (serve.precision {packaged.precision})"
+
+
+def _zeroshot_figures(metrics: dict[str, float]) -> str:
+    """Each zero-shot set's top-1 by its name, with chance beside it."""
+    sets = [name.removeprefix(ZEROSHOT_TOP1) for name in metrics if name.startswith(ZEROSHOT_TOP1)]
+    return (
+        ", ".join(
+            f"{name} {metrics[ZEROSHOT_TOP1 + name]:.3f} (chance {metrics[ZEROSHOT_CHANCE + name]:.3f})"
+            for name in sets
+        )
+        or "-"
+    )
 
 
 def _number(value: float | None, spec: str) -> str:
@@ -243,8 +256,7 @@ def describe(summary: dict[str, Any], summary_path: Path, serve: ServeParams) ->
         [
             f"MLflow run:     {summary['mlflow_run_id']}",
             f"data:           {summary['data_dir']} (version {summary['data_version']})",
-            f"zero-shot top-1 on held-out compositions: {m['zeroshot_top1_heldout']:.3f}"
-            f" (chance {m['zeroshot_chance_heldout']:.3f})",
+            f"zero-shot top-1: {_zeroshot_figures(m)}",
             f"retrieval R@1:  image->text {m['retrieval_i2t_r1']:.3f}, text->image {m['retrieval_t2i_r1']:.3f}",
             "probes:         "
             + (", ".join(f"{k.removeprefix('probe_')} {v:.3f}" for k, v in m.items() if k.startswith("probe_")) or "-"),

@@ -68,10 +68,12 @@ def clipflow_pipeline(
         data=ingest.outputs["data"],
         model=train.outputs["model"],
         mlflow_run_id=train.outputs["mlflow_run_id"],
+        model_uri=train.outputs["model_uri"],
         **common,
     ).set_display_name("Evaluate")
+    # The model evaluate judged: the trained one, or the WiSE-FT mix of it with its starting model it chose.
     promote = promote_component(
-        model_uri=train.outputs["model_uri"],
+        model_uri=evaluate.outputs["model_uri"],
         metrics_json=evaluate.outputs["metrics_json"],
         data_version=ingest.outputs["data_version"],
         **common,

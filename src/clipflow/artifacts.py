@@ -35,6 +35,16 @@ METRICS_FILE = "metrics.json"
 SUMMARY_FILE = "summary.md"  # the evaluation in Markdown, beside metrics.json
 # Where `evaluate` logs its folder among the training run's artifacts; `promote` completes its summary there.
 EVALUATION_ARTIFACTS = "evaluation"
+# One row per evaluation item and per-item metric, for the gate's paired bootstrap: columns `model` (PER_ITEM_MODEL
+# for the evaluated model, PER_ITEM_BASELINE for the model it was fine-tuned from), `metric` (the metrics.json
+# name whose value is the mean of `hit`), `set` (zero-shot set or retrieval split), `key` (the sample) and `hit`.
+PER_ITEM_FILE = "per_item.parquet"
+PER_ITEM_MODEL = "model"
+PER_ITEM_BASELINE = "baseline"
+# The starting model's figures in metrics.json: `baseline_<metric>` beside each `<metric>` of the fine-tuned one.
+BASELINE_PREFIX = "baseline_"
+# The tag of a logged model and registered version whose weights are a WiSE-FT mix: the fine-tuned weights' share.
+WISEFT_ALPHA_TAG = "wiseft_alpha"
 
 
 class JsonRecord:
@@ -152,6 +162,11 @@ class TrainReport(JsonRecord):
     @staticmethod
     def exists(output_dir: str | Path) -> bool:
         return (Path(output_dir) / TRAIN_REPORT).is_file()
+
+
+def wiseft_model_uri(path: str | Path) -> str | None:
+    """The WiSE-FT mix that the evaluation in a `metrics.json` chose and logged (the metrics are its), else None."""
+    return (json.loads(Path(path).read_text()).get("wiseft") or {}).get("model_uri")
 
 
 def read_metrics(path: str | Path) -> dict[str, float]:

@@ -38,7 +38,11 @@ ProfileOption = Annotated[
 PipelineOption = Annotated[
     str, typer.Option(help="clipflow (the DAG) or reindex (embed a catalogue with the champion and swap it in).")
 ]
-ModelOption = Annotated[str, typer.Option(help="A checkpoint path or an MLflow model URI (models:/NAME@ALIAS).")]
+MODEL_HELP = (
+    "A model reference: CONFIG:TAG (ViT-B-32:laion2b_s34b_b79k), hf-hub:ORG/NAME, local-dir:PATH,"
+    " a checkpoint path or s3:// URI, or an MLflow model URI (models:/NAME@ALIAS)."
+)
+ModelOption = Annotated[str, typer.Option(help=MODEL_HELP)]
 ModelConfigOption = Annotated[
     Optional[str], typer.Option(help="The open_clip config of a checkpoint that does not record it (ViT-B-32).")
 ]
@@ -134,12 +138,14 @@ def validate(
     overrides: SetOption = None,
     profile: ProfileOption = None,
 ) -> None:
-    """Check the metadata with the Great Expectations suite; fail when too many rows break it."""
+    """Check the metadata with the Great Expectations suite, and the evaluation's sets and floors against the data."""
     from clipflow.validate import check_passed
     from clipflow.validate import validate as run_validate
+    from clipflow.validate.plan import check_evaluation_plan
 
     params = _params(params_file, overrides, profile)
     _require_dir(data, "data directory")
+    check_evaluation_plan(data, params)
     result = run_validate(data, report, params.validate)
     if mlflow:
         from clipflow.validate.tracking import log_report
@@ -210,7 +216,7 @@ def evaluate(
     overrides: SetOption = None,
     profile: ProfileOption = None,
 ) -> None:
-    """Zero-shot accuracy on held-out compositions and retrieval recall@k on the test split."""
+    """Zero-shot accuracy on each zero-shot set, with chance beside it, and retrieval recall@k (both ways)."""
     from clipflow.artifacts import TrainReport
     from clipflow.evaluate.step import evaluate as run_evaluate
     from clipflow.registry.models import is_model_uri
@@ -234,7 +240,10 @@ def evaluate(
 def promote(
     model_uri: Annotated[
         Optional[str],
-        typer.Option(help="The logged MLflow model to register (models:/m-...), or a `clipflow train` output folder."),
+        typer.Option(
+            help="The logged MLflow model to register (models:/m-...), or a `clipflow train` output folder"
+            " (whose WiSE-FT mix is registered when the evaluation chose one)."
+        ),
     ] = None,
     metrics: Annotated[Optional[Path], typer.Option(help="metrics.json written by `clipflow evaluate`.")] = None,
     rollback: Annotated[bool, typer.Option("--rollback", help="Move champion back to the previous champion.")] = False,
@@ -243,7 +252,7 @@ def promote(
     profile: ProfileOption = None,
 ) -> None:
     """Register a model version and move `champion` to it only when the gate passes (or --rollback)."""
-    from clipflow.artifacts import TrainReport, read_metrics
+    from clipflow.artifacts import TrainReport, read_metrics, wiseft_model_uri
     from clipflow.registry import promote as promotion
     from clipflow.registry.models import is_model_uri
 
@@ -256,16 +265,19 @@ def promote(
     if not model_uri or not metrics:
         raise ClipflowError("promote needs --model-uri and --metrics (or --rollback)")
     data_version = None
+    values = read_metrics(metrics)
     if not is_model_uri(model_uri):
         trained = TrainReport.read(model_uri)
-        model_uri, data_version = trained.model_uri, trained.data_version
-    values = read_metrics(metrics)
+        # The metrics are of the WiSE-FT mix when the evaluation chose one: that is the model to register.
+        model_uri, data_version = wiseft_model_uri(metrics) or trained.model_uri, trained.data_version
     _print_json(promotion.promote(model_uri, values, params, data_version=data_version))
 
 
 @app.command()
 def package(
-    model: Annotated[Optional[str], typer.Option(help="The model to serve (default: models:/NAME@champion).")] = None,
+    model: Annotated[
+        Optional[str], typer.Option(help=f"The model to serve (default: models:/NAME@champion). {MODEL_HELP}")
+    ] = None,
     gallery: Annotated[
         Optional[Path],
         typer.Option(help="An ingested data directory whose serve.gallery_split images `search` answers from."),
@@ -295,7 +307,9 @@ def index(
         Optional[str],
         typer.Option(help="The catalogue: an ingested data folder, WebDataset shards, or a CSV/Parquet/JSONL manifest"),
     ] = None,
-    model: Annotated[Optional[str], typer.Option(help="The model (default: models:/NAME@champion).")] = None,
+    model: Annotated[
+        Optional[str], typer.Option(help=f"The model (default: models:/NAME@champion). {MODEL_HELP}")
+    ] = None,
     output: Annotated[
         Optional[str],
         typer.Option(help="The embedding artifact's folder (default: outputs/index/<model version>-<data version>)."),
@@ -351,7 +365,23 @@ def export(
         from clipflow import tracking
 
         tracking.setup(params.tracking)
-    _print_json(run_export(load_model(model, model_config), to, format))
+    _print_json(run_export(load_model(model, model_config, params.train.model_cache), to, format))
+
+
+@app.command("pull-model")
+def pull_model(
+    reference: Annotated[str, typer.Argument(help="A pretrained tag (ViT-B-32:laion2b_s34b_b79k) or hf-hub:ORG/NAME.")],
+    to: Annotated[str, typer.Option(help="The model cache to fill: a folder or an s3://bucket/prefix.")],
+    params_file: ParamsOption = DEFAULT_PARAMS,
+    overrides: SetOption = None,
+    profile: ProfileOption = None,
+) -> None:
+    """Fetch a model from the hub (or the Hugging Face cache) into a model cache that train.model_cache reads."""
+    from clipflow.model.hub import pull
+    from clipflow.references import parse_reference
+
+    params = _params(params_file, overrides, profile)
+    _print_json(pull(parse_reference(reference, params.train.model), to))
 
 
 @app.command()

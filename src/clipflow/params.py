@@ -14,6 +14,7 @@ import os
 import re
 import types
 import typing
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,9 @@ from typing import Any
 import yaml
 
 from clipflow.errors import ClipflowError
+from clipflow.metric_names import ZEROSHOT_TOP1
 from clipflow.prompts import split_template
+from clipflow.references import ModelReference, parse_reference
 
 DEFAULT_PARAMS = Path("params.yaml")
 # The checkout's params.yaml, shipped inside the package (a link in the checkout, a copy in a wheel): every verb
@@ -151,6 +154,7 @@ class TrainParams:
     grad_checkpointing: bool
     lock_image: bool
     pretrained: str | None
+    model_cache: str | None
     checkpoint_every: int
     keep_checkpoints: int
     checkpoint_dir: str | None
@@ -164,11 +168,15 @@ class TrainParams:
             raise ClipflowError(f"train.loss must be one of {', '.join(TRAIN_LOSSES)}, got {self.loss!r}")
         if self.precision not in {"bf16", "fp32"}:
             raise ClipflowError(f"train.precision must be bf16 or fp32, got {self.precision!r}")
-        positive = ("batch_size", "steps", "lr", "nproc", "threads_per_proc", "accum_freq", "log_every", "nnodes")
+        positive = ("batch_size", "lr", "nproc", "threads_per_proc", "accum_freq", "log_every", "nnodes")
         _require_positive("train", self, *positive, "keep_checkpoints")
         # checkpoint_every 0 writes no resumable checkpoints; a negative warmup would skip the warmup unasked.
-        not_negative = ("data_workers", "warmup_steps", "weight_decay", "checkpoint_every", "max_restarts")
+        # steps 0 registers the pretrained model as it is.
+        not_negative = ("steps", "data_workers", "warmup_steps", "weight_decay", "checkpoint_every", "max_restarts")
         _require_not_negative("train", self, *not_negative)
+        reference = self.starting_reference()
+        if self.steps == 0 and reference is None:
+            raise ClipflowError("train.steps: 0 serves a pretrained model as it is: set train.pretrained to one")
         if not 0 <= self.node_rank < self.nnodes:
             raise ClipflowError(f"train.node_rank ({self.node_rank}) must be in [0, train.nnodes)")
         processes = self.nproc * self.nnodes
@@ -177,13 +185,72 @@ class TrainParams:
         if self.nnodes > 1 and not (host and port.isdigit() and 0 < int(port) < 65536):
             raise ClipflowError(f"train.rdzv_endpoint must be HOST:PORT, got {self.rdzv_endpoint!r}")
 
+    def starting_reference(self) -> ModelReference | None:
+        """`train.pretrained` parsed (a bare tag belongs to `train.model`), or None for random weights.
+
+        Raises:
+            ClipflowError: a malformed reference, named as `train.pretrained`.
+        """
+        if self.pretrained is None:
+            return None
+        try:
+            # With train.model as the fallback config, a bare name is a tag of it: never a config without weights.
+            return parse_reference(self.pretrained, self.model)
+        except ClipflowError as exc:
+            raise ClipflowError(f"train.pretrained: {exc}") from None
+
+
+# A zero-shot set's name is part of metric, file and MLflow names (`zeroshot_top1_<set>`, `confusion_<set>.png`).
+ZEROSHOT_SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
 
 @dataclass(frozen=True)
 class ZeroshotSet:
+    """Images of one split, labelled by a metadata column, classified among classes written in words."""
+
     split: str
     label_field: str
-    classes: list[str]
-    templates: list[str]
+    classes: list[str] = field(default_factory=list)  # empty: every value of `label_field` in the data
+    templates: list[str] = field(default_factory=list)  # empty: `evaluate.templates`
+
+    def check(self, name: str) -> None:
+        if not ZEROSHOT_SET_NAME.fullmatch(name):
+            raise ClipflowError(
+                f"evaluate.zeroshot set names must be letters, digits, '_' or '-' (they name metrics), got {name!r}"
+            )
+        if self.classes and len(set(self.classes)) < 2:
+            raise ClipflowError(f"evaluate.zeroshot.{name}.classes must name at least 2 classes, got {self.classes}")
+
+
+# The built-in data's own zero-shot set, beside `evaluate.zeroshot`: its held-out colour-shape compositions,
+# a split no other source has (see `clipflow.data.builtin`).
+BUILTIN_ZEROSHOT = {"heldout": ZeroshotSet(split="heldout", label_field="label")}
+
+
+@dataclass(frozen=True)
+class WiseftParams:
+    """WiSE-FT: the weights `(1 - a) * pretrained + a * fine-tuned` scored for each `a`, after a fine-tuning."""
+
+    alphas: list[float]  # the mixing weights tried; empty: no interpolation, the fine-tuned weights as they are
+    target: str | None  # the zero-shot set to improve (None: the gated set, else the first)
+    retention: str | None  # a zero-shot set whose top-1 may not fall below the pretrained's (None: no constraint)
+    max_retention_drop: float  # how far below the pretrained's top-1 on `retention` a chosen `a` may fall
+
+    def check(self, sets: dict[str, ZeroshotSet]) -> None:
+        """Each `a` a fraction, the named sets among the zero-shot `sets`."""
+        outside = [alpha for alpha in self.alphas if not 0.0 <= alpha <= 1.0]  # also true for NaN
+        if outside:
+            raise ClipflowError(f"evaluate.wiseft.alphas must be fractions in [0, 1], got {outside[0]}")
+        if not 0.0 <= self.max_retention_drop <= 1.0:
+            raise ClipflowError(
+                f"evaluate.wiseft.max_retention_drop must be a fraction in [0, 1], got {self.max_retention_drop}"
+            )
+        for role in ("target", "retention"):
+            name = getattr(self, role)
+            if name is not None and name not in sets:
+                raise ClipflowError(
+                    f"evaluate.wiseft.{role} names no zero-shot set: {name!r} (the sets are {sorted(sets)})"
+                )
 
 
 @dataclass(frozen=True)
@@ -195,13 +262,17 @@ class EvaluateParams:
     chunk_size: int
     templates: list[str]
     zeroshot: dict[str, ZeroshotSet]
+    wiseft: WiseftParams
 
     def check(self) -> None:
         _require_positive("evaluate", self, "batch_size", "chunk_size")
+        self.wiseft.check(self.zeroshot | BUILTIN_ZEROSHOT)  # whether the data has the set is known after ingest
         if not self.recall_k or min(self.recall_k) < 1:
             raise ClipflowError(f"evaluate.recall_k must list positive ranks, got {self.recall_k}")
         if not self.templates:
             raise ClipflowError("evaluate.templates must hold at least one prompt template")
+        for name, spec in self.zeroshot.items():
+            spec.check(name)
         # Checked by the rule `classify` serves with, so a bad template fails here and not after training.
         lists = {"evaluate.templates": self.templates}
         lists |= {f"evaluate.zeroshot.{name}.templates": spec.templates for name, spec in self.zeroshot.items()}
@@ -212,20 +283,52 @@ class EvaluateParams:
                 except ClipflowError as exc:
                     raise ClipflowError(f"{where}: {exc}") from None
 
+    def zeroshot_sets(self, builtin: bool, splits: Collection[str] | None = None) -> dict[str, ZeroshotSet]:
+        """The zero-shot sets an evaluation of some data runs: `zeroshot`, then, on the built-in data, its own
+        sets whose split it holds (a set of `zeroshot` with the same name takes their place).
+
+        Args:
+            builtin: whether the data came from the built-in source (its ingest report says so).
+            splits: the splits the data holds; None: every split of the built-in data.
+        """
+        own = BUILTIN_ZEROSHOT if builtin else {}
+        return self.zeroshot | {
+            name: spec
+            for name, spec in own.items()
+            if (splits is None or spec.split in splits) and name not in self.zeroshot
+        }
+
 
 @dataclass(frozen=True)
 class PromoteParams:
     model_name: str
     floors: dict[str, float]
     max_drop: float
+    min_over_chance: dict[str, float]  # `zeroshot_top1_<set>` -> how far above that set's chance it must be
+    bootstrap_samples: int  # resamples of the evaluation items behind each interval of the gate
+    confidence: float  # the level of those intervals
+
+    @property
+    def gated(self) -> list[str]:
+        """The metrics the gate compares with the baseline and the champion: those with a floor or a margin."""
+        return sorted(set(self.floors) | set(self.min_over_chance))
 
     def check(self) -> None:
-        """Floors and the drop are fractions, as every metric the gate reads is."""
+        """Floors, margins and the drop are fractions, as every metric the gate reads is."""
         for name, floor in self.floors.items():
             if not 0.0 <= floor <= 1.0:  # also false for NaN
                 raise ClipflowError(f"promote.floors.{name} must be a fraction in [0, 1], got {floor}")
+        for name, margin in self.min_over_chance.items():
+            # Chance is known for a zero-shot set's top-1 only: one class in C.
+            if not name.startswith(ZEROSHOT_TOP1):
+                raise ClipflowError(f"promote.min_over_chance names {ZEROSHOT_TOP1}<set> metrics, got {name!r}")
+            if not 0.0 <= margin <= 1.0:
+                raise ClipflowError(f"promote.min_over_chance.{name} must be a fraction in [0, 1], got {margin}")
         if not 0.0 <= self.max_drop <= 1.0:
             raise ClipflowError(f"promote.max_drop must be a fraction in [0, 1], got {self.max_drop}")
+        _require_positive("promote", self, "bootstrap_samples")
+        if not 0.0 < self.confidence < 1.0:
+            raise ClipflowError(f"promote.confidence must be a level in (0, 1), got {self.confidence}")
 
 
 @dataclass(frozen=True)
@@ -402,6 +505,24 @@ class Params:
             f"{section}.{key}": value for section, values in self.to_dict().items() for key, value in values.items()
         }
 
+    def gated_set(self, names: Iterable[str], ungated: Iterable[str] | None = None) -> str | None:
+        """Of the zero-shot sets `names`, the first whose top-1 the gate reads (a floor or a margin in
+        `promote`), else the first of `ungated` (default: `names`); None without sets."""
+        names = list(names)
+        gated = [name for name in names if f"{ZEROSHOT_TOP1}{name}" in self.promote.gated]
+        return (gated or list(names if ungated is None else ungated) or [None])[0]
+
+    def served_prompts(self) -> tuple[str | None, list[str]]:
+        """The zero-shot set whose prompt ensemble `classify` serves (`gated_set`), and its templates.
+
+        The built-in data's own sets count when gated: a floor on one of them passes validate on built-in
+        data only, so a gated built-in set is one that was evaluated. Ungated, the first set of
+        `evaluate.zeroshot`, which every source's evaluation runs.
+        """
+        sets = self.evaluate.zeroshot_sets(builtin=True)
+        name = self.gated_set(sets, ungated=self.evaluate.zeroshot)
+        return name, (sets[name].templates if name else []) or self.evaluate.templates
+
     def procs_per_node(self) -> int:
         """A TrainJob node's training processes: one per GPU, or `train.nproc` on nodes without GPUs."""
         return self.cluster.gpus_per_node or self.train.nproc
@@ -411,8 +532,6 @@ class Params:
         checked = (self.data, self.validate, self.train, self.evaluate, self.promote, self.serve, self.index)
         for section in (*checked, self.cluster):
             section.check()
-        if "heldout" not in self.evaluate.zeroshot:
-            raise ClipflowError("evaluate.zeroshot must define the 'heldout' set that the gate and summary report")
         unknown = sorted(set(self.data.split_fractions) - set(self.validate.splits))
         if unknown:
             raise ClipflowError(f"data.split_fractions names splits outside validate.splits: {unknown}")
@@ -519,13 +638,14 @@ def parse_params(
         key, sep, text = item.partition("=")
         if not sep:
             raise ClipflowError(f"--set expects KEY=VALUE, got {item!r}")
-        settings.append((key.strip(), yaml.safe_load(text)))
+        try:
+            settings.append((key.strip(), yaml.safe_load(text)))
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or "not valid YAML"
+            raise ClipflowError(f"--set {key.strip()}: the value {text!r} is not YAML ({problem}); quote it") from None
 
     for key, value in settings:
-        section, _, name = key.partition(".")
-        if section not in raw or not isinstance(raw[section], dict) or name not in raw[section]:
-            raise ClipflowError(f"unknown parameter {key!r}")
-        raw[section][name] = value
+        _set(raw, key, value)
 
     sections = {}
     for section, cls in _SECTIONS.items():
@@ -537,15 +657,49 @@ def parse_params(
     return params
 
 
+def _set(raw: dict[str, Any], key: str, value: Any) -> None:
+    """Set a dotted key (`evaluate.zeroshot.digits.split`) in the raw sections, led by the dataclasses' fields.
+
+    Under a mapping of free names (a zero-shot set, a floor, a step's resources) a name may be new: a new
+    entry starts empty, for its other keys to fill (`_build` then names any that are still missing).
+
+    Raises:
+        ClipflowError: a key that names no parameter.
+    """
+    section, *path = key.split(".")
+    if section not in _SECTIONS or not isinstance(raw.get(section), dict) or not path:
+        raise ClipflowError(f"unknown parameter {key!r}")
+    node, hint = raw[section], _SECTIONS[section]
+    for depth, name in enumerate(path):
+        if dataclasses.is_dataclass(hint) and name in (fields := typing.get_type_hints(hint)):
+            hint = fields[name]
+        elif typing.get_origin(hint) is dict and name:
+            hint = typing.get_args(hint)[1]
+        else:
+            raise ClipflowError(f"unknown parameter {key!r}")
+        if depth == len(path) - 1:
+            node[name] = value
+            return
+        if node.get(name) is None:
+            node[name] = {}
+        if not isinstance(node[name], dict):
+            raise ClipflowError(
+                f"unknown parameter {key!r}: {'.'.join([section, *path[: depth + 1]])} is not a mapping"
+            )
+        node = node[name]
+
+
 def _build(section: str, cls: type, values: dict[str, Any]) -> Any:
     hints = typing.get_type_hints(cls)
     unknown = set(values) - set(hints)
     if unknown:
         raise ClipflowError(f"unknown parameter {section}.{sorted(unknown)[0]}")
-    missing = set(hints) - set(values)
+    optional = {f.name for f in dataclasses.fields(cls) if f.default_factory is not dataclasses.MISSING}
+    optional |= {f.name for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+    missing = set(hints) - set(values) - optional
     if missing:
         raise ClipflowError(f"missing parameter {section}.{sorted(missing)[0]}")
-    return cls(**{name: _coerce(f"{section}.{name}", hints[name], values[name]) for name in hints})
+    return cls(**{name: _coerce(f"{section}.{name}", hints[name], values[name]) for name in hints if name in values})
 
 
 def _coerce(key: str, expected: Any, value: Any) -> Any:

@@ -22,6 +22,7 @@ import torch
 
 from clipflow.data.ingest import ingest
 from clipflow.train.checkpoint import CheckpointStore, load_state
+from clipflow.train.metrics import FILE_NAME as METRICS_FILE
 from tests.support import REPO
 from tests.support.processes import process_group
 from tests.support.servers import free_port, seaweedfs
@@ -154,24 +155,30 @@ def test_a_killed_worker_is_restarted_and_resumes_without_gaps_or_duplicates(wor
 
 
 def _kill_a_worker_after_a_checkpoint(launcher: subprocess.Popen, output: Path) -> None:
+    # The leader's metrics file, not MLflow: the launcher relays it to MLflow only every
+    # POLL_SECONDS, longer than this whole run can take on a fast CPU.
     deadline = time.monotonic() + 600
     store = CheckpointStore(output / "checkpoints")
     while time.monotonic() < deadline and launcher.poll() is None:
         latest = store.latest()
-        job = output / "job-node0.json"
-        if latest is not None and latest.step < STEPS:
-            logged = _history(output.parent, json.loads(job.read_text())["mlflow_run_id"])["train/loss"]
-            if logged and max(logged) > latest.step:
-                workers = [
-                    child
-                    for child in psutil.Process(launcher.pid).children(recursive=True)
-                    if "clipflow.train.worker" in child.cmdline() and "torch.distributed.run" not in child.cmdline()
-                ]
-                assert workers, "no worker process found"
-                os.kill(workers[-1].pid, signal.SIGKILL)
-                return
-        time.sleep(0.05)
+        if latest is not None and latest.step < STEPS and _last_logged_step(output / METRICS_FILE) > latest.step:
+            workers = [
+                child
+                for child in psutil.Process(launcher.pid).children(recursive=True)
+                if "clipflow.train.worker" in child.cmdline() and "torch.distributed.run" not in child.cmdline()
+            ]
+            assert workers, "no worker process found"
+            os.kill(workers[-1].pid, signal.SIGKILL)
+            return
+        time.sleep(0.005)
     pytest.fail(f"no checkpoint before the end (launcher exit {launcher.poll()})")
+
+
+def _last_logged_step(metrics_file: Path) -> int:
+    text = metrics_file.read_text(encoding="utf-8") if metrics_file.is_file() else ""
+    # Only lines with their newline: the last one may be half-written while the leader appends it.
+    complete = text.splitlines()[: text.count("\n")]
+    return json.loads(complete[-1])["step"] if complete else 0
 
 
 def test_two_nodes_rendezvous_and_match_one_node_with_as_many_processes(workdir, reference):

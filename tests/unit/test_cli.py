@@ -68,6 +68,7 @@ def test_help_lists_every_verb():
         "package",
         "index",
         "export",
+        "pull-model",
         "serve",
         "compile",
         "submit",

@@ -12,7 +12,7 @@ INPUTS = {
     "ingest": COMMON | {"source"},
     "validate": COMMON | {"data"},
     "train": COMMON | {"data", "resume"},
-    "evaluate": COMMON | {"data", "model", "mlflow_run_id"},
+    "evaluate": COMMON | {"data", "model", "mlflow_run_id", "model_uri"},
     "promote": COMMON | {"model_uri", "metrics_json", "data_version"},
     "package": COMMON | {"model_name", "data", "index_source"},
     "index": COMMON | {"source", "model", "output", "data"},
@@ -21,7 +21,7 @@ OUTPUTS = {
     "ingest": {"data", "data_version", "report"},
     "validate": {"report", "validation", "Output"},
     "train": {"model", "mlflow_run_id", "model_uri", "report"},
-    "evaluate": {"metrics", "confusion", "summary", "evaluation", "metrics_json", "report"},
+    "evaluate": {"metrics", "confusion", "summary", "evaluation", "metrics_json", "report", "model_uri"},
     "promote": {"summary", "model_name", "model_version", "report"},
     "package": {"Output"},
     "index": {"Output"},
@@ -60,3 +60,19 @@ def test_a_component_compiles_to_its_own_name_in_the_working_directory_by_defaul
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "promote_component.yaml"
     assert yaml.safe_load((tmp_path / "promote_component.yaml").read_text())["root"]["dag"]["tasks"]
+
+
+def test_promote_registers_the_model_that_evaluate_judged(tmp_path):
+    # evaluate hands on the train step's model, or the WiSE-FT mix of it that it chose and evaluated instead
+    from kfp import compiler
+
+    from pipelines.pipeline import clipflow_pipeline
+
+    compiler.Compiler().compile(clipflow_pipeline, str(tmp_path / "pipeline.yaml"))
+    tasks = yaml.safe_load((tmp_path / "pipeline.yaml").read_text())["root"]["dag"]["tasks"]
+
+    def source(task: str) -> dict:
+        return tasks[task]["inputs"]["parameters"]["model_uri"]["taskOutputParameter"]
+
+    assert source("evaluate-component") == {"outputParameterKey": "model_uri", "producerTask": "train-component"}
+    assert source("promote-component") == {"outputParameterKey": "model_uri", "producerTask": "evaluate-component"}

@@ -42,7 +42,9 @@ def evaluated(tmp_path_factory, small_params):
 def test_metrics_cover_every_zeroshot_set_retrieval_and_probe(evaluated, small_params):
     tmp, result, _, _ = evaluated
     metrics = result.metrics
-    for name in small_params.evaluate.zeroshot:
+    # the configured set, then the built-in data's own held-out compositions
+    assert list(result.zeroshot) == [*small_params.evaluate.zeroshot, "heldout"]
+    for name in result.zeroshot:
         for metric in ("top1", "top5", "mean_per_class_recall", "chance"):
             assert 0.0 <= metrics[f"zeroshot_{metric}_{name}"] <= 1.0
         assert metrics[f"zeroshot_top1_{name}"] <= metrics[f"zeroshot_top5_{name}"]
@@ -71,11 +73,16 @@ def test_clip_benchmark_export_uses_its_names(evaluated):
 
 
 def test_plots_and_summary_are_files_in_the_output_and_the_mlflow_run(evaluated):
-    tmp, _, run_id, _ = evaluated
+    tmp, result, run_id, _ = evaluated
     for name in ("confusion_heldout.png", "confusion_seen.png", "retrieval_grid.png", "probes.png"):
         with Image.open(tmp / "out" / name) as image:
             assert image.width > 200 and image.height > 150
-    assert "| heldout |" in (tmp / "out/summary.md").read_text()
+    summary = (tmp / "out/summary.md").read_text()
+    heldout = result.zeroshot["heldout"]
+    # each set by its name, with its number of classes and chance beside its top-1
+    assert (
+        f"| heldout | heldout | 200 | {len(heldout.classes)} | {heldout.acc1:.3f} | {heldout.chance:.3f} |" in summary
+    )
     logged = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "evaluation")}
     assert {"evaluation/confusion_heldout.png", "evaluation/retrieval_grid.png", "evaluation/probes.png"} <= logged
     assert "eval/zeroshot_top1_heldout" in mlflow.get_run(run_id).data.metrics

@@ -4,7 +4,7 @@ import re
 import pytest
 
 from clipflow.errors import ClipflowError
-from clipflow.params import load_params
+from clipflow.params import ZeroshotSet, load_params
 from tests.support import REPO
 
 PARAMS = REPO / "params.yaml"
@@ -79,11 +79,46 @@ def test_set_overrides_parse_values_as_yaml_and_accept_ints_for_floats():
             'evaluate.zeroshot={heldout: {split: heldout, label_field: label, classes: [], templates: ["{0}"]}}',
             "evaluate.zeroshot.heldout.templates: template '{0}' must contain '{}' exactly once",
         ),
+        ("evaluate.zeroshot.digits.split=test", "missing parameter evaluate.zeroshot.digits.label_field"),
+        ("evaluate.zeroshot.seen.splt=test", "unknown parameter 'evaluate.zeroshot.seen.splt'"),
+        ("evaluate.zeroshot.seen.classes=[three]", "evaluate.zeroshot.seen.classes must name at least 2 classes"),
+        ("evaluate.zeroshot={my set: {split: test, label_field: label}}", "set names must be letters, digits"),
+        ("train.lr.warm=1", "unknown parameter 'train.lr.warm': train.lr is not a mapping"),
+        ("promote.floors.retrieval_i2t_r1.x=1", "unknown parameter 'promote.floors.retrieval_i2t_r1.x'"),
+        ("promote.floors.zeroshot_top1_digits=2", "promote.floors.zeroshot_top1_digits must be a fraction in [0, 1]"),
+        ("cluster.resources.gpu.cpu=1", "missing parameter cluster.resources.gpu.memory"),
+        ("evaluate.templates=[a {}.]", "--set evaluate.templates: the value '[a {}.]' is not YAML"),
     ],
 )
 def test_bad_overrides_are_one_clear_error(override, message):
     with pytest.raises(ClipflowError, match=re.escape(message)):
         load_params(PARAMS, [override])
+
+
+def test_nested_set_keys_add_a_zeroshot_set_and_a_floor_beside_the_defaults():
+    params = load_params(
+        PARAMS,
+        [
+            "evaluate.zeroshot.digits.split=test",
+            "evaluate.zeroshot.digits.label_field=digit",
+            "evaluate.zeroshot.seen.templates=['a drawing of a {}.']",
+            "promote.floors.zeroshot_top1_digits=0.3",
+            "index.build_params.M=32",
+        ],
+        profile="test",
+    )
+    assert params.evaluate.zeroshot["digits"] == ZeroshotSet(split="test", label_field="digit")
+    assert params.evaluate.zeroshot["digits"].classes == [] and params.evaluate.zeroshot["digits"].templates == []
+    assert params.evaluate.zeroshot["seen"].templates == ["a drawing of a {}."]
+    # the profile's floors stay; the new one joins them
+    assert params.promote.floors == {"zeroshot_top1_seen": 0.0, "retrieval_i2t_r1": 0.0, "zeroshot_top1_digits": 0.3}
+    assert params.index.build_params == {"M": 32, "efConstruction": 200}
+
+
+def test_zeroshot_sets_are_named_freely_and_may_be_none():
+    assert load_params(PARAMS, ["evaluate.zeroshot={}"]).evaluate.zeroshot == {}
+    renamed = load_params(PARAMS, ["evaluate.zeroshot={my-digits_2: {split: test, label_field: label}}"])
+    assert list(renamed.evaluate.zeroshot) == ["my-digits_2"]
 
 
 def test_zero_is_a_valid_warmup_and_checkpoint_interval():
@@ -113,3 +148,23 @@ def test_flat_keys_round_trip_through_set():
         PARAMS, [f"{key}={json.dumps(value)}" for key, value in params.flat().items() if key.startswith("train.")]
     )
     assert again.train == params.train
+
+
+def test_classify_serves_the_prompts_of_the_gated_zeroshot_set():
+    default = load_params(PARAMS)
+    assert default.served_prompts() == ("seen", default.evaluate.templates)
+    digits = [
+        "evaluate.zeroshot.digits={split: test, label_field: label, templates: ['a handwritten {}.']}",
+        "promote.floors={zeroshot_top1_digits: 0.3}",
+    ]
+    assert load_params(PARAMS, digits).served_prompts() == ("digits", ["a handwritten {}."])
+    # a margin over chance gates a set as a floor does; the built-in data's own set can be the gated one
+    margin = load_params(
+        PARAMS, [digits[0], "promote.floors={}", "promote.min_over_chance={zeroshot_top1_digits: 0.1}"]
+    )
+    assert margin.served_prompts()[0] == "digits"
+    builtin = load_params(PARAMS, ["promote.floors={zeroshot_top1_heldout: 0.2}"])
+    assert builtin.served_prompts() == ("heldout", default.evaluate.templates)
+    # ungated: the first set
+    assert load_params(PARAMS, [digits[0], "promote.floors={}"]).served_prompts()[0] == "seen"
+    assert load_params(PARAMS, ["evaluate.zeroshot={}"]).served_prompts() == (None, default.evaluate.templates)

@@ -12,7 +12,8 @@ import pytest
 from clipflow.artifacts import ExpectationResult, IngestReport, ValidationReport
 from clipflow.data.ingest import ingest
 from clipflow.errors import ClipflowError
-from clipflow.params import Params
+from clipflow.params import Params, load_params
+from clipflow.validate.plan import check_evaluation_plan, evaluation_sets
 from clipflow.validate.suite import check_passed, validate
 from tests.support import REPO
 
@@ -180,3 +181,82 @@ def test_report_is_logged_to_mlflow_with_the_data_lineage(data_dir: Path, tmp_pa
     assert (logged / "validation" / "index.html").is_file()
     assert (logged / "validation" / "data_docs" / "index.html").is_file()
     assert (logged / "validation" / "quarantine.parquet").is_file()
+
+
+def _as_manifest_data(data_dir: Path, target: Path, metadata: pd.DataFrame | None = None) -> Path:
+    """The ingested data as a manifest source would have written it: the same rows, another source."""
+    target.mkdir()
+    (metadata if metadata is not None else pd.read_parquet(data_dir / "metadata.parquet")).to_parquet(
+        target / "metadata.parquet", index=False
+    )
+    report = dataclasses.replace(IngestReport.read(data_dir), source=str(target / "manifest.csv"))
+    (target / "ingest.json").write_text(report.to_json())
+    return target
+
+
+def test_the_builtin_data_adds_its_own_zeroshot_set_and_passes_the_plan(data_dir: Path, small_params: Params) -> None:
+    assert list(evaluation_sets(data_dir, small_params.evaluate)) == ["seen", "heldout"]
+    check_evaluation_plan(data_dir, small_params)
+    # its floors and margins may name the built-in set and the probes: this data produces them
+    gated = _with(small_params, ["promote.floors.zeroshot_top1_heldout=0.1", "promote.floors.probe_counting=0.1"])
+    check_evaluation_plan(data_dir, gated)
+
+
+def test_other_data_gets_only_the_configured_sets(data_dir: Path, tmp_path: Path, small_params: Params) -> None:
+    manifest = _as_manifest_data(data_dir, tmp_path / "manifest")
+    assert list(evaluation_sets(manifest, small_params.evaluate)) == ["seen"]
+    check_evaluation_plan(manifest, small_params)
+    with pytest.raises(ClipflowError) as caught:
+        check_evaluation_plan(manifest, _with(small_params, ["promote.floors.zeroshot_top1_heldout=0.2"]))
+    assert str(caught.value) == (
+        "promote.floors names 'zeroshot_top1_heldout', which no evaluation of this data produces (its zero-shot "
+        "sets: seen); name a metric of evaluate.zeroshot's sets, such as zeroshot_top1_seen, or retrieval_i2t_r1"
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["evaluate.zeroshot.digits.split=test", "evaluate.zeroshot.digits.label_field=digit"],
+            "zero-shot set 'digits' (evaluate.zeroshot.digits): the data has no label column 'digit'; its columns are",
+        ),
+        (
+            ["evaluate.zeroshot.seen.split=val"],
+            "zero-shot set 'seen' (evaluate.zeroshot.seen) reads split 'val', which is not in the data: "
+            "the data has splits ['heldout', 'probe', 'test', 'train']",
+        ),
+        (
+            ["evaluate.zeroshot.seen.classes=[red circle, blue square]"],
+            "zero-shot set 'seen' (evaluate.zeroshot.seen): split 'test' has labels outside its classes: [",
+        ),
+        (["evaluate.retrieval_split=val"], "evaluate.retrieval_split 'val' is not in the data"),
+        (["evaluate.retrieval_label_field=digit"], "evaluate.retrieval_label_field (null: recall by pairs only): the"),
+        (["promote.floors.retrieval_i2t_r20=0.1"], "promote.floors names 'retrieval_i2t_r20', which no evaluation"),
+        (["promote.min_over_chance.zeroshot_top1_digits=0.1"], "promote.min_over_chance names 'zeroshot_top1_digits'"),
+    ],
+)
+def test_what_would_fail_after_training_fails_the_plan_in_one_line(
+    data_dir: Path, small_params: Params, overrides: list[str], message: str
+) -> None:
+    with pytest.raises(ClipflowError) as caught:
+        check_evaluation_plan(data_dir, _with(small_params, overrides))
+    assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
+
+
+def test_a_set_of_one_class_or_with_unlabelled_images_fails_the_plan(
+    data_dir: Path, tmp_path: Path, small_params: Params
+) -> None:
+    metadata = pd.read_parquet(data_dir / "metadata.parquet")
+    one_class = _as_manifest_data(data_dir, tmp_path / "one-class", metadata.assign(label="three"))
+    with pytest.raises(ClipflowError, match=r"has 1 class \(\['three'\]\) in column 'label': it needs at least 2"):
+        check_evaluation_plan(one_class, small_params)
+    test_rows = metadata.index[metadata["split"] == "test"]
+    metadata.loc[test_rows[:5], "label"] = None
+    unlabelled = _as_manifest_data(data_dir, tmp_path / "unlabelled", metadata)
+    with pytest.raises(ClipflowError, match=f"'seen' .*: 5 of {len(test_rows)} rows of split 'test' have no 'label'"):
+        check_evaluation_plan(unlabelled, small_params)
+
+
+def _with(params: Params, overrides: list[str]) -> Params:
+    return load_params(REPO / "params.yaml", overrides, profile=params.profile)

@@ -27,7 +27,9 @@ from PIL import Image, ImageDraw
 
 from clipflow.params import DataParams
 
-SPLITS = ("train", "test", "heldout", "probe")
+# The probe scenes' split; the evaluate step runs the probes on any data that has it.
+PROBE_SPLIT = "probe"
+SPLITS = ("train", "test", "heldout", PROBE_SPLIT)
 PROBES = ("counting", "spatial", "binding")
 NUMBER_WORDS = ("one", "two", "three", "four")
 

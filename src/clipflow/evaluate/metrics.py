@@ -33,11 +33,18 @@ def recall_at_k(
     only where topk keeps the paired one, never for every candidate in it. Scores are computed chunk
     by chunk, so memory is O(chunk_size x N).
     """
+    return hit_rates(recall_hits_at_k(queries, candidates, ks, chunk_size))
+
+
+def recall_hits_at_k(
+    queries: torch.Tensor, candidates: torch.Tensor, ks: Sequence[int], chunk_size: int = 1024
+) -> dict[int, torch.Tensor]:
+    """`recall_at_k` per query: k -> (Q,) bool, whether query i found its pair in its k best."""
     if queries.shape != candidates.shape:
         raise ValueError(f"queries {tuple(queries.shape)} and candidates {tuple(candidates.shape)} must pair up")
     # Each pair is a label of its own: only candidate i carries query i's.
     own = torch.arange(queries.shape[0])
-    return label_recall_at_k(queries, candidates, own, own, ks, chunk_size)
+    return label_hits_at_k(queries, candidates, own, own, ks, chunk_size)
 
 
 def label_recall_at_k(
@@ -53,6 +60,23 @@ def label_recall_at_k(
     Query i is a hit at k when one of `torch.topk` of its k best scores is a candidate whose label
     equals `query_labels[i]`. Labels are integers, (Q,) and (N,); memory is O(chunk_size x N).
     """
+    return hit_rates(label_hits_at_k(queries, candidates, query_labels, candidate_labels, ks, chunk_size))
+
+
+def hit_rates(hits: dict[int, torch.Tensor]) -> dict[int, float]:
+    """k -> the share of hits in each (Q,) bool vector."""
+    return {k: each.float().mean().item() for k, each in hits.items()}
+
+
+def label_hits_at_k(
+    queries: torch.Tensor,
+    candidates: torch.Tensor,
+    query_labels: torch.Tensor,
+    candidate_labels: torch.Tensor,
+    ks: Sequence[int],
+    chunk_size: int = 1024,
+) -> dict[int, torch.Tensor]:
+    """`label_recall_at_k` per query: k -> (Q,) bool, whether query i found its label in its k best."""
     hits = torch.zeros(len(ks), queries.shape[0], dtype=torch.bool)
     for start in range(0, queries.shape[0], chunk_size):
         block = queries[start : start + chunk_size]
@@ -62,7 +86,7 @@ def label_recall_at_k(
             # One topk per k, as CLIP_benchmark calls it: the first k of a larger topk may keep other members of a tie.
             top = scores.topk(min(k, candidates.shape[0]), dim=1).indices
             hits[row, start : start + block.shape[0]] = (candidate_labels[top] == wanted).any(dim=1)
-    return {k: hits[row].float().mean().item() for row, k in enumerate(ks)}
+    return {k: hits[row] for row, k in enumerate(ks)}
 
 
 def classification_report(scores: torch.Tensor, targets: torch.Tensor, top_k: int = 5) -> dict:
@@ -86,8 +110,13 @@ def classification_report(scores: torch.Tensor, targets: torch.Tensor, top_k: in
 
 
 def zeroshot_topk_from_scores(scores: torch.Tensor, targets: torch.Tensor, k: int) -> float:
+    return topk_hits(scores, targets, k).float().mean().item()
+
+
+def topk_hits(scores: torch.Tensor, targets: torch.Tensor, k: int) -> torch.Tensor:
+    """(N,) bool: whether row i's true class `targets[i]` is among the k best of its class scores (N, C)."""
     top = scores.topk(min(k, scores.shape[1]), dim=1).indices
-    return (top == targets[:, None]).any(dim=1).float().mean().item()
+    return (top == targets[:, None]).any(dim=1)
 
 
 def row_normalised(confusion: torch.Tensor) -> torch.Tensor:

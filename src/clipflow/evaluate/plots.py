@@ -1,4 +1,4 @@
-"""Evaluation figures as PNG files: confusion matrix, retrieval grid, probe accuracies."""
+"""Evaluation figures as PNG files: confusion matrix, retrieval grid, probe accuracies, the WiSE-FT curve."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from mpl_toolkits.axes_grid1 import make_axes_locatable  # noqa: E402
 from clipflow.evaluate.metrics import per_class_recall, row_normalised, top_confusions  # noqa: E402
 from clipflow.evaluate.probes import ProbeResult  # noqa: E402
 from clipflow.evaluate.retrieval import OTHER, PAIR, SAME_LABEL, GridRow, RetrievalGrid  # noqa: E402
+from clipflow.evaluate.wiseft import WiseftCurve  # noqa: E402
 
 # Beyond this many classes a matrix's cells and labels are too small to read (48 classes made a
 # 2029 px figure with 7 px labels): the figure shows per-class recall and the top confusions instead.
@@ -186,6 +187,31 @@ def probe_bars(probes: dict[str, ProbeResult], path: Path) -> Path:
     fig.text(0.01, 0.01, notes, fontsize=7, va="bottom")
     fig.subplots_adjust(bottom=0.16 + 0.04 * len(names), top=0.9)
     return _save(fig, path, tight=False)
+
+
+def wiseft_curve(curve: WiseftCurve, path: Path) -> Path:
+    """Target (and retention) top-1 against the fine-tuned weights' share `a`, the chosen `a` marked.
+
+    The shaded band is where retention top-1 may lie: no lower than the starting model's less the allowed drop.
+    """
+    alphas = [point.alpha for point in curve.points]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.plot(
+        alphas, [point.target_top1 for point in curve.points], "o-", color="#4575b4", label=f"target: {curve.target}"
+    )
+    if curve.retention:
+        retention = [point.retention_top1 for point in curve.points]
+        ax.plot(alphas, retention, "s--", color="#f0a000", label=f"retention: {curve.retention}")
+        floor = curve.pretrained_retention_top1 - curve.max_retention_drop
+        ax.axhspan(floor, 1.0, color="#f0a000", alpha=0.08, label=f"retention kept (within {curve.max_retention_drop})")
+    ax.axvline(curve.chosen, color="black", linestyle=":", linewidth=1.5, label=f"chosen a = {curve.chosen:g}")
+    ax.set_xlim(-0.03, 1.03)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("a: (1 - a) x starting weights + a x fine-tuned weights")
+    ax.set_ylabel("zero-shot top-1")
+    ax.set_title("WiSE-FT: top-1 along the line from the starting to the fine-tuned weights", fontsize=10)
+    ax.legend(fontsize=8, loc="best")
+    return _save(fig, path)
 
 
 def _save(fig, path: Path, tight: bool = True) -> Path:

@@ -10,11 +10,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from clipflow.data.builtin import PROBE_SPLIT
 from clipflow.evaluate.embeddings import SplitEmbeddings
 from clipflow.evaluate.metrics import wilson_interval
 from clipflow.model import ClipModel
-
-PROBE_SPLIT = "probe"
 
 
 @dataclass(frozen=True)

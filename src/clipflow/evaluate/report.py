@@ -7,11 +7,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clipflow.artifacts import METRICS_FILE, SUMMARY_FILE
+from clipflow.artifacts import BASELINE_PREFIX, METRICS_FILE, SUMMARY_FILE
 from clipflow.evaluate import plots
 from clipflow.evaluate.probes import ProbeResult
 from clipflow.evaluate.retrieval import RetrievalResult
+from clipflow.evaluate.wiseft import WISEFT_PLOT, WiseftCurve
 from clipflow.evaluate.zeroshot import ZeroshotResult
+from clipflow.metric_names import ZEROSHOT_CHANCE, probe_metric
 
 CLIP_BENCHMARK_DIR = "clip_benchmark"
 RETRIEVAL_GRID_FILE = "retrieval_grid.png"
@@ -28,23 +30,47 @@ class Evaluation:
     probes: dict[str, ProbeResult]
     seconds: float = 0.0
     files: list[str] = field(default_factory=list)
+    # When fine-tuning started from a model: that model on the same sets with the same prompts, ...
+    baseline: Evaluation | None = None
+    # ... the WiSE-FT curve (None: not run), and the logged MLflow model of the evaluated weights, when a
+    # WiSE-FT mix was chosen and logged (None: the model evaluated is the one given).
+    wiseft: WiseftCurve | None = None
+    model_uri: str | None = None
 
     @property
     def metrics(self) -> dict[str, float]:
+        """Every metric by its clipflow name, then the baseline's as `baseline_<name>` (chance levels once)."""
+        metrics = self.own_metrics
+        if self.baseline:
+            own = self.baseline.own_metrics
+            metrics |= {
+                f"{BASELINE_PREFIX}{name}": v for name, v in own.items() if not name.startswith(ZEROSHOT_CHANCE)
+            }
+        return metrics
+
+    @property
+    def own_metrics(self) -> dict[str, float]:
+        """The metrics of this model alone."""
         metrics: dict[str, float] = {}
         for result in self.zeroshot.values():
             metrics |= result.metrics()
         metrics |= self.retrieval.metrics()
-        return metrics | {f"probe_{kind}": result.accuracy for kind, result in self.probes.items()}
+        return metrics | {probe_metric(kind): result.accuracy for kind, result in self.probes.items()}
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """metrics.json; `baseline` (its model and per-set details) and `wiseft` only when they were measured."""
+        values = {
             "metrics": self.metrics,
             "zeroshot": {name: result.to_dict() for name, result in self.zeroshot.items()},
             "probes": {kind: result.to_dict() for kind, result in self.probes.items()},
             "model": self.model,
             "seconds": self.seconds,
         }
+        if self.baseline:
+            values["baseline"] = {key: self.baseline.to_dict()[key] for key in ("model", "zeroshot", "probes")}
+        if self.wiseft:
+            values["wiseft"] = self.wiseft.to_dict() | {"model_uri": self.model_uri}
+        return values
 
 
 def confusion_file(name: str) -> str:
@@ -125,13 +151,16 @@ def markdown_summary(evaluation: Evaluation, figures_in: str | None = None) -> s
         "",
         "## Zero-shot classification",
         "",
-        "| zero-shot set | split | images | top-1 | top-5 | mean per-class recall | chance | prompt spread |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "Each set holds the images of one split, classified among the values of its label column;"
+        " chance is the top-1 of guessing, 1 / classes.",
+        "",
+        "| zero-shot set | split | images | classes | top-1 | chance | top-5 | mean per-class recall | prompt spread |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, r in evaluation.zeroshot.items():
         lines.append(
-            f"| {name} | {r.split} | {int(r.confusion.sum())} | {r.acc1:.3f} | {r.acc5:.3f} "
-            f"| {r.mean_per_class_recall:.3f} | {1.0 / len(r.classes):.3f} | {r.prompt_spread:.3f} |"
+            f"| {name} | {r.split} | {int(r.confusion.sum())} | {len(r.classes)} | {r.acc1:.3f} | {r.chance:.3f} "
+            f"| {r.acc5:.3f} | {r.mean_per_class_recall:.3f} | {r.prompt_spread:.3f} |"
         )
     for name, r in evaluation.zeroshot.items():
         lines += [
@@ -147,6 +176,9 @@ def markdown_summary(evaluation: Evaluation, figures_in: str | None = None) -> s
             mixed = f"{each.confused_with} | {each.confused_share:.3f}" if each.confused_with else "- | -"
             lines.append(f"| {each.label} | {each.samples} | {each.recall:.3f} | {mixed} |")
     lines += [*_retrieval_lines(evaluation.retrieval), "", figure("retrieval grid", RETRIEVAL_GRID_FILE)]
+    lines += _baseline_lines(evaluation)
+    if evaluation.wiseft:
+        lines += [*_wiseft_lines(evaluation.wiseft), "", figure("WiSE-FT curve", WISEFT_PLOT)]
     if evaluation.probes:
         lines += [
             "",
@@ -187,4 +219,48 @@ def _retrieval_lines(retrieval: RetrievalResult) -> list[str]:
         "| --- " * (len(columns) + 1) + "|",
     ]
     lines += [f"| {k} | " + " | ".join(f"{values[k]:.3f}" for values in columns.values()) + " |" for k in retrieval.i2t]
+    return lines
+
+
+def _baseline_lines(evaluation: Evaluation) -> list[str]:
+    """Each metric of the evaluated model beside the starting model's, and the difference."""
+    if evaluation.baseline is None:
+        return []
+    baseline = evaluation.baseline.own_metrics
+    lines = [
+        "",
+        "## Against the starting model",
+        "",
+        f"The starting model `{evaluation.baseline.model}` on the same sets with the same prompts.",
+        "",
+        "| metric | fine-tuned | baseline | difference |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, value in evaluation.own_metrics.items():
+        if name in baseline and not name.startswith(ZEROSHOT_CHANCE):
+            lines.append(f"| `{name}` | {value:.3f} | {baseline[name]:.3f} | {value - baseline[name]:+.3f} |")
+    return lines
+
+
+def _wiseft_lines(curve: WiseftCurve) -> list[str]:
+    retention = f"retention set `{curve.retention}`" if curve.retention else "no retention set"
+    lines = [
+        "",
+        "## WiSE-FT",
+        "",
+        f"Weights (1 - a) x starting + a x fine-tuned, on target set `{curve.target}` and {retention}; "
+        f"chosen: **a = {curve.chosen:g}**, the best target top-1"
+        + (
+            f" whose retention top-1 is within {curve.max_retention_drop} of the starting model's."
+            if curve.retention
+            else "."
+        ),
+        "",
+        "| a | target top-1 | retention top-1 |",
+        "| --- | --- | --- |",
+    ]
+    for point in curve.points:
+        retained = "-" if point.retention_top1 is None else f"{point.retention_top1:.3f}"
+        mark = " (chosen)" if point.alpha == curve.chosen else ""
+        lines.append(f"| {point.alpha:g}{mark} | {point.target_top1:.3f} | {retained} |")
     return lines

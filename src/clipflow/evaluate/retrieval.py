@@ -17,7 +17,8 @@ from PIL import Image
 from clipflow.data.pairs import ShardPairs
 from clipflow.errors import ClipflowError
 from clipflow.evaluate.embeddings import SplitEmbeddings, check_rankable
-from clipflow.evaluate.metrics import label_recall_at_k, recall_at_k
+from clipflow.evaluate.metrics import hit_rates, label_recall_at_k, recall_hits_at_k
+from clipflow.metric_names import retrieval_metric
 from clipflow.model import ClipModel
 
 GRID_QUERIES = 6
@@ -64,13 +65,26 @@ class RetrievalResult:
     # k -> label-level recall@k, as above; empty without a label field
     i2t_label: dict[int, float] = field(default_factory=dict)
     t2i_label: dict[int, float] = field(default_factory=dict)
+    # Per query, for the paired bootstrap of the gate: the samples' keys in split order, and k -> (N,) bool
+    # whether image (i2t) or caption (t2i) i found its pair in its k best.
+    keys: list[str] = field(default_factory=list)
+    i2t_hits: dict[int, torch.Tensor] = field(default_factory=dict)
+    t2i_hits: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, float]:
         """Pair-level `retrieval_{i2t,t2i}_r{k}` (the names the gate reads), then `retrieval_{i2t,t2i}_label_r{k}`."""
-        metrics = {f"retrieval_i2t_r{k}": v for k, v in self.i2t.items()}
-        metrics |= {f"retrieval_t2i_r{k}": v for k, v in self.t2i.items()}
-        metrics |= {f"retrieval_i2t_label_r{k}": v for k, v in self.i2t_label.items()}
-        return metrics | {f"retrieval_t2i_label_r{k}": v for k, v in self.t2i_label.items()}
+        directions = {("i2t", False): self.i2t, ("t2i", False): self.t2i}
+        directions |= {("i2t", True): self.i2t_label, ("t2i", True): self.t2i_label}
+        return {
+            retrieval_metric(direction, k, by_label): v
+            for (direction, by_label), recalls in directions.items()
+            for k, v in recalls.items()
+        }
+
+    def per_item(self) -> dict[str, torch.Tensor]:
+        """The pair-level metrics of `metrics()` as their (N,) hits per query, in `keys` order."""
+        hits = {f"retrieval_i2t_r{k}": v for k, v in self.i2t_hits.items()}
+        return hits | {f"retrieval_t2i_r{k}": v for k, v in self.t2i_hits.items()}
 
 
 def retrieval(
@@ -91,12 +105,16 @@ def retrieval(
     captions = [pairs.caption(i) for i in range(len(pairs))]
     texts = torch.cat([clip.encode_text(captions[s : s + batch_size]) for s in range(0, len(captions), batch_size)])
     check_rankable(texts, f"caption embeddings of split {split!r}")
-    i2t = recall_at_k(image_embeddings, texts, ks, chunk_size=chunk_size)
-    t2i = recall_at_k(texts, image_embeddings, ks, chunk_size=chunk_size)
+    i2t_hits = recall_hits_at_k(image_embeddings, texts, ks, chunk_size=chunk_size)
+    t2i_hits = recall_hits_at_k(texts, image_embeddings, ks, chunk_size=chunk_size)
+    per_query = {"keys": list(pairs.index.keys), "i2t_hits": i2t_hits, "t2i_hits": t2i_hits}
+    i2t, t2i = hit_rates(i2t_hits), hit_rates(t2i_hits)
     if label_field is None:
         # Without labels, equal captions are the only grouping: the grid frames pairs and others, nothing between.
         labels = torch.tensor(_ids(captions))
-        return RetrievalResult(split, i2t, t2i, _grid(image_embeddings, texts, captions, labels, pairs, None))
+        return RetrievalResult(
+            split, i2t, t2i, _grid(image_embeddings, texts, captions, labels, pairs, None), **per_query
+        )
     labels = torch.tensor(_label_ids(pairs, label_field, split))
     return RetrievalResult(
         split,
@@ -105,6 +123,7 @@ def retrieval(
         _grid(image_embeddings, texts, captions, labels, pairs, label_field),
         i2t_label=label_recall_at_k(image_embeddings, texts, labels, labels, ks, chunk_size),
         t2i_label=label_recall_at_k(texts, image_embeddings, labels, labels, ks, chunk_size),
+        **per_query,
     )
 
 

@@ -10,12 +10,13 @@ rebuilt and traced.
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import functools
-import importlib.util
 import io
 import json
 import os
+import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,12 +25,15 @@ from typing import TYPE_CHECKING, Any
 
 from clipflow.errors import ClipflowError
 from clipflow.prompts import split_template
+from clipflow.references import CONFIG_DIR, shipped_config
 
 if TYPE_CHECKING:
     import torch
 
-CONFIG_DIR = Path(__file__).parent / "configs"
 CHECKPOINT_FILE = "checkpoint.pt"
+# The checkpoint entry that holds the model's open_clip config as `open_clip_config.json` does
+# (`model_cfg` and `preprocess_cfg`): a model from a hub or a folder is rebuilt from it anywhere.
+OPEN_CLIP_CONFIG_KEY = "open_clip_config"
 # Words (BPE input, after cleaning) the tokenizer keeps the merges of: open_clip's own cache
 # keeps every word it has ever seen, which random words grow without bound in a server.
 TOKENIZER_CACHE_WORDS = 100_000
@@ -41,6 +45,10 @@ MAX_WORD_BYTES = 128
 # is imported where a model is built).
 PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 _registered = False
+# Configs of models read from open_clip folders (hf-hub:, local-dir:, a model cache), by the name
+# this process registered them with open_clip under.
+_folder_configs: dict[str, dict[str, Any]] = {}
+_config_folder: Path | None = None  # where their JSON files are written for open_clip
 
 
 # torch and open_clip are imported where a model is built or a checkpoint read, not here: they
@@ -59,13 +67,29 @@ def register_configs() -> None:
 
 
 def model_config(name: str) -> dict[str, Any] | None:
-    """The config of a model name, clipflow's or one open_clip ships, read without importing open_clip."""
-    open_clip_configs = Path(importlib.util.find_spec("open_clip").submodule_search_locations[0]) / "model_configs"
-    for folder in (CONFIG_DIR, open_clip_configs):
-        path = folder / f"{name}.json"
-        if path.is_file():
-            return json.loads(path.read_text())
-    return None
+    """The config of a model name: one registered from a model folder (`register_config`), clipflow's or
+    one open_clip ships, read without importing open_clip."""
+    if name in _folder_configs:
+        return copy.deepcopy(_folder_configs[name])
+    return shipped_config(name)
+
+
+def register_config(name: str, config: dict[str, Any]) -> None:
+    """Make open_clip build the model config `config` (a `model_cfg`) under `name`, in this process.
+
+    open_clip only learns configs from JSON files, so it is written to a folder of this process's own.
+    """
+    import open_clip
+
+    global _config_folder
+    if model_config(name) == config:
+        return
+    if _config_folder is None:
+        _config_folder = Path(tempfile.mkdtemp(prefix="clipflow-configs-"))
+    (_config_folder / f"{name}.json").write_text(json.dumps(config))
+    _folder_configs[name] = copy.deepcopy(config)
+    register_configs()
+    open_clip.add_model_config(_config_folder / f"{name}.json")
 
 
 @dataclass
@@ -104,8 +128,6 @@ class ClipModel:
         scalars (the logit scale and bias) stay as they are: scores are multiplied by them, and bf16's
         8-bit mantissa would move every served probability. Embeddings stay float32 for the callers.
         """
-        import copy
-
         if precision not in PRECISION_DTYPES:
             raise ClipflowError(f"a model runs at {' or '.join(PRECISION_DTYPES)}, not {precision!r}")
         if precision == self.precision:
@@ -144,20 +166,30 @@ def prompt_ensemble(
     return torch.nn.functional.normalize(per_prompt.mean(dim=1), dim=-1)
 
 
-def create(name: str, pretrained: str | None = None) -> ClipModel:
+def create(name: str, pretrained: str | None = None, preprocess_cfg: dict[str, Any] | None = None) -> ClipModel:
     """Build an open_clip model, its train/eval transforms and tokenizer.
 
     Args:
-        name: an open_clip config name, such as `CLIP-Tiny` or `ViT-B-32`.
-        pretrained: a checkpoint file to load, or None for random init.
+        name: an open_clip config name, such as `CLIP-Tiny` or `ViT-B-32` (or one `register_config` added).
+        pretrained: a weights file to load (a checkpoint, safetensors) or a tag of open_clip's registry,
+            or None for random init.
+        preprocess_cfg: the image preprocessing the weights were trained with (mean, std, interpolation,
+            resize mode), where it is not the config's default.
     """
     import open_clip
 
     register_configs()
     if name not in open_clip.list_models():
         raise ClipflowError(f"unknown model config {name!r}")
+    preprocess_cfg = preprocess_cfg or {}
     model, preprocess_train, preprocess = open_clip.create_model_and_transforms(
-        name, pretrained=pretrained, weights_only=True
+        name,
+        pretrained=pretrained,
+        weights_only=True,
+        image_mean=preprocess_cfg.get("mean"),
+        image_std=preprocess_cfg.get("std"),
+        image_interpolation=preprocess_cfg.get("interpolation"),
+        image_resize_mode=preprocess_cfg.get("resize_mode"),
     )
     return ClipModel(name, model, preprocess_train, preprocess, tokenizer(name))
 
@@ -268,17 +300,23 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, name: str, extra: 
     Args:
         path: the checkpoint file, or a directory to hold `checkpoint.pt`.
         model: the (unwrapped) model.
-        name: its open_clip config name, stored so the checkpoint can be rebuilt.
+        name: its open_clip config name, stored so the checkpoint can be rebuilt; its config and
+            preprocessing are stored too (`OPEN_CLIP_CONFIG_KEY`), for configs no other process knows.
         extra: plain-data values (params, step, data version) stored beside the weights.
     """
     import torch
+    from open_clip.model import get_model_preprocess_cfg
 
     path = Path(path)
     if path.suffix != ".pt":
         path = path / CHECKPOINT_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save({"name": name, "state_dict": model.state_dict(), "clipflow": extra}, tmp)
+    state = {"name": name, "state_dict": model.state_dict(), "clipflow": extra}
+    config = model_config(name)
+    if config is not None:
+        state[OPEN_CLIP_CONFIG_KEY] = {"model_cfg": config, "preprocess_cfg": dict(get_model_preprocess_cfg(model))}
+    torch.save(state, tmp)
     tmp.replace(path)
     return path
 
@@ -334,8 +372,9 @@ def _first_sentence(message: str) -> str:
 def load(path: str | Path, name: str | None = None) -> ClipModel:
     """Rebuild a model from a checkpoint file or a directory holding `checkpoint.pt`.
 
-    The config name comes from the checkpoint itself unless given; weights load with
-    `weights_only=True`, so an untrusted file cannot run code.
+    The config name and preprocessing come from the checkpoint itself; `name` is the config of one
+    that records none (a plain open_clip checkpoint). Weights load with `weights_only=True`, so an
+    untrusted file cannot run code.
 
     Raises:
         ClipflowError: no such file, a file that is not a checkpoint (see `read_checkpoint`), no
@@ -350,12 +389,15 @@ def load(path: str | Path, name: str | None = None) -> ClipModel:
     weights = state.get("state_dict", state)
     if not isinstance(weights, dict) or not weights or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise ClipflowError(f"checkpoint {checkpoint} holds no weights (a 'state_dict' of tensors)")
-    name = name or state.get("name")
+    name = state.get("name") or name
+    recorded = state.get(OPEN_CLIP_CONFIG_KEY) or {}
     del state, weights  # open_clip reads the file again: never two copies of the weights at once
     if not name or not isinstance(name, str):
         raise ClipflowError(f"{checkpoint} does not name its model config; pass it explicitly")
+    if isinstance(recorded.get("model_cfg"), dict):
+        register_config(name, recorded["model_cfg"])
     try:
-        loaded = create(name, pretrained=str(checkpoint))
+        loaded = create(name, pretrained=str(checkpoint), preprocess_cfg=recorded.get("preprocess_cfg"))
     except (RuntimeError, AssertionError, KeyError, ValueError) as exc:  # open_clip's ways of refusing weights
         raise ClipflowError(
             f"checkpoint {checkpoint} does not fit model config {name!r}: {_first_sentence(str(exc))}"

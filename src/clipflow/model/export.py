@@ -19,7 +19,6 @@ PyTorch (see DESIGN.md).
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -29,14 +28,12 @@ import torch
 
 from clipflow import storage
 from clipflow.errors import ClipflowError
+from clipflow.references import HF_HUB_PREFIX, HF_REPO
 
 if TYPE_CHECKING:
     from clipflow.model import ClipModel
 
 FORMATS = ("open_clip", "onnx")
-HF_HUB = "hf-hub:"
-# A Hugging Face repository id, as the hub names them: ORG/NAME.
-HUB_REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 IMAGE_FILE = "image_encoder.onnx"
 TEXT_FILE = "text_encoder.onnx"
 ONNX_INFO_FILE = "onnx.json"
@@ -58,11 +55,13 @@ def export(clip: ClipModel, to: str, fmt: str) -> dict[str, Any]:
     """
     if fmt not in FORMATS:
         raise ClipflowError(f"export format {fmt!r} is not one of {', '.join(FORMATS)}")
-    hub_repo = to.removeprefix(HF_HUB) if to.startswith(HF_HUB) else None
+    hub_repo = to.removeprefix(HF_HUB_PREFIX) if to.startswith(HF_HUB_PREFIX) else None
     if hub_repo is not None:
         if fmt != "open_clip":
-            raise ClipflowError(f"{HF_HUB} receives the open_clip format, which open_clip loads from it, not {fmt!r}")
-        if not HUB_REPO.fullmatch(hub_repo):
+            raise ClipflowError(
+                f"{HF_HUB_PREFIX} receives the open_clip format, which open_clip loads from it, not {fmt!r}"
+            )
+        if not HF_REPO.fullmatch(hub_repo):
             raise ClipflowError(f"{to!r} does not name a Hugging Face repository as hf-hub:ORG/NAME")
     writer = write_open_clip if fmt == "open_clip" else write_onnx
     target = None if storage.is_s3(to) or hub_repo is not None else Path(to).resolve()
@@ -109,7 +108,7 @@ def push_to_hub(folder: Path, repo_id: str, message: str) -> str:
         commit = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=message)
     except Exception as exc:  # huggingface_hub's HTTP, auth and offline-mode errors, and the HTTP client's own
         reason = " ".join(str(exc).split())[:300] or type(exc).__name__
-        raise ClipflowError(f"cannot push to {HF_HUB}{repo_id}: {reason}; nothing was uploaded") from None
+        raise ClipflowError(f"cannot push to {HF_HUB_PREFIX}{repo_id}: {reason}; nothing was uploaded") from None
     return commit.commit_url
 
 

@@ -2,10 +2,10 @@
 
 The checkpoint of the model (by default `models:/<promote.model_name>@champion`) goes into the
 BentoML model store as a model named `serve.bento_name`, with the `serve:` request limits, the
-hosts `/v1/embeddings` may fetch images from (`serve.allow_image_urls`), the evaluation
-templates, the serving precision (`serve.precision`) with the numbers of its check, the source URI
-and what the registry knows of the version (its number, run, metrics and data version) as
-metadata. Given an ingested data directory, the model also
+hosts `/v1/embeddings` may fetch images from (`serve.allow_image_urls`), the prompt templates
+of the gated zero-shot set with its name (`Params.served_prompts`), the serving precision
+(`serve.precision`) with the numbers of its check, the source URI and what the registry knows of
+the version (its number, run, metrics and data version) as metadata. Given an ingested data directory, the model also
 carries a gallery index for `search`: the normalised embeddings of the `serve.gallery_split`
 images with their keys and captions (see `clipflow.serve.gallery`). Given the `index:` params, it
 records them instead (a Lite folder's path made absolute), and the service's `search` reads
@@ -51,7 +51,7 @@ from clipflow import tracking
 from clipflow.artifacts import JsonRecord
 from clipflow.errors import ClipflowError
 from clipflow.params import IndexParams, Params, ServeParams
-from clipflow.registry.models import download_checkpoint, registered_version
+from clipflow.registry.models import OPEN_CLIP_KEY, local_checkpoint, registered_version
 from clipflow.registry.promote import version_metrics
 from clipflow.serve import gallery as clip_gallery
 from clipflow.serve.inputs import LIMITS
@@ -137,7 +137,7 @@ def package(
     labels = {"model_uri": model_uri, **registry.labels}
     try:
         with tempfile.TemporaryDirectory(prefix="clipflow-package-") as tmp:
-            checkpoint = download_checkpoint(fetch_uri, Path(tmp) / "mlflow")
+            checkpoint = local_checkpoint(fetch_uri, folder=Path(tmp))  # any model reference
             clip, precision_check = _checked_model(checkpoint, params, gallery)
             gallery_index, gallery_info = (
                 _build_gallery(clip, Path(gallery), params) if gallery is not None else (None, None)
@@ -247,16 +247,24 @@ def _import_model(
     gallery_info: dict[str, Any] | None,
     index: IndexParams | None,
 ) -> str:
-    """Store the checkpoint (and gallery) as a BentoML model with what the service reads; returns its tag."""
+    """Store the checkpoint (and gallery) as a BentoML model with what the service reads; returns its tag.
+
+    The model also holds the same weights in open_clip's layout (`open_clip/`), as the MLflow model does.
+    """
     import bentoml
+
+    from clipflow.model.export import write_open_clip
 
     config_name = clip_model.read_checkpoint_info(checkpoint).get("name")
     if not config_name:
         raise ClipflowError(f"{labels['model_uri']} holds a checkpoint that does not name its model config")
+    # `classify` serves the prompt ensemble that the gated zero-shot metric was measured with.
+    served_set, templates = params.served_prompts()
     metadata = {
         "limits": {key: getattr(params.serve, key) for key in LIMITS},
         "allow_image_urls": list(params.serve.allow_image_urls),
-        "templates": list(params.evaluate.templates),
+        "templates": list(templates),
+        "zeroshot_set": served_set or "",  # BentoML metadata cannot hold None
         "model_config": config_name,
         "precision": params.serve.precision,
         "precision_check": precision_check,
@@ -271,6 +279,9 @@ def _import_model(
         metadata["index"] = json.dumps(dataclasses.asdict(dataclasses.replace(index, uri=uri)))  # holds None
     with bentoml.models.create(params.serve.bento_name, labels=labels, metadata=metadata) as stored:
         shutil.copyfile(checkpoint, stored.path_of(clip_model.CHECKPOINT_FILE))
+        layout = Path(stored.path_of(OPEN_CLIP_KEY))
+        layout.mkdir()
+        write_open_clip(clip_model.load(checkpoint), layout)
         if gallery is not None:
             gallery.save(Path(stored.path))
     return str(stored.tag)

@@ -5,9 +5,9 @@ Two checks, both against the same model in fp32:
 - a fixed batch (seeded noise images through the model's preprocess, and prompts from a few
   words to the whole context), and the images of the evaluation sets below: the worst row's
   cosine between the two precisions' embeddings must be at least `serve.precision_min_cosine`;
-- each zero-shot set of `evaluate.zeroshot` whose split and label column the packaged data
-  holds: top-1 must not fall more than `serve.precision_max_top1_drop` below fp32's, computed
-  by the evaluate step's own code.
+- each zero-shot set of `evaluate.zeroshot` (and of the built-in data's own, on it) whose split
+  and label column the packaged data holds: top-1 must not fall more than
+  `serve.precision_max_top1_drop` below fp32's, computed by the evaluate step's own code.
 
 The numbers travel with the Bento (its model's metadata) and the package step's report.
 """
@@ -27,6 +27,7 @@ from clipflow.evaluate.embeddings import SplitEmbeddings
 from clipflow.evaluate.zeroshot import zeroshot
 from clipflow.model import ClipModel
 from clipflow.params import Params
+from clipflow.validate.plan import evaluation_sets
 
 CHECK_IMAGES = 32
 CHECK_IMAGE_PX = 256  # above every input size open_clip ships, so the preprocess only scales down
@@ -119,7 +120,7 @@ def _evaluation_sets(
     settings = params.evaluate
     sets = {
         name: spec
-        for name, spec in settings.zeroshot.items()
+        for name, spec in evaluation_sets(data_dir, settings).items()
         if spec.split in splits and spec.label_field in metadata.columns
     }
     embedded = [SplitEmbeddings(clip, data_dir, settings.batch_size) for clip in (fp32, cast)]

@@ -22,7 +22,7 @@ from typing import Any
 
 from clipflow.errors import ClipflowError
 from clipflow.model import read_checkpoint
-from clipflow.storage import Store, download_file, is_s3, read_object, split_s3
+from clipflow.storage import Store, is_s3, read_object
 
 # torch and numpy are imported where a checkpoint is written or read: the training launcher
 # only follows `latest` pointers, and importing torch would add seconds to every run's start.
@@ -94,17 +94,6 @@ def load_state(location: str | Path) -> dict[str, Any]:
     if missing:
         raise ClipflowError(f"checkpoint {location} cannot be resumed from: it has no {', '.join(missing)}")
     return state
-
-
-def fetch(uri: str, folder: Path) -> Path:
-    """A local copy of a file given as a path or an `s3://` URI (downloaded once, atomically)."""
-    if not is_s3(uri):
-        if not Path(uri).is_file():
-            raise ClipflowError(f"pretrained checkpoint not found: {uri}")
-        return Path(uri)
-    bucket, key = split_s3(uri)
-    target = folder / f"{bucket}-{key.replace('/', '-')}"
-    return target if target.is_file() else download_file(uri, target)
 
 
 def rng_state() -> dict[str, Any]:

@@ -18,11 +18,13 @@ from clipflow import model as clip_model
 from clipflow import tracking
 from clipflow.artifacts import IngestReport, JsonRecord, TrainReport, lineage
 from clipflow.errors import ClipflowError
+from clipflow.model.hub import check_cached
 from clipflow.params import Params, TrainParams
-from clipflow.registry.models import log_clip_model
+from clipflow.references import HUB_KINDS
+from clipflow.registry.models import local_checkpoint, log_clip_model
 from clipflow.storage import Store, is_s3
 from clipflow.train import orphans
-from clipflow.train.checkpoint import CheckpointStore, fetch, load_state
+from clipflow.train.checkpoint import CheckpointStore, load_state
 from clipflow.train.job import WorkerJob, checkpoint_extra
 from clipflow.train.metrics import FILE_NAME as METRICS_FILE
 from clipflow.train.metrics import MetricsRelay, last_logged
@@ -31,6 +33,8 @@ from clipflow.train.metrics import MetricsRelay, last_logged
 TRAIN_LOG = "train.log"
 PARAMS_ARTIFACT = "params.yaml"
 TRAIN_SPLIT = "train"
+# Under the output folder: the start weights of `train.pretrained`, as a local checkpoint.
+PRETRAINED_DIR = "pretrained"
 # After torchrun exits, how long its output may take to drain; a process it left behind that
 # still holds the pipe must not keep the step waiting.
 LOG_DRAIN_SECONDS = 30.0
@@ -56,7 +60,8 @@ def train(
 
     Node 0 (`train.node_rank`) owns the MLflow run and logs the model; with `train.nnodes` > 1
     every other node runs the same command with its own node rank. torchrun restarts failed
-    workers up to `train.max_restarts` times; they resume from the newest checkpoint.
+    workers up to `train.max_restarts` times; they resume from the newest checkpoint. With
+    `train.steps` 0 no worker starts: the pretrained model is saved and logged as the run's model.
 
     Args:
         data_dir: an ingested data directory.
@@ -77,9 +82,15 @@ def train(
     started = time.perf_counter()
     data_dir, output_dir = Path(data_dir), Path(output_dir)
     data_version = IngestReport.read(data_dir).data_version
-    _check_model(params.train)
-    if launcher == "torchrun" and params.train.pretrained and not is_s3(params.train.pretrained):
-        fetch(params.train.pretrained, output_dir)  # a missing file fails every worker here, and every restart
+    # On this machine the start weights are made a local checkpoint once, before any worker starts: a missing
+    # or unreadable reference fails here in one line, not in every worker and every restart. A TrainJob's
+    # nodes fetch them themselves (`clipflow.train.loop`), from train.model_cache on a cluster without network.
+    start = _starting_checkpoint(params, output_dir) if launcher == "torchrun" or params.train.steps == 0 else None
+    if start is None:
+        _check_cached(params.train)
+    _check_model(params.train, start)
+    if params.train.steps == 0:
+        return _register_pretrained(params, data_dir, output_dir, start, data_version, started)
     checkpoint_dir = params.train.checkpoint_dir or str(output_dir.resolve() / "checkpoints")
     start_from, previous_run_id = _resolve_resume(resume, checkpoint_dir) if resume else (None, None)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -102,7 +113,12 @@ def train(
             run_id = _open_run(params, data_dir, start_from, previous_run_id, launcher)
         if workers is not None:
             job = WorkerJob(
-                params=replace(params.train, checkpoint_dir=checkpoint_dir),
+                # The workers start from the launcher's local copy; the run records the reference as given.
+                params=replace(
+                    params.train,
+                    checkpoint_dir=checkpoint_dir,
+                    pretrained=str(start.resolve()) if start else params.train.pretrained,
+                ),
                 mlflow_run_id=run_id,
                 checkpoint_extra=checkpoint_extra(params, data_version, run_id),
                 data_dir=str(data_dir.resolve()),
@@ -150,16 +166,70 @@ def train(
     return report
 
 
-def _check_model(params: TrainParams) -> None:
-    """The model must be one open_clip can build, and the sigmoid loss needs one built with a logit bias."""
-    config = clip_model.model_config(params.model)
+def _starting_checkpoint(params: Params, output_dir: Path) -> Path | None:
+    """`train.pretrained` as a local checkpoint in `output_dir/pretrained` (loaded and saved, or downloaded, once)."""
+    reference = params.train.starting_reference()
+    if reference is None:
+        return None
+    if reference.kind == "checkpoint" and not is_s3(reference.text) and not Path(reference.text).exists():
+        raise ClipflowError(f"pretrained checkpoint not found: {reference.text}")
+    if reference.kind == "registry":
+        tracking.setup(params.tracking)
+    train = params.train
+    return local_checkpoint(reference, train.model, train.model_cache, folder=output_dir / PRETRAINED_DIR)
+
+
+def _check_cached(params: TrainParams) -> None:
+    """A TrainJob's nodes read a tag or hf-hub model from `train.model_cache` when set: it must be there."""
+    reference = params.starting_reference()
+    if reference is not None and reference.kind in HUB_KINDS and params.model_cache:
+        check_cached(reference, params.model_cache)
+
+
+def _check_model(params: TrainParams, start: Path | None) -> None:
+    """The model must be one open_clip can build, and the sigmoid loss needs one built with a logit bias.
+
+    The model is `train.model`, or the one the start checkpoint `start` records (its config with it).
+    """
+    name, config = params.model, clip_model.model_config(params.model)
+    if start is not None:
+        info = clip_model.read_checkpoint_info(start)
+        name = info.get("name") or params.model
+        config = (info.get(clip_model.OPEN_CLIP_CONFIG_KEY) or {}).get("model_cfg") or clip_model.model_config(name)
     if config is None:  # else each worker would fail on it, and torchrun restart them to fail again
-        raise ClipflowError(f"train.model: unknown model config {params.model!r}")
+        raise ClipflowError(f"train.model: unknown model config {name!r}")
     if params.loss == "siglip" and "init_logit_bias" not in config:
         raise ClipflowError(
-            f"train.loss=siglip needs a model with a logit bias; {params.model!r} has none"
+            f"train.loss=siglip needs a model with a logit bias; {name!r} has none"
             " (use CLIP-Tiny-Sigmoid, or a config with init_logit_bias)"
         )
+
+
+def _register_pretrained(
+    params: Params, data_dir: Path, output_dir: Path, start: Path, data_version: str, started: float
+) -> TrainReport | NodeReport:
+    """`train.steps: 0`: the pretrained model as the run's model, saved and logged as a trained one is."""
+    if params.train.node_rank != 0:
+        return NodeReport(node_rank=params.train.node_rank, seconds=round(time.perf_counter() - started, 2))
+    import mlflow
+
+    tracking.setup(params.tracking)
+    run_id = _open_run(params, data_dir, None, None, "torchrun")
+    clip = clip_model.load(start, params.train.model)
+    extra = {**checkpoint_extra(params, data_version, run_id), "step": 0}
+    checkpoint = clip_model.save_checkpoint(output_dir, clip.model, clip.name, extra)
+    del clip
+    with mlflow.start_run(run_id=run_id):
+        model_uri = log_clip_model(checkpoint)
+    report = TrainReport(
+        mlflow_run_id=run_id,
+        model_uri=model_uri,
+        checkpoint=str(checkpoint.resolve()),
+        data_version=data_version,
+        seconds=round(time.perf_counter() - started, 2),
+    )
+    report.write(output_dir)
+    return report
 
 
 class Torchrun:
@@ -298,9 +368,14 @@ def run_description(params: Params, data: IngestReport, launcher: str, start_fro
         processes = f"{train.nnodes} nodes x {train.nproc} torchrun processes"
     else:
         processes = f"{train.nproc} torchrun processes"
-    lines = [
+    trains = (
         f"Trains `{train.model}` {start} for {train.steps} steps of {train.batch_size} image-text pairs"
-        f" ({train.loss} loss, {train.precision}) on {processes}.",
+        f" ({train.loss} loss, {train.precision}) on {processes}."
+    )
+    if train.steps == 0:
+        trains = f"Registers `{train.pretrained}` as it is (`train.steps: 0`): no training."
+    lines = [
+        trains,
         "",
         f"Data: the `{TRAIN_SPLIT}` split ({data.counts.get(TRAIN_SPLIT, 0)} pairs) of data version"
         f" `{data.data_version}`, ingested from `{tracking.source_name(data.source)}`.",

@@ -13,7 +13,8 @@ from torch.nn.parallel import DistributedDataParallel
 from clipflow import model as clip_model
 from clipflow.params import TrainParams
 from clipflow.progress import progress
-from clipflow.train.checkpoint import CheckpointStore, fetch, load_state, rng_state, set_rng_state
+from clipflow.registry.models import local_checkpoint
+from clipflow.train.checkpoint import CheckpointStore, load_state, rng_state, set_rng_state
 from clipflow.train.data import RankBatches, ShardPairs, TrainAugment, rank_loader
 from clipflow.train.group import Group, local_rank
 from clipflow.train.job import WorkerJob
@@ -87,23 +88,26 @@ def run(job: WorkerJob, data_dir: Path, output_dir: Path, group: Group) -> None:
                 )
             window_start, window_samples = time.perf_counter(), 0
         if params.checkpoint_every and (step % params.checkpoint_every == 0 or step == params.steps):
-            state = _resumable_state(step, job, module, optimizer, scheduler, group)
+            state = _resumable_state(step, job, clip.name, module, optimizer, scheduler, group)
             if group.leads:
                 store.save(step, state, job.mlflow_run_id)
                 store.prune(params.keep_checkpoints)
 
     if group.leads:
-        clip_model.save_checkpoint(output_dir, module, params.model, {**job.checkpoint_extra, "step": params.steps})
+        clip_model.save_checkpoint(output_dir, module, clip.name, {**job.checkpoint_extra, "step": params.steps})
     if logger:
         logger.close()
 
 
 def _create_model(params: TrainParams, pretrained_folder: Path, group: Group) -> clip_model.ClipModel:
-    """The model to train, on this process's device: random or pretrained weights, LiT's locked tower."""
+    """The model to train, on this process's device: random or pretrained weights, LiT's locked tower.
+
+    A pretrained model is the one its checkpoint records (config and preprocessing), whatever `train.model` says.
+    """
     # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
     torch.manual_seed(params.seed)
-    pretrained = _local_pretrained(params.pretrained, pretrained_folder, group)
-    clip = clip_model.create(params.model, pretrained=pretrained)
+    pretrained = _local_pretrained(params, pretrained_folder, group)
+    clip = clip_model.load(pretrained, params.model) if pretrained else clip_model.create(params.model)
     clip.model.to(group.device)
     if params.lock_image:
         clip.model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=False)
@@ -111,10 +115,10 @@ def _create_model(params: TrainParams, pretrained_folder: Path, group: Group) ->
     return clip
 
 
-def _resumable_state(step: int, job: WorkerJob, module, optimizer, scheduler, group: Group) -> dict:
+def _resumable_state(step: int, job: WorkerJob, name: str, module, optimizer, scheduler, group: Group) -> dict:
     """Everything a restart needs to continue after `step` as if uninterrupted; every rank must call it."""
     return {
-        "name": job.params.model,
+        "name": name,
         "state_dict": module.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -159,11 +163,15 @@ def _restore(location: str, module, optimizer, scheduler, group: Group) -> int:
     return int(state["step"])
 
 
-def _local_pretrained(uri: str | None, folder: Path, group: Group) -> str | None:
-    """A local file for `train.pretrained` (fetched by each node's first process), or None."""
-    if not uri:
+def _local_pretrained(params: TrainParams, folder: Path, group: Group) -> Path | None:
+    """A local checkpoint of `train.pretrained` (made by each node's first process), or None.
+
+    Under `clipflow train` it is the launcher's local copy already; a TrainJob's node fetches or loads the
+    reference here, from `train.model_cache` where set.
+    """
+    if not params.pretrained:
         return None
     if local_rank() == 0:
-        fetch(uri, folder)
+        local_checkpoint(params.pretrained, params.model, params.model_cache, folder)
     group.barrier()
-    return str(fetch(uri, folder))  # now a local hit on every process
+    return local_checkpoint(params.pretrained, params.model, params.model_cache, folder)  # a local hit now

@@ -1,0 +1,44 @@
+"""The names of the evaluation's metrics, as metrics.json, MLflow and the promotion gate spell them.
+
+The evaluate step names its results with these functions, and the validate step, before training,
+lists the metrics an evaluation of the data will produce, so that a floor naming any other fails there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+# Each zero-shot set gives these, as `zeroshot_<kind>_<set>`; chance is 1 / its number of classes.
+ZEROSHOT_KINDS = ("top1", "top5", "mean_per_class_recall", "chance")
+# The prefixes of a set's top-1 (what the gate reads of zero-shot) and of its chance level.
+ZEROSHOT_TOP1 = "zeroshot_top1_"
+ZEROSHOT_CHANCE = "zeroshot_chance_"
+
+
+def zeroshot_metric(kind: str, set_name: str) -> str:
+    return f"zeroshot_{kind}_{set_name}"
+
+
+def prompt_sensitivity_metric(set_name: str) -> str:
+    return f"prompt_sensitivity_{set_name}"
+
+
+def retrieval_metric(direction: str, k: int, by_label: bool = False) -> str:
+    """`retrieval_{i2t,t2i}_r{k}` per pair; `retrieval_{i2t,t2i}_label_r{k}` per label."""
+    return f"retrieval_{direction}{'_label' if by_label else ''}_r{k}"
+
+
+def probe_metric(kind: str) -> str:
+    return f"probe_{kind}"
+
+
+def evaluation_metrics(
+    zeroshot_sets: Iterable[str], recall_k: Iterable[int], by_label: bool, probes: Iterable[str]
+) -> set[str]:
+    """Every metric an evaluation produces with these zero-shot sets, ranks, label-level retrieval and probes."""
+    zeroshot_sets = list(zeroshot_sets)
+    names = {zeroshot_metric(kind, name) for name in zeroshot_sets for kind in ZEROSHOT_KINDS}
+    names |= {prompt_sensitivity_metric(name) for name in zeroshot_sets}
+    labels = (False, True) if by_label else (False,)
+    names |= {retrieval_metric(d, k, label) for d in ("i2t", "t2i") for k in recall_k for label in labels}
+    return names | {probe_metric(kind) for kind in probes}
