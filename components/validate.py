@@ -32,10 +32,10 @@ def validate_component(
     import json
     from pathlib import Path
 
+    from clipflow.evaluate.plan import check_evaluation_plan
     from clipflow.params import parse_params
     from clipflow.validate import check_passed, validate
     from clipflow.validate.page import report_page
-    from clipflow.validate.plan import check_evaluation_plan
     from clipflow.validate.tracking import log_report
 
     resolved = parse_params(params, overrides, profile or None)

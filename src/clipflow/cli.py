@@ -139,9 +139,9 @@ def validate(
     profile: ProfileOption = None,
 ) -> None:
     """Check the metadata with the Great Expectations suite, and the evaluation's sets and floors against the data."""
+    from clipflow.evaluate.plan import check_evaluation_plan
     from clipflow.validate import check_passed
     from clipflow.validate import validate as run_validate
-    from clipflow.validate.plan import check_evaluation_plan
 
     params = _params(params_file, overrides, profile)
     _require_dir(data, "data directory")
@@ -265,9 +265,9 @@ def promote(
     if not model_uri or not metrics:
         raise ClipflowError("promote needs --model-uri and --metrics (or --rollback)")
     data_version = None
+    trained = None if is_model_uri(model_uri) else TrainReport.read(model_uri)
     values = read_metrics(metrics)
-    if not is_model_uri(model_uri):
-        trained = TrainReport.read(model_uri)
+    if trained is not None:
         # The metrics are of the WiSE-FT mix when the evaluation chose one: that is the model to register.
         model_uri, data_version = wiseft_model_uri(metrics) or trained.model_uri, trained.data_version
     _print_json(promotion.promote(model_uri, values, params, data_version=data_version))

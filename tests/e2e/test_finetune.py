@@ -111,9 +111,7 @@ def test_a_fine_tune_made_worse_on_purpose_is_refused_against_its_baseline(tmp_p
     assert "baseline" in promotion and f"zeroshot_top1_{TARGET}" in promotion, promotion
 
 
-def test_zero_steps_serve_the_pretrained_model_as_it_is_and_classify_agrees_with_its_evaluation(
-    tmp_path, pretrained
-):
+def test_zero_steps_serve_the_pretrained_model_as_it_is_and_classify_agrees_with_its_evaluation(tmp_path, pretrained):
     # fp32 serving: the evaluation runs in fp32, and package's precision check guards what bf16 may change.
     summary, metrics = run_dag(tmp_path, pretrained, "--set", "train.steps=0", "--set", "serve.precision=fp32")
     assert summary["promoted"] and summary["bento_tag"]

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from clipflow.evaluate.bootstrap import paired_bootstrap
+from clipflow.registry.bootstrap import paired_bootstrap
 
 
 def test_the_interval_covers_the_true_difference_at_about_its_level():

@@ -12,8 +12,8 @@ import pytest
 from clipflow.artifacts import ExpectationResult, IngestReport, ValidationReport
 from clipflow.data.ingest import ingest
 from clipflow.errors import ClipflowError
+from clipflow.evaluate.plan import check_evaluation_plan, evaluation_sets
 from clipflow.params import Params, load_params
-from clipflow.validate.plan import check_evaluation_plan, evaluation_sets
 from clipflow.validate.suite import check_passed, validate
 from tests.support import REPO
 

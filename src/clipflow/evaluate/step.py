@@ -46,6 +46,7 @@ from clipflow.artifacts import (
 from clipflow.errors import ClipflowError
 from clipflow.evaluate import plots, wiseft
 from clipflow.evaluate.embeddings import SplitEmbeddings
+from clipflow.evaluate.plan import evaluation_sets
 from clipflow.evaluate.probes import PROBE_SPLIT, probes
 from clipflow.evaluate.report import Evaluation, write_figures, write_results
 from clipflow.evaluate.retrieval import retrieval
@@ -53,7 +54,6 @@ from clipflow.evaluate.zeroshot import zeroshot
 from clipflow.model import ClipModel
 from clipflow.params import EvaluateParams, Params
 from clipflow.registry.models import load_model, load_starting_model, log_clip_model
-from clipflow.validate.plan import evaluation_sets
 
 # Beside the evaluation files, never logged as one of them: the chosen WiSE-FT weights are the run's model.
 WISEFT_MODEL_DIR = "wiseft_model"

@@ -49,9 +49,9 @@ from clipflow.artifacts import (
     JsonRecord,
 )
 from clipflow.errors import ClipflowError
-from clipflow.evaluate.bootstrap import paired_bootstrap
 from clipflow.metric_names import ZEROSHOT_CHANCE, ZEROSHOT_TOP1
 from clipflow.params import Params
+from clipflow.registry.bootstrap import paired_bootstrap
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -399,11 +399,15 @@ def promote(
 
 
 def _copy_wiseft_tag(client, version, model_uri: str) -> None:
-    """A WiSE-FT mix's `a`, tagged by `evaluate` on the logged model (`models:/m-...`), on the version too."""
+    """The WiSE-FT `a` of the registered weights on the version: a mix's, tagged by `evaluate` on the logged model
+    (`models:/m-...`); or 1 for the fine-tuned weights themselves, when the run's curve chose them."""
     import mlflow
 
     model_id = model_uri.removeprefix("models:/")
     alpha = mlflow.get_logged_model(model_id).tags.get(WISEFT_ALPHA_TAG) if model_id.startswith("m-") else None
+    if alpha is None and version.run_id:
+        chosen = client.get_run(version.run_id).data.tags.get(WISEFT_ALPHA_TAG)
+        alpha = chosen if chosen is not None and float(chosen) == 1.0 else None
     if alpha is not None:
         client.set_model_version_tag(version.name, version.version, WISEFT_ALPHA_TAG, alpha)
 

@@ -24,10 +24,10 @@ import torch
 from clipflow.artifacts import METADATA_FILE
 from clipflow.errors import ClipflowError
 from clipflow.evaluate.embeddings import SplitEmbeddings
+from clipflow.evaluate.plan import evaluation_sets
 from clipflow.evaluate.zeroshot import zeroshot
 from clipflow.model import ClipModel
 from clipflow.params import Params
-from clipflow.validate.plan import evaluation_sets
 
 CHECK_IMAGES = 32
 CHECK_IMAGE_PX = 256  # above every input size open_clip ships, so the preprocess only scales down
