@@ -101,14 +101,19 @@ def test_the_fine_tuned_model_beats_its_baseline_with_both_logged_side_by_side(f
         mlflow.set_tracking_uri(None)
 
 
-def test_a_fine_tune_made_worse_on_purpose_is_refused_against_its_baseline(tmp_path, pretrained):
+def test_a_fine_tune_made_worse_on_purpose_is_refused_against_its_baseline(finetuned, pretrained):
+    # After the good fine-tune, as a user's next run: the champion stays packaged while the gate refuses this one.
+    workdir, champion, _ = finetuned
     # No WiSE-FT mixing here: a = 0 would hand back the starting weights and hide the damage from the gate.
     worse = [*SHIFTED, "--set", "train.steps=20", "--set", "train.lr=0.05", "--set", "train.warmup_steps=0"]
-    summary, metrics = run_dag(tmp_path, pretrained, *worse, "--set", "evaluate.wiseft.alphas=[]", *GATED)
+    summary, metrics = run_dag(workdir, pretrained, *worse, "--set", "evaluate.wiseft.alphas=[]", *GATED)
     assert metrics[f"zeroshot_top1_{TARGET}"] < metrics[f"baseline_zeroshot_top1_{TARGET}"]
     assert not summary["promoted"]
+    assert summary["model_version"] != champion["model_version"]
     promotion = Path(summary["reports"]["promotion"]).read_text()
-    assert "baseline" in promotion and f"zeroshot_top1_{TARGET}" in promotion, promotion
+    # the first check that failed is the one against the model it started from, with the bootstrap interval
+    refusal = f"zeroshot_top1_{TARGET}={metrics[f'zeroshot_top1_{TARGET}']:.4f} is worse than the baseline it was"
+    assert refusal in promotion and "interval" in promotion, promotion
 
 
 def test_zero_steps_serve_the_pretrained_model_as_it_is_and_classify_agrees_with_its_evaluation(tmp_path, pretrained):
