@@ -394,7 +394,8 @@ def load(path: str | Path, name: str | None = None) -> ClipModel:
     del state, weights  # open_clip reads the file again: never two copies of the weights at once
     if not name or not isinstance(name, str):
         raise ClipflowError(f"{checkpoint} does not name its model config; pass it explicitly")
-    if isinstance(recorded.get("model_cfg"), dict):
+    # A shipped name means its shipped config: a checkpoint never redefines ViT-B-32 for this process.
+    if isinstance(recorded.get("model_cfg"), dict) and shipped_config(name) is None:
         register_config(name, recorded["model_cfg"])
     try:
         loaded = create(name, pretrained=str(checkpoint), preprocess_cfg=recorded.get("preprocess_cfg"))
