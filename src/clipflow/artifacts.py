@@ -163,10 +163,10 @@ class TrainReport(JsonRecord):
     def exists(output_dir: str | Path) -> bool:
         return (Path(output_dir) / TRAIN_REPORT).is_file()
 
-
-def wiseft_model_uri(path: str | Path) -> str | None:
-    """The WiSE-FT mix that the evaluation in a `metrics.json` chose and logged (the metrics are its), else None."""
-    return (json.loads(Path(path).read_text()).get("wiseft") or {}).get("model_uri")
+    def judged_model_uri(self, metrics_file: str | Path) -> str:
+        """The model an evaluation of this training judged, which promote registers: the WiSE-FT mix that the
+        evaluation in `metrics_file` chose and logged (its metrics are the mix's), else the trained model."""
+        return (json.loads(Path(metrics_file).read_text()).get("wiseft") or {}).get("model_uri") or self.model_uri
 
 
 def read_metrics(path: str | Path) -> dict[str, float]:

@@ -17,6 +17,7 @@ import typer
 
 from clipflow.errors import ClipflowError
 from clipflow.params import DEFAULT_PARAMS, LAUNCHERS, PACKAGED_PARAMS, Params, load_params
+from clipflow.references import EXAMPLES
 from components import checkout
 
 app = typer.Typer(
@@ -38,10 +39,7 @@ ProfileOption = Annotated[
 PipelineOption = Annotated[
     str, typer.Option(help="clipflow (the DAG) or reindex (embed a catalogue with the champion and swap it in).")
 ]
-MODEL_HELP = (
-    "A model reference: CONFIG:TAG (ViT-B-32:laion2b_s34b_b79k), hf-hub:ORG/NAME, local-dir:PATH,"
-    " a checkpoint path or s3:// URI, or an MLflow model URI (models:/NAME@ALIAS)."
-)
+MODEL_HELP = f"A model reference: {EXAMPLES}."
 ModelOption = Annotated[str, typer.Option(help=MODEL_HELP)]
 ModelConfigOption = Annotated[
     Optional[str], typer.Option(help="The open_clip config of a checkpoint that does not record it (ViT-B-32).")
@@ -252,7 +250,7 @@ def promote(
     profile: ProfileOption = None,
 ) -> None:
     """Register a model version and move `champion` to it only when the gate passes (or --rollback)."""
-    from clipflow.artifacts import TrainReport, read_metrics, wiseft_model_uri
+    from clipflow.artifacts import TrainReport, read_metrics
     from clipflow.registry import promote as promotion
     from clipflow.registry.models import is_model_uri
 
@@ -268,8 +266,7 @@ def promote(
     trained = None if is_model_uri(model_uri) else TrainReport.read(model_uri)
     values = read_metrics(metrics)
     if trained is not None:
-        # The metrics are of the WiSE-FT mix when the evaluation chose one: that is the model to register.
-        model_uri, data_version = wiseft_model_uri(metrics) or trained.model_uri, trained.data_version
+        model_uri, data_version = trained.judged_model_uri(metrics), trained.data_version
     _print_json(promotion.promote(model_uri, values, params, data_version=data_version))
 
 

@@ -166,17 +166,16 @@ def _measure(
 
 def _write_per_item(evaluation: Evaluation, output_dir: Path) -> Path:
     """per_item.parquet: the hits of the evaluated model and, when there is one, of its baseline."""
-    models = {PER_ITEM_MODEL: evaluation, PER_ITEM_BASELINE: evaluation.baseline}
-    rows = [
-        pd.DataFrame({"model": who, "metric": metric, "set": set_name, "key": keys, "hit": hits.numpy().astype("int8")})
-        for who, measured in models.items()
-        if measured is not None
-        for set_name, keys, per_item in [
-            *((name, result.keys, result.per_item()) for name, result in measured.zeroshot.items()),
-            (measured.retrieval.split, measured.retrieval.keys, measured.retrieval.per_item()),
-        ]
-        for metric, hits in per_item.items()
-    ]
+    rows = []
+    for who, measured in ((PER_ITEM_MODEL, evaluation), (PER_ITEM_BASELINE, evaluation.baseline)):
+        if measured is None:
+            continue
+        results = [(name, result.keys, result.per_item()) for name, result in measured.zeroshot.items()]
+        results.append((measured.retrieval.split, measured.retrieval.keys, measured.retrieval.per_item()))
+        for set_name, keys, per_item in results:
+            for metric, hits in per_item.items():
+                columns = {"model": who, "metric": metric, "set": set_name, "key": keys, "hit": hits.numpy()}
+                rows.append(pd.DataFrame(columns).astype({"hit": "int8"}))
     path = output_dir / PER_ITEM_FILE
     pd.concat(rows, ignore_index=True).to_parquet(path, index=False)
     return path
