@@ -21,7 +21,7 @@ run: $(STAMP)
 	$(BIN)/clipflow run
 
 test: $(STAMP) lint browser
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=30
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -45,8 +45,8 @@ MAX_FILTER_FIELDS = 8
 MAX_FILTER_VALUES = 100
 MAX_FILTER_VALUE_CHARS = 256
 FILTER_FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
-# Milvus answers this code when it cannot reach the server, and 101 for a collection not loaded
-# (after a restart, collections come back released).
+# Milvus answers this code when it cannot reach the server, 100 for a missing collection and 101 for
+# one not loaded.
 CONNECT_FAILED = 2
 COLLECTION_NOT_FOUND = 100
 NOT_LOADED = 101
@@ -206,36 +206,72 @@ class Collection:
     def search(self, vectors: np.ndarray, k: int, filter: Filter | None = None, offset: int = 0) -> list[list[Hit]]:
         """The `k` nearest rows to each query (Q, D), best first, after skipping `offset` better ones.
 
+        A filter matching at most `params.exact_filter_rows` rows is answered exactly, from those rows:
+        a graph index searched under a selective filter misses matching rows (Milvus Lite's HNSW returned
+        3 of 4 matches for k=5 in 29% of queries).
+
         Raises:
             FilterError: the filter breaks a rule of `filter_expression`.
+            NotPublished: no collection or alias of that name exists.
             StoreUnavailable: the server did not answer.
         """
         expression = filter_expression(filter)
+        queries = np.asarray(vectors, dtype=np.float32)
+        if expression and self.params.index_type != "FLAT":
+            counting = {"filter": expression, "output_fields": ["count(*)"]}
+            matches = int(self._call("counting filtered rows of", self.client.query, **counting)[0]["count(*)"])
+            if matches <= self.params.exact_filter_rows:
+                return self._exact_search(queries, k, expression, matches, offset)
         search_params = dict(self.params.search_params)
         if self.params.index_type == "HNSW":  # HNSW returns at most ef candidates
             search_params["ef"] = max(search_params.get("ef", 0), k + offset)
-        queries = np.asarray(vectors, dtype=np.float32)
-        request = {
-            "limit": k,
-            "offset": offset,
-            "filter": expression,
-            "output_fields": [*TEXT_FIELDS, "$meta"],
-            "search_params": {"metric_type": METRIC, "params": search_params},
-            "timeout": CALL_TIMEOUT_S,
-        }
+        found = self._call(
+            "searching",
+            self.client.search,
+            data=list(queries),
+            limit=k,
+            offset=offset,
+            filter=expression,
+            output_fields=[*TEXT_FIELDS, "$meta"],
+            search_params={"metric_type": METRIC, "params": search_params},
+        )
+        return [[_hit(hit) for hit in row] for row in found]
+
+    def _exact_search(self, queries: np.ndarray, k: int, expression: str, matches: int, offset: int) -> list[list[Hit]]:
+        """Rank every row matching `expression` (there are `matches`) by inner product with each query."""
+        if matches == 0:
+            return [[] for _ in queries]
+        rows = self._call(
+            "reading filtered rows of",
+            self.client.query,
+            filter=expression,
+            output_fields=[VECTOR_FIELD, *TEXT_FIELDS, "$meta"],
+            limit=matches,
+        )
+        keys = [row.pop(KEY_FIELD) for row in rows]
+        candidates = np.asarray([row.pop(VECTOR_FIELD) for row in rows], dtype=np.float32)
+        scores = queries @ candidates.T
+        ranked = np.argsort(-scores, axis=1, kind="stable")[:, offset : offset + k]
+        return [
+            [Hit(key=keys[index], score=float(query_scores[index]), fields=rows[index]) for index in order]
+            for query_scores, order in zip(scores, ranked, strict=True)
+        ]
+
+    def _call(self, doing: str, method, **request) -> Any:
+        """`method(self.name, **request)`, loading the collection once if Milvus answers it is not loaded
+        (after a restart collections come back released)."""
         try:
             try:
-                found = self.client.search(self.name, list(queries), **request)
+                return method(self.name, **request, timeout=CALL_TIMEOUT_S)
             except Exception as exc:
                 if getattr(exc, "code", None) != NOT_LOADED:
                     raise
                 self.client.load_collection(self.name, timeout=CALL_TIMEOUT_S)
-                found = self.client.search(self.name, list(queries), **request)
+                return method(self.name, **request, timeout=CALL_TIMEOUT_S)
         except Exception as exc:
             if getattr(exc, "code", None) == COLLECTION_NOT_FOUND:
                 raise NotPublished(f"no collection is published under {self.name}: run `clipflow index`") from None
-            raise store_error(exc, f"searching {self.name}") from None
-        return [[_hit(hit) for hit in row] for row in found]
+            raise store_error(exc, f"{doing} {self.name}") from None
 
 
 def _hit(hit: Mapping[str, Any]) -> Hit:

@@ -245,6 +245,7 @@ def _exact_index() -> IndexParams:
         index_type="FLAT",
         build_params={},
         search_params={},
+        exact_filter_rows=0,
         insert_batch=BATCH_SIZE,
     )
 
