@@ -207,8 +207,8 @@ class Collection:
         """The `k` nearest rows to each query (Q, D), best first, after skipping `offset` better ones.
 
         A filter matching at most `params.exact_filter_rows` rows is answered exactly, from those rows:
-        a graph index searched under a selective filter misses matching rows (Milvus Lite's HNSW returned
-        3 of 4 matches for k=5 in 29% of queries).
+        a graph index searched under a selective filter misses matching rows, and answers with fewer
+        than match (benchmarks/bench_filtered_search.py).
 
         Raises:
             FilterError: the filter breaks a rule of `filter_expression`.
