@@ -31,6 +31,9 @@ DIGITS = [
     "--set", f"evaluate.zeroshot.digits.templates={json.dumps(TEMPLATES)}",
     "--set", "promote.floors={zeroshot_top1_digits: 0.0, retrieval_i2t_r1: 0.0}",
 ]  # fmt: skip
+# The test profile's 12 steps leave the model near chance, where bf16 flips near-tied labels and package's check
+# of bf16 against fp32 may refuse it (it did once in CI); that check has its own tests (test_precision.py).
+NEAR_CHANCE = ["--set", "serve.precision=fp32"]
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +67,7 @@ def clipflow_run(folder: Path, *options: str) -> subprocess.CompletedProcess:
 
 
 def test_the_dag_runs_on_a_labelled_manifest_and_reports_zero_shot_accuracy_beside_chance(digits):
-    result = clipflow_run(digits, "--summary", "summary.json", *DIGITS)
+    result = clipflow_run(digits, "--summary", "summary.json", *DIGITS, *NEAR_CHANCE)
     assert result.returncode == 0, result.stderr[-4000:]
     assert not (digits / "params.yaml").exists()  # the package carried the defaults
     summary = json.loads((digits / "summary.json").read_text())
