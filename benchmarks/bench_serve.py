@@ -48,7 +48,7 @@ import torch
 from common import case, write_results
 from PIL import Image
 
-from clipflow.params import SERVE_PRECISIONS
+from clipflow.params import PRECISIONS
 from clipflow.serve.encoder import Encoder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=30, help="load per endpoint and server")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--models", nargs="+", default=["ViT-B-32", "CLIP-Tiny"], help="open_clip configs")
-    parser.add_argument("--precision", choices=SERVE_PRECISIONS, default=None, help="default: params.yaml's")
+    parser.add_argument("--precision", choices=PRECISIONS, default=None, help="default: params.yaml's")
     args = parser.parse_args(argv)
 
     from clipflow import model as clip_model

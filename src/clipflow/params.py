@@ -47,7 +47,7 @@ LAUNCHERS = ("torchrun", "trainjob")
 TRAIN_LOSSES = ("clip", "tiled", "siglip")
 
 # auto: bf16 on a GPU or a CPU with native bf16 arithmetic, else fp32 (`clipflow.model.precision`).
-SERVE_PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -166,8 +166,8 @@ class TrainParams:
     def check(self) -> None:
         if self.loss not in TRAIN_LOSSES:
             raise ClipflowError(f"train.loss must be one of {', '.join(TRAIN_LOSSES)}, got {self.loss!r}")
-        if self.precision not in {"bf16", "fp32"}:
-            raise ClipflowError(f"train.precision must be bf16 or fp32, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ClipflowError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         positive = ("batch_size", "lr", "nproc", "threads_per_proc", "accum_freq", "log_every", "nnodes")
         _require_positive("train", self, *positive, "keep_checkpoints")
         # checkpoint_every 0 writes no resumable checkpoints; a negative warmup would skip the warmup unasked.
@@ -385,8 +385,8 @@ class ServeParams:
                     f"serve.allow_image_urls lists hosts, such as images.example.com, in lowercase, "
                     f"without scheme, port or path; got {host!r}"
                 )
-        if self.precision not in SERVE_PRECISIONS:
-            raise ClipflowError(f"serve.precision must be one of {', '.join(SERVE_PRECISIONS)}, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ClipflowError(f"serve.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not -1.0 <= self.precision_min_cosine <= 1.0:  # also false for NaN
             raise ClipflowError(
                 f"serve.precision_min_cosine must be a cosine in [-1, 1], got {self.precision_min_cosine}"

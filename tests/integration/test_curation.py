@@ -1,6 +1,6 @@
 """Curation with the model at ingest, as a user meets it: a manifest of PNG files and a CSV.
 
-A CLIP-Tiny trained briefly on the built-in data (in process, about 15 s) scores a manifest of
+A CLIP-Tiny trained briefly on the built-in data (in process, under a minute) scores a manifest of
 built-in test images that it never trained on: half of them carry their own caption, half the
 caption of another image with another colour and shape (shuffled on purpose). Four more rows
 repeat an image re-encoded as a larger JPEG, one in the chunk of its original, three in later

@@ -13,6 +13,7 @@ import torch
 from clipflow import model as clip_model
 from clipflow.data.ingest import ingest
 from clipflow.errors import ClipflowError
+from clipflow.model import precision as precision_module
 from clipflow.train import worker
 from clipflow.train.checkpoint import CheckpointStore, load_state, rng_state, set_rng_state
 from clipflow.train.job import WorkerJob
@@ -168,6 +169,25 @@ def test_training_from_s3_pretrained_weights_with_a_locked_image_tower(s3, monke
     visual = [name for name in start if name.startswith("visual.")]
     assert visual and all(torch.equal(trained[name], start[name]) for name in visual)
     assert not torch.equal(trained["text_projection"], start["text_projection"])
+
+
+@pytest.mark.parametrize(("cpu_flags", "chosen"), [({"avx2", "fma"}, "fp32"), ({"avx2", "avx512_bf16"}, "bf16")])
+def test_auto_precision_trains_as_the_cpu_s_native_precision_would(
+    cpu_flags, chosen, tmp_path, small_params, monkeypatch, capfd
+):
+    """`train.precision: auto` gives the very weights of the precision it picks from the CPU's flags."""
+    monkeypatch.setattr(precision_module, "cpu_flags", lambda: frozenset(cpu_flags))
+    ingest("builtin", tmp_path / "data", small_params.data)
+    other = {"fp32": "bf16", "bf16": "fp32"}[chosen]
+    weights = {}
+    for setting in ("auto", chosen, other):
+        params = replace(small_params.train, nproc=1, steps=1, precision=setting, checkpoint_every=0)
+        worker.train(WorkerJob(params, mlflow_run_id=None, checkpoint_extra={}), tmp_path / "data", tmp_path / setting)
+        weights[setting] = torch.load(tmp_path / setting / "checkpoint.pt", weights_only=True)["state_dict"]
+    assert f"clipflow train: {chosen} (train.precision auto)" in capfd.readouterr().err
+    assert weights["auto"].keys() == weights[chosen].keys()
+    assert all(torch.equal(weights["auto"][name], weights[chosen][name]) for name in weights[chosen])
+    assert not all(torch.equal(weights["auto"][name], weights[other][name]) for name in weights[other])
 
 
 def test_the_metrics_relay_forwards_complete_lines_once_and_reports_a_refusing_store(tmp_path):

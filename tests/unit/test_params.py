@@ -33,7 +33,7 @@ def test_set_overrides_parse_values_as_yaml_and_accept_ints_for_floats():
         ("train.steps=many", "train.steps must be int, got 'many'"),
         ("train.steps=true", "train.steps must be int"),
         ("data.colors=red", "data.colors must be a list"),
-        ("train.precision=fp8", "train.precision must be bf16 or fp32"),
+        ("train.precision=fp8", "train.precision must be one of auto, fp32, bf16, got 'fp8'"),
         ("train.batch_size=255", "must be a multiple of train.nproc"),
         ("data.heldout=[teal star]", "outside colors x shapes"),
         ("data.split_fractions={train: 0.9}", "data.split_fractions must be non-negative and sum to 1"),

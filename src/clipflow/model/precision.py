@@ -4,7 +4,8 @@ bf16 pays where the hardware multiplies it natively: a GPU, or a CPU with AMX or
 Elsewhere bf16 is emulated, so `auto` keeps fp32 there. The weights themselves are cast
 (`ClipModel.at_precision`), not run under autocast, which casts every operator's inputs again on
 each call. `clipflow package` checks the cast model against fp32 before serving it
-(`clipflow.serve.precision_check`).
+(`clipflow.serve.precision_check`). Training, where weights stay fp32 for the optimizer, runs
+under autocast at the precision the same rule picks for `train.precision` (`clipflow.train.loop`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from clipflow.errors import ClipflowError
-from clipflow.params import SERVE_PRECISIONS
+from clipflow.params import PRECISIONS
 
 CPUINFO = Path("/proc/cpuinfo")
 # The CPU flags (as Linux names them) of native bf16 matrix arithmetic.
@@ -44,7 +45,7 @@ def cpu_supports_bf16(flags: Iterable[str] | None = None) -> bool:
 
 
 def resolve_precision(requested: str, device: str = "cpu", cpu_bf16: bool | None = None) -> str:
-    """The precision to run at, "fp32" or "bf16", for `serve.precision`; logs the choice and why.
+    """The precision to run at, "fp32" or "bf16", for `serve.precision` or `train.precision`; logs the choice and why.
 
     Args:
         requested: "fp32" or "bf16" (kept as they are), or "auto": bf16 on a GPU or on a CPU
@@ -55,8 +56,8 @@ def resolve_precision(requested: str, device: str = "cpu", cpu_bf16: bool | None
     Raises:
         ClipflowError: `requested` is none of auto, fp32 and bf16.
     """
-    if requested not in SERVE_PRECISIONS:
-        raise ClipflowError(f"precision must be one of {', '.join(SERVE_PRECISIONS)}, got {requested!r}")
+    if requested not in PRECISIONS:
+        raise ClipflowError(f"precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
     if requested != "auto":
         chosen, why = requested, "as set"
     elif device.startswith("cuda"):

@@ -11,6 +11,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from clipflow import model as clip_model
+from clipflow.model.precision import resolve_precision
 from clipflow.params import TrainParams
 from clipflow.progress import progress
 from clipflow.registry.models import local_checkpoint
@@ -49,7 +50,11 @@ def run(job: WorkerJob, data_dir: Path, output_dir: Path, group: Group) -> None:
     loss_fn = build_loss(params.loss, group.rank, group.world_size)
     augment = TrainAugment(clip.preprocess_train)
     pairs = ShardPairs(data_dir, "train", clip.preprocess_train, clip.tokenizer)
-    autocast = precision_context(params.precision, group.device)
+    # Where bf16 is emulated (a CPU without AMX or AVX512-BF16) autocast would make every step far slower.
+    precision = resolve_precision(params.precision, str(group.device))
+    autocast = precision_context(precision, group.device)
+    if group.leads:
+        print(f"clipflow train: {precision} (train.precision {params.precision})", file=sys.stderr, flush=True)
 
     logger = None
     if group.leads and job.mlflow_run_id:

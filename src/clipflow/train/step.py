@@ -13,7 +13,7 @@ MAX_LOGIT_SCALE = math.log(100.0)
 
 
 def precision_context(precision: str, device: torch.device) -> AbstractContextManager:
-    """The autocast context of `train.precision` (bf16 or fp32) on `device`."""
+    """The autocast context of a resolved `train.precision` (bf16 or fp32) on `device`."""
     return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
 
