@@ -5,8 +5,9 @@
 #   step:       the training step alone, at the batch and at 4x it (clipflow.train.step.backward + AdamW on batches
 #               already on the GPU): samples/s, model TFLOP/s counted by torch's FlopCounterMode,
 #               and that as a fraction of the GPU's dense bf16 peak;
-#   end_to_end: `clipflow train` (torchrun, NCCL, MLflow, 10 data-loader workers) on built-in data: samples/s from the
-#               run's samples_per_second metric, which includes decoding and augmenting on the CPU.
+#   end_to_end: `clipflow train` (torchrun, NCCL, MLflow, data-loader workers from `auto`) on JPEG shards of
+#               512 px photos cropped to 224 px, with `train.decode` cpu and gpu: samples/s from the run's
+#               train/samples_per_second metric, and its fraction of the step alone at the same batch.
 # Usage: bash benchmarks/gpu_check.sh   (from the repository root, in the project's environment)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -84,26 +85,39 @@ def measure_step(batch_size):
 
 step_results = [measure_step(size) for size in (batch, 4 * batch)]
 
-# 2. clipflow train end to end (one torchrun process on this GPU).
-repo = Path.cwd()
-overrides = ["train.model=ViT-B-32", "train.loss=tiled", "train.precision=bf16", f"train.batch_size={batch}",
-             "train.steps=40", "train.warmup_steps=5", "train.log_every=10", "train.checkpoint_every=0",
-             "train.nproc=1", "train.threads_per_proc=4", "train.data_workers=10", "data.num_train=10240", "data.shard_size=2048",
-             f"tracking.uri=sqlite:///{work / 'mlflow.db'}"]
-sets = [arg for item in overrides for arg in ("--set", item)]
-clipflow = [sys.executable, "-m", "clipflow.cli"]
-subprocess.run(clipflow + ["ingest", "--output", str(work / "data"), "--params", str(repo / "params.yaml")] + sets,
-               check=True, stdout=subprocess.DEVNULL)
-started = time.perf_counter()
-subprocess.run(clipflow + ["train", "--data", str(work / "data"), "--output", str(work / "model"),
-                           "--params", str(repo / "params.yaml")] + sets, check=True, stdout=subprocess.DEVNULL)
-wall = time.perf_counter() - started
+# 2. clipflow train end to end (one torchrun process on this GPU) on JPEG shards of photo-sized images
+#    (bench_data's: 640 x 512 renders stored at 512 px on the short side), cropped to 224 px: the CPU
+#    decoding in data-loader workers (as many as `auto` gives), and nvJPEG decoding on the GPU.
+import bench_data
 import mlflow
-mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
-run_id = json.loads((work / "model" / "train.json").read_text())["mlflow_run_id"]
-rates = [m.value for m in mlflow.MlflowClient().get_metric_history(run_id, "samples_per_second")][1:]  # first: warm-up
-end_to_end = {"steps": 40, "batch": batch, "data_workers": 10, "wall_s": round(wall, 1),
+
+repo = Path.cwd()
+data = bench_data.prepare(work, 10240)
+def end_to_end(decode):
+    output = work / f"model-{decode}"
+    overrides = ["train.model=ViT-B-32", "train.loss=tiled", "train.precision=bf16", f"train.batch_size={batch}",
+                 "train.steps=40", "train.warmup_steps=5", "train.log_every=10", "train.checkpoint_every=0",
+                 "train.nproc=1", "train.threads_per_proc=4", "train.data_workers=auto", f"train.decode={decode}",
+                 f"tracking.uri=sqlite:///{work / 'mlflow.db'}"]
+    sets = [arg for item in overrides for arg in ("--set", item)]
+    started = time.perf_counter()
+    trained = subprocess.run([sys.executable, "-m", "clipflow.cli", "train", "--data", str(data), "--output", str(output),
+                              "--params", str(repo / "params.yaml")] + sets, check=True, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
+    run_id = json.loads((output / "train.json").read_text())["mlflow_run_id"]
+    history = mlflow.MlflowClient().get_metric_history(run_id, "train/samples_per_second")
+    rates = [m.value for m in sorted(history, key=lambda m: m.step)][1:]  # the first window holds the warm-up
+    workers = next((line for line in trained.stderr.splitlines() if "data-loader workers" in line), None)
+    result = {"decode": decode, "steps": 40, "batch": batch, "loader": workers, "wall_s": round(wall, 1),
               "samples_per_s": round(sum(rates) / len(rates), 1) if rates else None}
+    result["fraction_of_step_alone"] = (
+        round(result["samples_per_s"] / step_results[0]["samples_per_s"], 3) if rates else None
+    )
+    print(json.dumps(result), flush=True)
+    return result
+
+end_to_end = [end_to_end(decode) for decode in ("cpu", "gpu")]
 
 result = {"check": "gpu_check", "date": time.strftime("%Y-%m-%d"), "machine": machine(),
           "model": "ViT-B-32", "precision": "bf16 autocast", "loss": "tiled",

@@ -46,6 +46,10 @@ LAUNCHERS = ("torchrun", "trainjob")
 # clip: open_clip's ClipLoss; tiled: the same loss in O(tile x batch) memory; siglip: the sigmoid loss, tiled.
 TRAIN_LOSSES = ("clip", "tiled", "siglip")
 
+# Where training images are decoded and cropped: cpu (Pillow, in the data-loader workers), gpu (nvJPEG
+# on the training device), auto: gpu when training on one (`clipflow.train.data`).
+TRAIN_DECODES = ("auto", "cpu", "gpu")
+
 # auto: bf16 on a GPU or a CPU with native bf16 arithmetic, else fp32 (`clipflow.model.precision`).
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -140,7 +144,8 @@ class TrainParams:
     model: str
     nproc: int
     threads_per_proc: int
-    data_workers: int
+    data_workers: int | str  # "auto": from the cores (`clipflow.train.data.data_workers`)
+    decode: str
     batch_size: int
     loss: str
     steps: int
@@ -172,7 +177,13 @@ class TrainParams:
         _require_positive("train", self, *positive, "keep_checkpoints")
         # checkpoint_every 0 writes no resumable checkpoints; a negative warmup would skip the warmup unasked.
         # steps 0 registers the pretrained model as it is.
-        not_negative = ("steps", "data_workers", "warmup_steps", "weight_decay", "checkpoint_every", "max_restarts")
+        if self.decode not in TRAIN_DECODES:
+            raise ClipflowError(f"train.decode must be one of {', '.join(TRAIN_DECODES)}, got {self.decode!r}")
+        if isinstance(self.data_workers, str) and self.data_workers != "auto":
+            raise ClipflowError(f"train.data_workers must be a number or auto, got {self.data_workers!r}")
+        if self.data_workers != "auto":
+            _require_not_negative("train", self, "data_workers")
+        not_negative = ("steps", "warmup_steps", "weight_decay", "checkpoint_every", "max_restarts")
         _require_not_negative("train", self, *not_negative)
         reference = self.starting_reference()
         if self.steps == 0 and reference is None:
@@ -723,7 +734,10 @@ def _coerce(key: str, expected: Any, value: Any) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in typing.get_args(expected):
             return None
-        (expected,) = [t for t in typing.get_args(expected) if t is not type(None)]
+        alternatives = [t for t in typing.get_args(expected) if t is not type(None)]
+        # int | str: a number or a word such as "auto"; the section's check says which words.
+        matching = [t for t in alternatives if isinstance(value, t) and not (t is int and isinstance(value, bool))]
+        expected = matching[0] if matching else alternatives[0]
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if expected is int and isinstance(value, bool) or not isinstance(value, expected):

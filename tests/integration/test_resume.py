@@ -98,7 +98,8 @@ def test_checkpoints_are_written_every_n_steps_and_load_weights_only(workdir, re
 
 def test_resuming_from_a_mid_epoch_checkpoint_reproduces_the_uninterrupted_run(workdir, reference):
     checkpoint = workdir / "reference" / "checkpoints" / "step-000003.pt"
-    resumed = _run(workdir, "resumed", "--resume", str(checkpoint))
+    # The reference built its batches in line (auto on 2 cores, 2 processes); these come from data-loader workers.
+    resumed = _run(workdir, "resumed", "--resume", str(checkpoint), "--set", "train.data_workers=2")
     _assert_same_weights(Path(resumed["checkpoint"]), Path(reference["checkpoint"]))
     # The checkpoint's MLflow run is continued; its steps were all logged already, so none twice.
     assert resumed["mlflow_run_id"] == reference["mlflow_run_id"]

@@ -1,3 +1,4 @@
+import io
 import json
 import random
 import shutil
@@ -7,16 +8,25 @@ from pathlib import Path
 from unittest import mock
 
 import mlflow
+import numpy as np
 import psutil
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 from torchvision import transforms
 
 from clipflow import model as clip_model
 from clipflow.data.ingest import ingest
 from clipflow.data.pairs import ShardPairs
-from clipflow.train.data import RankBatches, TrainAugment, crop_box, global_batch_indices, rank_loader
+from clipflow.train.data import (
+    DeviceDecoder,
+    EncodedImages,
+    RankBatches,
+    TrainAugment,
+    crop_box,
+    global_batch_indices,
+    rank_loader,
+)
 from clipflow.train.optim import cosine_with_warmup, param_groups
 from tests.support import REPO
 
@@ -32,16 +42,66 @@ def test_an_epoch_visits_each_sample_at_most_once_and_steps_are_reproducible():
 
 @pytest.mark.parametrize("size", [(64, 64), (97, 41), (23, 80)])
 def test_the_batched_augmentation_equals_open_clips_transform_for_the_same_crop(size):
+    """Within rounding: torch's uint8 resize follows Pillow's two-pass filters to two levels of 255 on
+    noise, and most pixels exactly."""
     clip = clip_model.create("CLIP-Tiny")
     augment = TrainAugment(clip.preprocess_train)
     pixels = torch.randint(0, 256, (size[1], size[0], 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     image = Image.fromarray(pixels.numpy())
+    png = io.BytesIO()
+    image.save(png, format="PNG")
     for seed in range(5):
         left, top, width, height = crop_box(*size, augment.scale, augment.ratio, random.Random(seed))
-        ours = augment.normalize(torch.tensor(augment.crop(image, seed)).permute(2, 0, 1)[None])[0]
+        ours = augment.normalize(augment.crop(png.getvalue(), seed)[None])[0]
         with mock.patch.object(transforms.RandomResizedCrop, "get_params", return_value=(top, left, height, width)):
             reference = clip.preprocess_train(image)
-        assert torch.equal(ours, reference)
+        two_levels = 2 / 255 / min(augment.std)
+        assert ours.shape == reference.shape and (ours - reference).abs().max() <= two_levels + 1e-5
+        assert torch.isclose(ours, reference, atol=1e-5).float().mean() > 0.95
+
+
+def _photo_like(width: int, height: int, seed: int) -> bytes:
+    """A JPEG at q95 (as ingest stores images) with a photo's mix of smooth regions and texture."""
+    rng = np.random.default_rng(seed)
+    colours = Image.fromarray((rng.random((8, 10, 3)) * 255).astype(np.uint8)).resize((width, height), Image.BICUBIC)
+    texture = np.asarray(colours).astype(np.int16) + rng.normal(0, 18, (height, width, 3)).astype(np.int16)
+    photo = Image.fromarray(texture.clip(0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(1))
+    encoded = io.BytesIO()
+    photo.save(encoded, format="JPEG", quality=95)
+    return encoded.getvalue()
+
+
+def test_the_device_decode_path_gives_the_pillow_paths_crops():
+    """`train.decode: gpu`'s tensor path, run on the CPU: the same boxes for the same seeds, and pixels
+    equal within rounding where both decode at full scale. Where the crop lets a JPEG decode at 1/2 to
+    1/8 scale, libjpeg's scaled IDCT (Pillow) and a box average of the full decode (device) differ by a
+    fraction of a level on average, a few at most."""
+    clip = clip_model.create("ViT-B-32")
+    augment = TrainAugment(clip.preprocess_train)
+    decoder = DeviceDecoder(augment, torch.device("cpu"))
+    # Smaller than the crop: upscaled, as the built-in renders are.
+    png = io.BytesIO()
+    Image.open(io.BytesIO(_photo_like(120, 90, 3))).save(png, format="PNG")
+    files = {
+        "png": png.getvalue(),
+        **{f"jpeg{w}x{h}": _photo_like(w, h, w) for w, h in [(300, 260), (640, 512), (2000, 1800)]},
+    }
+    reductions = {}
+    for name, payload in files.items():
+        seeds = range(4)
+        encoded = [augment.encoded(payload, seed) for seed in seeds]
+        on_device = decoder(EncodedImages([p for p, _ in encoded], torch.tensor([plan for _, plan in encoded])))
+        assert on_device.shape == (len(seeds), 3, 224, 224) and on_device.dtype == torch.uint8
+        for seed, (_, plan), device_crop in zip(seeds, encoded, on_device, strict=True):
+            pillow_crop = augment.crop(payload, seed)
+            difference = (pillow_crop.int() - device_crop.int()).abs()
+            reductions.setdefault(name, set()).add(plan.reduction)
+            if plan.reduction == 1:
+                assert difference.max() <= 2, (name, seed)
+            else:
+                assert difference.float().mean() < 1.0 and difference.max() <= 10, (name, seed, plan)
+    assert reductions["png"] == {1} and reductions["jpeg300x260"] == {1}
+    assert reductions["jpeg640x512"] == {2} and reductions["jpeg2000x1800"] <= {4, 8}
 
 
 def test_crop_boxes_keep_to_the_scale_and_ratio_bounds():

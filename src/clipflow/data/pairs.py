@@ -29,7 +29,11 @@ class ShardPairs(torch.utils.data.Dataset):
         return self.preprocess(self.image(i)), self.tokenizer([self.caption(i)])[0]
 
     def image(self, i: int) -> Image.Image:
-        return Image.open(io.BytesIO(self.index.read(i, self.index.image_ext(i)))).convert("RGB")
+        return Image.open(io.BytesIO(self.encoded(i))).convert("RGB")
+
+    def encoded(self, i: int) -> bytes:
+        """The image file of sample `i`, as stored."""
+        return self.index.read(i, self.index.image_ext(i))
 
     def caption(self, i: int) -> str:
         return self.index.read(i, "txt").decode()

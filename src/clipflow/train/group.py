@@ -68,6 +68,11 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
 
 
+def local_world_size() -> int:
+    """The number of this job's processes on this node (torchrun's LOCAL_WORLD_SIZE)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
 def join(node_rank: int) -> Group:
     """Join the process group torchrun set up (NCCL on GPUs, gloo on the CPU), if any.
 

@@ -11,13 +11,14 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from clipflow import model as clip_model
+from clipflow.errors import ClipflowError
 from clipflow.model.precision import resolve_precision
 from clipflow.params import TrainParams
 from clipflow.progress import progress
 from clipflow.registry.models import local_checkpoint
 from clipflow.train.checkpoint import CheckpointStore, load_state, rng_state, set_rng_state
-from clipflow.train.data import RankBatches, ShardPairs, TrainAugment, rank_loader
-from clipflow.train.group import Group, local_rank
+from clipflow.train.data import DeviceDecoder, RankBatches, ShardPairs, TrainAugment, data_workers, rank_loader
+from clipflow.train.group import Group, local_rank, local_world_size
 from clipflow.train.job import WorkerJob
 from clipflow.train.loss import build_loss
 from clipflow.train.metrics import MetricsFile, RunMetrics
@@ -59,20 +60,35 @@ def run(job: WorkerJob, data_dir: Path, output_dir: Path, group: Group) -> None:
     logger = None
     if group.leads and job.mlflow_run_id:
         logger = MetricsFile(job.metrics_file) if job.metrics_file else RunMetrics(job.mlflow_run_id)
+    on_device = _decodes_on_device(params.decode, group.device)
+    decoder = DeviceDecoder(augment, group.device) if on_device else None
+    workers = data_workers(params.data_workers, local_world_size(), params.threads_per_proc)
     batches = rank_loader(
         RankBatches(
-            pairs, augment, params.batch_size, params.seed, group.rank, group.world_size, start_step, params.steps
+            pairs,
+            augment,
+            params.batch_size,
+            params.seed,
+            group.rank,
+            group.world_size,
+            start_step,
+            params.steps,
+            encoded=on_device,
         ),
-        params.data_workers,
+        workers,
         pin_memory=group.device.type == "cuda",
     )
+    if group.leads:
+        where = f"decoded on {group.device}" if on_device else "decoded by Pillow"
+        print(f"clipflow train: images {where}, {workers} data-loader workers per process", file=sys.stderr, flush=True)
     window_start, window_samples = time.perf_counter(), 0
     model.train()
     steps = progress(
         batches, total=params.steps - start_step, desc=f"train from step {start_step}", enabled=group.rank == 0
     )
     for step, (images, tokens) in enumerate(steps, start=start_step + 1):
-        images = augment.normalize(images.to(group.device, non_blocking=True))
+        images = decoder(images) if decoder else images.to(group.device, non_blocking=True)
+        images = augment.normalize(images)
         tokens = tokens.to(group.device, non_blocking=True)
         loss = optimizer_step(model, module, optimizer, scheduler, loss_fn, images, tokens, params.accum_freq, autocast)
         window_samples += params.batch_size
@@ -180,3 +196,10 @@ def _local_pretrained(params: TrainParams, folder: Path, group: Group) -> Path |
         local_checkpoint(params.pretrained, params.model, params.model_cache, folder)
     group.barrier()
     return local_checkpoint(params.pretrained, params.model, params.model_cache, folder)  # a local hit now
+
+
+def _decodes_on_device(decode: str, device: torch.device) -> bool:
+    """Whether `train.decode` has the training device decode the images: gpu, or auto on a GPU."""
+    if decode == "gpu" and device.type != "cuda":
+        raise ClipflowError(f"train.decode gpu needs a CUDA device; this process trains on {device}")
+    return decode == "gpu" or (decode == "auto" and device.type == "cuda")
