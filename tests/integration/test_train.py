@@ -1,5 +1,6 @@
 import io
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -24,6 +25,7 @@ from clipflow.train.data import (
     RankBatches,
     TrainAugment,
     crop_box,
+    data_workers,
     global_batch_indices,
     rank_loader,
 )
@@ -200,6 +202,31 @@ def test_a_tracking_store_that_fails_stops_the_started_workers(tmp_path, small_p
     # torchrun and its workers run in the folder `clipflow train` ran in (their command lines hold only relative paths).
     left = [p.info for p in psutil.process_iter(["pid", "cmdline", "cwd"]) if p.info["cwd"] == str(tmp_path)]
     assert not left, left
+
+
+def test_decoding_on_a_gpu_that_is_not_there_is_refused_before_any_worker_starts(tmp_path, small_params):
+    ingest("builtin", tmp_path / "data", small_params.data)
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    result = _clipflow_train(tmp_path, "train.decode=gpu")
+    assert result.returncode != 0
+    assert "train.decode gpu needs a GPU and this machine has none" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize(
+    ("setting", "processes", "threads", "cores", "workers"),
+    [
+        ("auto", 2, 1, 2, 0),  # this machine's default layout: batches in line
+        ("auto", 1, 4, 16, 12),  # one GPU process on a 16-core node
+        ("auto", 8, 1, 16, 1),
+        (3, 2, 1, 2, 3),  # a number is kept, whatever the cores
+    ],
+)
+def test_auto_data_workers_take_the_cores_beyond_the_training_threads(
+    setting, processes, threads, cores, workers, monkeypatch
+):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    assert data_workers(setting, processes, threads) == workers
 
 
 def test_the_sigmoid_loss_refuses_a_model_without_a_logit_bias(tmp_path, small_params):

@@ -89,6 +89,8 @@ def train(
     if start is None:
         _check_cached(params.train)
     _check_model(params.train, start)
+    if launcher == "torchrun":
+        _check_decode(params.train)
     if params.train.steps == 0:
         return _register_pretrained(params, data_dir, output_dir, start, data_version, started)
     checkpoint_dir = params.train.checkpoint_dir or str(output_dir.resolve() / "checkpoints")
@@ -184,6 +186,14 @@ def _check_cached(params: TrainParams) -> None:
     reference = params.starting_reference()
     if reference is not None and reference.kind in HUB_KINDS and params.model_cache:
         check_cached(reference, params.model_cache)
+
+
+def _check_decode(params: TrainParams) -> None:
+    """`train.decode: gpu` needs the GPU the workers on this machine would decode on."""
+    import torch
+
+    if params.decode == "gpu" and not torch.cuda.is_available():
+        raise ClipflowError("train.decode gpu needs a GPU and this machine has none (use cpu or auto)")
 
 
 def _check_model(params: TrainParams, start: Path | None) -> None:
