@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU check of clipflow's training loop: ViT-B-32, bf16 autocast, the tiled loss, one GPU.
-# Runs in under 5 minutes on one H100-class GPU and writes JSON (default
+# Runs in a few minutes on one H100-class GPU and writes JSON (default
 # benchmarks/results/gpu_check.json; set GPU_CHECK_OUT to change it) with:
 #   step:       the training step alone, at the batch and at 4x it (clipflow.train.step.backward + AdamW on batches
 #               already on the GPU): samples/s, model TFLOP/s counted by torch's FlopCounterMode,
@@ -93,7 +93,7 @@ import mlflow
 
 repo = Path.cwd()
 data = bench_data.prepare(work, 10240)
-def end_to_end(decode):
+def train_end_to_end(decode):
     output = work / f"model-{decode}"
     overrides = ["train.model=ViT-B-32", "train.loss=tiled", "train.precision=bf16", f"train.batch_size={batch}",
                  "train.steps=40", "train.warmup_steps=5", "train.log_every=10", "train.checkpoint_every=0",
@@ -117,7 +117,7 @@ def end_to_end(decode):
     print(json.dumps(result), flush=True)
     return result
 
-end_to_end = [end_to_end(decode) for decode in ("cpu", "gpu")]
+end_to_end = [train_end_to_end(decode) for decode in ("cpu", "gpu")]
 
 result = {"check": "gpu_check", "date": time.strftime("%Y-%m-%d"), "machine": machine(),
           "model": "ViT-B-32", "precision": "bf16 autocast", "loss": "tiled",
