@@ -104,7 +104,11 @@ def packaged_bf16(packaged):
     from clipflow.serve.package import package
 
     params = packaged["params"]
-    params = dataclasses.replace(params, serve=dataclasses.replace(params.serve, precision="bf16"))
+    # The test profile's model is near chance, where bf16's rounding flips the argmax among near-equal logits on
+    # a few of the 200 images: the default 0.01 (two images) is for models that have learnt something, and its
+    # refusal has tests of its own (tests/unit/test_precision.py).
+    serve = dataclasses.replace(params.serve, precision="bf16", precision_max_top1_drop=0.05)
+    params = dataclasses.replace(params, serve=serve)
     model_uri = f"models:/{params.promote.model_name}@champion"
     result = package(model_uri, params, SERVING, gallery=packaged["tmp"] / "data")
     print(f"package() at bf16, checked against fp32 ({result.precision_check}), took {result.seconds:.2f} s")

@@ -11,7 +11,7 @@ from clipflow import model as clip_model
 from clipflow.errors import ClipflowError
 from clipflow.model.precision import cpu_supports_bf16, resolve_precision
 from clipflow.params import load_params
-from clipflow.serve.precision_check import check_precision
+from clipflow.serve.precision_check import check_precision, top1_drop
 from tests.support import REPO
 
 TEXTS = ["a", "a red circle", "a small purple star to the left of two large green triangles", "three red stars"]
@@ -115,3 +115,18 @@ def test_the_check_passes_bf16_with_its_numbers_and_refuses_it_past_a_threshold(
     message = str(refused.value)
     assert message.startswith("bf16 does not match fp32: worst_image_cosine 0.99")
     assert "< serve.precision_min_cosine 1.0" in message and "serve.precision=fp32" in message
+
+
+def test_a_top1_drop_of_exactly_the_threshold_passes_and_one_image_more_is_refused():
+    # 200 images: fp32 right on 5, bf16 on 3, a drop of two images, which is serve.precision_max_top1_drop 0.01
+    numbers, failures = top1_drop("seen", 0.025, 0.015, "bf16", max_drop=0.01)
+    assert failures == [] and numbers == {
+        "zeroshot_top1_seen_fp32": 0.025,
+        "zeroshot_top1_seen_bf16": 0.015,
+        "zeroshot_top1_drop_seen": 0.01,
+    }
+    numbers, failures = top1_drop("seen", 0.025, 0.01, "bf16", max_drop=0.01)
+    assert numbers["zeroshot_top1_drop_seen"] == 0.015
+    assert failures == [
+        "zeroshot_top1_seen_bf16 0.0100 against fp32's 0.0250, a drop of 0.0150 > serve.precision_max_top1_drop 0.01"
+    ]
