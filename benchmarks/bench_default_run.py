@@ -46,16 +46,23 @@ REPORTED = (
     "probe_counting",
     "probe_spatial",
     "probe_binding",
+    "shift_zeroshot_top1_in_distribution",
+    "shift_zeroshot_top1_shifted",
+    "shift_linear_probe_top1_in_distribution",
+    "shift_linear_probe_top1_shifted",
+    "shift_effective_robustness",
 )
 TARGETS = {"zeroshot_top1_heldout": 0.70, "probe_counting": 0.60, "probe_spatial": 0.75, "probe_binding": 0.70}
 
 
-def run_seed(seed: int, folder: Path) -> dict[str, Any]:
-    """One `clipflow run` in `folder`: its metrics, the probes' chance, step timings and wall time."""
+def run_seed(seed: int, folder: Path, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+    """One `clipflow run` in `folder`, with `overrides` (KEY=VALUE) on the default params: its metrics, the
+    probes' chance, step timings and wall time."""
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     command = [str(CLIPFLOW), "run", "--params", str(REPO / "params.yaml"), "--summary", "run-summary.json"]
     command += ["--set", f"data.seed={seed}", "--set", f"train.seed={seed}"]
+    command += [arg for override in overrides for arg in ("--set", override)]
     env = {**os.environ, "BENTOML_HOME": str(folder / "bentoml_home")}
     started = time.perf_counter()
     with (folder / "run.log").open("w") as log:

@@ -32,13 +32,35 @@ def probe_metric(kind: str) -> str:
     return f"probe_{kind}"
 
 
+# The distribution-shift report's methods, and where each is scored besides every kind of shift.
+SHIFT_METHODS = ("zeroshot", "linear_probe")
+SHIFT_WHERE = ("in_distribution", "shifted")
+# How much less top-1 zero-shot loses under the shift than the linear probe does (clipflow.evaluate.shift).
+EFFECTIVE_ROBUSTNESS = "shift_effective_robustness"
+
+
+def shift_metric(method: str, where: str) -> str:
+    """`shift_<method>_top1_<where>`: a method's top-1 in distribution, shifted, or under one kind of shift."""
+    return f"shift_{method}_top1_{where}"
+
+
 def evaluation_metrics(
-    zeroshot_sets: Iterable[str], recall_k: Iterable[int], by_label: bool, probes: Iterable[str]
+    zeroshot_sets: Iterable[str],
+    recall_k: Iterable[int],
+    by_label: bool,
+    probes: Iterable[str],
+    shifts: Iterable[str] = (),
 ) -> set[str]:
-    """Every metric an evaluation produces with these zero-shot sets, ranks, label-level retrieval and probes."""
+    """Every metric an evaluation produces with these zero-shot sets, ranks, label-level retrieval, probes and
+    kinds of distribution shift (none: no shift report)."""
     zeroshot_sets = list(zeroshot_sets)
     names = {zeroshot_metric(kind, name) for name in zeroshot_sets for kind in ZEROSHOT_KINDS}
     names |= {prompt_sensitivity_metric(name) for name in zeroshot_sets}
     labels = (False, True) if by_label else (False,)
     names |= {retrieval_metric(d, k, label) for d in ("i2t", "t2i") for k in recall_k for label in labels}
-    return names | {probe_metric(kind) for kind in probes}
+    names |= {probe_metric(kind) for kind in probes}
+    shifts = list(shifts)
+    if shifts:
+        names |= {shift_metric(m, where) for m in SHIFT_METHODS for where in (*SHIFT_WHERE, *shifts)}
+        names.add(EFFECTIVE_ROBUSTNESS)
+    return names

@@ -62,6 +62,7 @@ class DataParams:
     num_test: int
     num_heldout: int
     num_probe: int
+    num_shift: int
     shard_size: int
     colors: list[str]
     shapes: list[str]
@@ -265,6 +266,20 @@ class WiseftParams:
 
 
 @dataclass(frozen=True)
+class LinearProbeParams:
+    """Logistic regression on frozen image features, the reference of the distribution-shift report."""
+
+    max_train: int  # training-split images it is fitted on, evenly spread over the split
+    l2: list[float]  # weight penalties tried; the one best on a held-back fifth of those images is refitted on all
+    max_iter: int  # L-BFGS iterations per fit
+
+    def check(self) -> None:
+        _require_positive("evaluate.linear_probe", self, "max_train", "max_iter")
+        if not self.l2 or not all(value >= 0 for value in self.l2):  # also false for NaN
+            raise ClipflowError(f"evaluate.linear_probe.l2 must list penalties >= 0, got {self.l2}")
+
+
+@dataclass(frozen=True)
 class EvaluateParams:
     batch_size: int
     recall_k: list[int]
@@ -274,9 +289,11 @@ class EvaluateParams:
     templates: list[str]
     zeroshot: dict[str, ZeroshotSet]
     wiseft: WiseftParams
+    linear_probe: LinearProbeParams
 
     def check(self) -> None:
         _require_positive("evaluate", self, "batch_size", "chunk_size")
+        self.linear_probe.check()
         self.wiseft.check(self.zeroshot | BUILTIN_ZEROSHOT)  # whether the data has the set is known after ingest
         if not self.recall_k or min(self.recall_k) < 1:
             raise ClipflowError(f"evaluate.recall_k must list positive ranks, got {self.recall_k}")

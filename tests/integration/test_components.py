@@ -19,7 +19,9 @@ def test_ingest_writes_shards_per_split_and_reports_the_data_version(ingested, s
     report = json.loads(outputs.report)
     assert report["data_version"] == outputs.data_version == data.metadata["data_version"]
     assert report["output"] == data.path and report["source"] == "builtin"
-    counts = {split: getattr(small_params.data, f"num_{split}") for split in ("train", "test", "heldout", "probe")}
+    counts = {
+        split: getattr(small_params.data, f"num_{split}") for split in ("train", "test", "heldout", "shift", "probe")
+    }
     assert report["counts"] == counts
     assert report["kept"] == report["input_rows"] == data.metadata["rows"] == sum(counts.values())
     for split, count in counts.items():

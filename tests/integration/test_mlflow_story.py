@@ -23,7 +23,7 @@ from tests.support.servers import mlflow_server
 
 CLIPFLOW = str(Path(sys.executable).with_name("clipflow"))
 EXPERIMENT = "components"  # tests/support/component_run.py logs there
-SPLITS = ("train", "test", "heldout", "probe")
+SPLITS = ("train", "test", "heldout", "shift", "probe")
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,9 @@ def test_training_run_tells_what_trained_on_which_data(story, small_params):
 
     # trained on the train split, evaluated on the others: the data version is each one's digest
     inputs = _inputs(training)
-    expected = {("builtin/train", "training")} | {(f"builtin/{s}", "evaluation") for s in ("test", "heldout", "probe")}
+    expected = {("builtin/train", "training")} | {
+        (f"builtin/{s}", "evaluation") for s in ("test", "heldout", "shift", "probe")
+    }
     assert set(inputs) == expected
     assert {dataset.digest for dataset in inputs.values()} == {version}
 

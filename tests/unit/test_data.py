@@ -26,7 +26,8 @@ def test_counts_reconcile_with_params_metadata_and_sizes(dataset, small_params):
     out, summary = dataset
     metadata = pd.read_parquet(out / "metadata.parquet")
     expected = {"train": small_params.data.num_train, "test": small_params.data.num_test}
-    expected |= {"heldout": small_params.data.num_heldout, "probe": small_params.data.num_probe}
+    expected |= {"heldout": small_params.data.num_heldout, "shift": small_params.data.num_shift}
+    expected |= {"probe": small_params.data.num_probe}
     assert summary.counts == expected
     assert len(metadata) == summary.kept == sum(expected.values())
     for split, count in expected.items():
@@ -84,6 +85,36 @@ def test_heldout_compositions_never_reach_train_or_test(dataset, small_params):
     for label in heldout:
         color, shape = label.split()
         assert (train["color"] == color).any() and (train["shape"] == shape).any()
+
+
+def test_shift_scenes_are_seen_compositions_outlined_textured_or_resized(dataset, small_params):
+    out, _ = dataset
+    shift = pd.read_parquet(out / "metadata.parquet").query("split == 'shift'")
+    assert shift["shift"].value_counts().to_dict() == {
+        kind: small_params.data.num_shift // 3 for kind in builtin.SHIFTS
+    }
+    assert set(shift.label) <= {f"{c} {s}" for c, s in builtin.compositions(small_params.data, "test")}
+    textured = shift["shift"] == "texture"
+    assert set(shift[textured].background) == set(builtin.TEXTURES) - {"plain"}
+    assert set(shift[~textured].background) == {"plain"}
+
+    def coloured_share(sample: builtin.Sample) -> float:
+        """The share of the image that is the object: backgrounds and textures are gray, the colours are not."""
+        pixels = sample.image.getdata()
+        return sum(max(p) - min(p) > 60 for p in pixels) / len(pixels)
+
+    def shares(split: str, kind: str | None = None) -> list[float]:
+        samples = builtin.generate(small_params.data, split)
+        # white and black objects are gray too
+        chosen = [
+            s for s in samples if s.facts["color"] not in ("white", "black") and kind in (None, s.facts.get("shift"))
+        ]
+        return [coloured_share(sample) for sample in chosen]
+
+    test = shares("test")
+    sketch, resized = shares("shift", "sketch"), shares("shift", "size")
+    assert sum(sketch) / len(sketch) < 0.5 * sum(test) / len(test)  # outlines only
+    assert min(resized) < min(test) and max(resized) > max(test)  # smaller and larger than any test scene
 
 
 def test_probe_scenes_have_one_true_caption_and_no_answer_bias(dataset):
@@ -223,6 +254,22 @@ def test_opt_in_scenes_textures_relations_and_counts(small_params):
         set(s.facts) == {"label", "color", "shape", "size", "position"} for s in builtin.generate(plain, "train")
     )
     assert all(s.image.getpixel((0, 0))[0] == s.image.getpixel((0, 0))[2] for s in builtin.generate(plain, "train"))
+
+
+def test_no_training_caption_is_a_probe_candidate(small_params):
+    """The probes ask in words training never used: every candidate of every probe kind, for every composition."""
+    params = dataclasses.replace(small_params.data, num_train=3000, relation_fraction=0.3, count_fraction=0.3)
+    pairs = [f"{color} {shape}" for color, shape in builtin.compositions(params, "test")]
+    candidates = {f"{word} {pair}{'s' if n else ''}" for pair in pairs for n, word in enumerate(builtin.NUMBER_WORDS)}
+    for first in pairs:
+        for second in pairs:
+            candidates |= {f"a {first} to the {side} of a {second}" for side in ("left", "right")}
+            candidates.add(f"a {first} and a {second}")
+    probes = {c for sample in builtin.generate(params, builtin.PROBE_SPLIT) for c in sample.facts["candidates"]}
+    assert probes <= candidates  # the forms above are the probes' own
+    captions = [sample.caption for sample in builtin.generate(params, "train")]
+    assert any(" left of " in c for c in captions) and any("three" in c for c in captions)
+    assert not set(captions) & candidates
 
 
 def test_unknown_texture_is_a_clear_error(small_params, tmp_path):

@@ -10,6 +10,7 @@ from PIL import Image
 
 from clipflow import model as clip_model
 from clipflow import tracking
+from clipflow.data.builtin import SHIFTS
 from clipflow.data.ingest import ingest
 from clipflow.data.shards import ShardIndex
 from clipflow.errors import ClipflowError
@@ -19,6 +20,7 @@ from clipflow.evaluate.probes import probe_result
 from clipflow.evaluate.report import markdown_summary
 from clipflow.evaluate.retrieval import OTHER, PAIR, SAME_LABEL, retrieval
 from clipflow.evaluate.step import evaluate
+from clipflow.metric_names import EFFECTIVE_ROBUSTNESS, SHIFT_METHODS, SHIFT_WHERE, shift_metric
 from clipflow.registry.models import load_model, log_clip_model
 
 
@@ -58,6 +60,37 @@ def test_metrics_cover_every_zeroshot_set_retrieval_and_probe(evaluated, small_p
     assert result.probes["counting"].chance == 0.25
     written = json.loads((tmp / "out/metrics.json").read_text())
     assert written == json.loads(json.dumps(result.to_dict()))
+
+
+def test_the_shift_report_sets_zeroshot_beside_a_linear_probe_in_distribution_and_shifted(evaluated, small_params):
+    tmp, result, run_id, _ = evaluated
+    shift, data = result.shift, small_params.data
+    per_kind = data.num_shift // len(SHIFTS)
+    assert shift.samples == {"in_distribution": data.num_test, "shifted": data.num_shift} | dict.fromkeys(
+        SHIFTS, per_kind
+    )
+    assert shift.probe_train_images == min(small_params.evaluate.linear_probe.max_train, data.num_train)
+    assert shift.probe_l2 in small_params.evaluate.linear_probe.l2
+    zeroshot, probe = shift.top1["zeroshot"], shift.top1["linear_probe"]
+    # in distribution, zero-shot is the `seen` set: the test split's images, every label, the default templates
+    assert zeroshot["in_distribution"] == pytest.approx(result.metrics["zeroshot_top1_seen"])
+    for method in SHIFT_METHODS:  # shifted: all of the kinds, a third each
+        top1 = shift.top1[method]
+        assert top1["shifted"] == pytest.approx(sum(top1[kind] for kind in SHIFTS) / len(SHIFTS))
+    # even a random tower's features tell colours apart: the probe fitted on them beats guessing among the labels
+    assert probe["in_distribution"] > 2 * result.zeroshot["seen"].chance
+
+    expected = {shift_metric(m, where) for m in SHIFT_METHODS for where in (*SHIFT_WHERE, *SHIFTS)}
+    assert {name for name in result.metrics if name.startswith("shift_")} == expected | {EFFECTIVE_ROBUSTNESS}
+    drops = (zeroshot["shifted"] - zeroshot["in_distribution"], probe["shifted"] - probe["in_distribution"])
+    assert result.metrics[EFFECTIVE_ROBUSTNESS] == pytest.approx(drops[0] - drops[1])
+    assert json.loads((tmp / "out/metrics.json").read_text())["shift"]["top1"] == shift.top1
+    summary = (tmp / "out/summary.md").read_text()
+    assert "## Distribution shift" in summary
+    assert f"| sketch | {per_kind} | {zeroshot['sketch']:.3f} | {probe['sketch']:.3f} |" in summary
+    logged = mlflow.get_run(run_id).data.metrics
+    assert logged[f"eval/{EFFECTIVE_ROBUSTNESS}"] == pytest.approx(result.metrics[EFFECTIVE_ROBUSTNESS])
+    assert logged["eval/shift_linear_probe_top1_shifted"] == pytest.approx(probe["shifted"])
 
 
 def test_clip_benchmark_export_uses_its_names(evaluated):

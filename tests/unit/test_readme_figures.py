@@ -8,10 +8,10 @@ from tests.support import REPO
 
 RESULTS = REPO / "benchmarks" / "results" / "bench_default_run.json"
 HEADING = "## What the default run gives"
-# | words (`metric`) | **mean** | std | low–high | chance | target |
+# | words (`metric`) | **mean** | std | low–high | chance | target |, a mean or bound possibly negative
 METRIC_ROW = re.compile(
-    r"^\| [^|]*\(`(?P<metric>\w+)`\) \| \**(?P<mean>[\d.]+)\** \| (?P<std>[\d.]+) \| (?P<low>[\d.]+)–(?P<high>[\d.]+)"
-    r" \| (?P<chance>[\d.]+|-) \| (?P<target>[\d.]+|-)",
+    r"^\| [^|]*\(`(?P<metric>\w+)`\) \| \**(?P<mean>-?[\d.]+)\** \| (?P<std>[\d.]+) "
+    r"\| (?P<low>-?[\d.]+)–(?P<high>-?[\d.]+) \| (?P<chance>[\d.]+|-) \| (?P<target>[\d.]+|-)",
     re.MULTILINE,
 )
 # | `step` | mean seconds | low–high |

@@ -116,7 +116,7 @@ def test_corrupt_rows_are_quarantined(data_dir: Path, tmp_path: Path, small_para
     assert list(result.splits)[-1] == "bogus"  # unexpected splits after the expected ones
     thresholds = {(e.column, e.expectation): e.threshold for e in result.expectations}
     assert thresholds[("split", "expect_column_values_to_be_in_set")] == (
-        "one of train, test, heldout, probe (validate.splits)"
+        "one of train, test, heldout, shift, probe (validate.splits)"
     )
     assert thresholds[("caption", "expect_column_value_lengths_to_be_between")] == (
         "3 to 300 characters (validate.caption_min_chars, validate.caption_max_chars)"
@@ -198,7 +198,14 @@ def test_the_builtin_data_adds_its_own_zeroshot_set_and_passes_the_plan(data_dir
     assert list(evaluation_sets(data_dir, small_params.evaluate)) == ["seen", "heldout"]
     check_evaluation_plan(data_dir, small_params)
     # its floors and margins may name the built-in set and the probes: this data produces them
-    gated = _with(small_params, ["promote.floors.zeroshot_top1_heldout=0.1", "promote.floors.probe_counting=0.1"])
+    gated = _with(
+        small_params,
+        [
+            "promote.floors.zeroshot_top1_heldout=0.1",
+            "promote.floors.probe_counting=0.1",
+            "promote.floors.shift_zeroshot_top1_sketch=0.1",  # and the distribution-shift report
+        ],
+    )
     check_evaluation_plan(data_dir, gated)
 
 
@@ -224,7 +231,7 @@ def test_other_data_gets_only_the_configured_sets(data_dir: Path, tmp_path: Path
         (
             ["evaluate.zeroshot.seen.split=val"],
             "zero-shot set 'seen' (evaluate.zeroshot.seen) reads split 'val', which is not in the data: "
-            "the data has splits ['heldout', 'probe', 'test', 'train']",
+            "the data has splits ['heldout', 'probe', 'shift', 'test', 'train']",
         ),
         (
             ["evaluate.zeroshot.seen.classes=[red circle, blue square]"],

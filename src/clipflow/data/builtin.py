@@ -10,6 +10,11 @@ default output stays the same: background textures (`data.backgrounds`), two obj
 spatial relation (`data.relation_fraction`, relation words with synonyms) and two to four
 copies of one object (`data.count_fraction`).
 
+The `shift` split is the test split's distribution shifted, as ImageNet-Sketch shifts ImageNet: seen
+compositions drawn as outlines only (`sketch`), on textured backgrounds (`texture`), or far smaller or
+larger than any training scene (`size`), a third each. The evaluate step scores zero-shot and a linear
+probe on it against the test split (`clipflow.evaluate.shift`).
+
 The `probe` split tests CLIP's known weak spots. Each probe scene comes with candidate
 captions, exactly one of them true: counting ("three red circles" among one to four),
 spatial relations ("left of" against "right of") and attribute binding ("a red circle and a
@@ -29,7 +34,12 @@ from clipflow.params import DataParams
 
 # The probe scenes' split; the evaluate step runs the probes on any data that has it.
 PROBE_SPLIT = "probe"
-SPLITS = ("train", "test", "heldout", PROBE_SPLIT)
+# The test split's scenes under distribution shift; the evaluate step reports on any data that has it.
+SHIFT_SPLIT = "shift"
+SPLITS = ("train", "test", "heldout", SHIFT_SPLIT, PROBE_SPLIT)
+SHIFTS = ("sketch", "texture", "size")
+# Object radii of the `size` shift, as fractions of the side: training draws 0.12 (small) and 0.22 (large).
+SHIFT_RADII = {"small": 0.06, "large": 0.36}
 PROBES = ("counting", "spatial", "binding")
 NUMBER_WORDS = ("one", "two", "three", "four")
 
@@ -77,14 +87,16 @@ RELATION_PLACES = {
     "above": ((0.5, 0.25), (0.5, 0.75)),
     "below": ((0.5, 0.75), (0.5, 0.25)),
 }
+# No training caption is ever a probe's candidate ("a red star to the left of a blue cross", "three red
+# stars", "a red star and a blue cross"): the probes ask for what training taught, in words it never used.
 RELATION_TEMPLATES = (
-    "a {a} {rel} a {b}",
+    "a {a} is {rel} a {b}",
     "{a} {rel} {b}",
     "there is a {a} {rel} a {b}",
     "a picture of a {a} {rel} a {b}",
 )
-COUNT_TEMPLATES = ("{n} {color} {shape}s", "a picture of {n} {color} {shape}s", "there are {n} {color} {shape}s")
-COUNT_TEMPLATES += ("{n} {shape}s, all {color}", "{color} {shape}s, {n} of them")
+COUNT_TEMPLATES = ("a picture of {n} {color} {shape}s", "there are {n} {color} {shape}s")
+COUNT_TEMPLATES += ("{n} {shape}s, all {color}", "{color} {shape}s, {n} of them", "exactly {n} {color} {shape}s")
 
 
 @dataclass(frozen=True)
@@ -140,13 +152,13 @@ def compositions(params: DataParams, split: str) -> list[tuple[str, str]]:
 
 def split_size(params: DataParams, split: str) -> int:
     sizes = {"train": params.num_train, "test": params.num_test, "heldout": params.num_heldout}
-    return sizes.get(split, params.num_probe)
+    return (sizes | {SHIFT_SPLIT: params.num_shift})[split] if split != PROBE_SPLIT else params.num_probe
 
 
 def generate(params: DataParams, split: str) -> Iterator[Sample]:
     """Yield the samples of one split in key order."""
-    pairs = compositions(params, "test" if split == "probe" else split)
-    render_one = render_probe if split == "probe" else render_sample
+    pairs = compositions(params, "test" if split in (PROBE_SPLIT, SHIFT_SPLIT) else split)
+    render_one = {PROBE_SPLIT: render_probe, SHIFT_SPLIT: render_shifted}.get(split, render_sample)
     for index in range(split_size(params, split)):
         yield render_one(params, split, index, pairs)
 
@@ -177,6 +189,23 @@ def render_sample(params: DataParams, split: str, index: int, pairs: list[tuple[
     )
     image = render(scene, params.image_size, rng, extra)
     facts = _scene_facts(scene) | ({"background": texture} if params.backgrounds != ["plain"] else {})
+    return Sample(f"{split}-{index:07d}", split, image, caption, facts)
+
+
+def render_shifted(params: DataParams, split: str, index: int, pairs: list[tuple[str, str]]) -> Sample:
+    """A scene drawn as a test scene is, under one of `SHIFTS` in turn; its facts name the shift."""
+    rng = random.Random(f"{params.seed}/{split}/{index}")
+    kind = SHIFTS[index % len(SHIFTS)]
+    color, shape = rng.choice(pairs)
+    size = rng.choice(tuple(SIZE_WORDS))
+    texture = rng.choice(TEXTURES[1:]) if kind == "texture" else "plain"
+    scene = Scene(color, shape, size, rng.choice(ROWS), rng.choice(COLUMNS), rng.randrange(90, 170), texture)
+    radius = params.image_size * SHIFT_RADII[size] if kind == "size" else None
+    image = render(scene, params.image_size, rng, radius=radius, outline=kind == "sketch")
+    caption = rng.choice(TEMPLATES).format(
+        size=rng.choice(SIZE_WORDS[size]), color=color, shape=shape, position=scene.position
+    )
+    facts = _scene_facts(scene) | {"shift": kind, "background": texture}
     return Sample(f"{split}-{index:07d}", split, image, caption, facts)
 
 
@@ -287,19 +316,50 @@ def _distinct_pair(pairs: list[tuple[str, str]], rng: random.Random) -> tuple[tu
             return first, second
 
 
-def render(scene: Scene, side: int, rng: random.Random, texture_rng: random.Random | None = None) -> Image.Image:
-    """Draw the scene; small jitter in colour, size and position keeps renders distinct."""
+def render(
+    scene: Scene,
+    side: int,
+    rng: random.Random,
+    texture_rng: random.Random | None = None,
+    radius: float | None = None,
+    outline: bool = False,
+) -> Image.Image:
+    """Draw the scene; small jitter in colour, size and position keeps renders distinct.
+
+    `radius` (pixels) replaces the scene's size; `outline` draws the shape's outline only, as a sketch would.
+    """
     image = background(side, scene.background, scene.texture, texture_rng or rng)
     draw = ImageDraw.Draw(image)
-    radius = side * (0.12 if scene.size == "small" else 0.22) * rng.uniform(0.9, 1.1)
+    radius = (radius or side * (0.12 if scene.size == "small" else 0.22)) * rng.uniform(0.9, 1.1)
     cell = side / 3
     cx = (COLUMNS.index(scene.column) + 0.5) * cell + rng.uniform(-0.15, 0.15) * cell
     cy = (ROWS.index(scene.row) + 0.5) * cell + rng.uniform(-0.15, 0.15) * cell
     cx = min(max(cx, radius), side - radius)
     cy = min(max(cy, radius), side - radius)
     fill = tuple(min(255, max(0, v + rng.randint(-12, 12))) for v in RGB[scene.color])
-    _draw_shape(draw, scene.shape, cx, cy, radius, fill)
+    if outline:
+        _outline_shape(draw, scene.shape, cx, cy, radius, fill, width=max(1, side // 32))
+    else:
+        _draw_shape(draw, scene.shape, cx, cy, radius, fill)
     return image
+
+
+def _outline_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, color, width: int) -> None:
+    """The outline of the shape `_draw_shape` fills, `width` pixels wide."""
+    if shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), outline=color, width=width)
+        return
+    if shape == "square":
+        h = r * 0.85
+        points = [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
+    elif shape == "cross":
+        w = r * 0.35
+        # The plus sign's twelve corners, clockwise from the top arm's left edge.
+        corners = [(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w), (w, r), (-w, r), (-w, w), (-r, w), (-r, -w)]
+        points = [(cx + x, cy + y) for x, y in [*corners, (-w, -w)]]
+    else:
+        points = _polygon(shape, cx, cy, r)
+    draw.polygon(points, outline=color, width=width)
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill) -> None:
@@ -308,20 +368,27 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
     elif shape == "square":
         h = r * 0.85
         draw.rectangle((cx - h, cy - h, cx + h, cy + h), fill=fill)
-    elif shape == "triangle":
-        draw.polygon(_regular(cx, cy, r, 3, -math.pi / 2), fill=fill)
-    elif shape == "hexagon":
-        draw.polygon(_regular(cx, cy, r, 6, 0), fill=fill)
-    elif shape == "star":
-        outer = _regular(cx, cy, r, 5, -math.pi / 2)
-        inner = _regular(cx, cy, r * 0.42, 5, -math.pi / 2 + math.pi / 5)
-        draw.polygon([p for pair in zip(outer, inner, strict=True) for p in pair], fill=fill)
+    elif shape in ("triangle", "hexagon", "star"):
+        draw.polygon(_polygon(shape, cx, cy, r), fill=fill)
     elif shape == "cross":
         w = r * 0.35
         draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=fill)
         draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=fill)
     else:
         raise ValueError(f"unknown shape {shape!r}")
+
+
+def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    """The corners of a triangle, hexagon or star of circumradius `r` about (cx, cy)."""
+    if shape == "triangle":
+        return _regular(cx, cy, r, 3, -math.pi / 2)
+    if shape == "hexagon":
+        return _regular(cx, cy, r, 6, 0)
+    if shape == "star":
+        outer = _regular(cx, cy, r, 5, -math.pi / 2)
+        inner = _regular(cx, cy, r * 0.42, 5, -math.pi / 2 + math.pi / 5)
+        return [p for pair in zip(outer, inner, strict=True) for p in pair]
+    raise ValueError(f"unknown shape {shape!r}")
 
 
 def _regular(cx: float, cy: float, r: float, sides: int, phase: float) -> list[tuple[float, float]]:

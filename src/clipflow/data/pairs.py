@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -42,11 +42,14 @@ class ShardPairs(torch.utils.data.Dataset):
         return json.loads(self.index.read(i, "json"))
 
     @torch.no_grad()
-    def embed_images(self, encode_images: Callable, batch_size: int, desc: str) -> torch.Tensor:
-        """Every image through `preprocess` and `encode_images`, in order and in batches: (N, D)."""
+    def embed_images(
+        self, encode_images: Callable, batch_size: int, desc: str, positions: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """The images at `positions` (default: all) through `preprocess` and `encode_images`, in order: (N, D)."""
+        positions = range(len(self)) if positions is None else positions
         chunks = []
-        starts = range(0, len(self), batch_size)
+        starts = range(0, len(positions), batch_size)
         for start in progress(starts, total=len(starts), desc=desc):
-            stop = min(start + batch_size, len(self))
-            chunks.append(encode_images(torch.stack([self.preprocess(self.image(i)) for i in range(start, stop)])))
+            batch = positions[start : start + batch_size]
+            chunks.append(encode_images(torch.stack([self.preprocess(self.image(i)) for i in batch])))
         return torch.cat(chunks)

@@ -15,7 +15,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from clipflow.artifacts import METADATA_FILE, IngestReport
-from clipflow.data.builtin import PROBE_SPLIT, PROBES
+from clipflow.data.builtin import PROBE_SPLIT, PROBES, SHIFT_SPLIT, SHIFTS
 from clipflow.errors import ClipflowError
 from clipflow.metric_names import evaluation_metrics
 from clipflow.params import EvaluateParams, Params, ZeroshotSet
@@ -81,7 +81,8 @@ def check_evaluation_plan(data_dir: str | Path, params: Params) -> None:
             )
 
     probes = PROBES if PROBE_SPLIT in splits else ()
-    produced = evaluation_metrics(sets, settings.recall_k, settings.retrieval_label_field is not None, probes)
+    shifts = SHIFTS if SHIFT_SPLIT in splits else ()
+    produced = evaluation_metrics(sets, settings.recall_k, settings.retrieval_label_field is not None, probes, shifts)
     gates = {"floors": params.promote.floors, "min_over_chance": params.promote.min_over_chance}
     for key, metrics in gates.items():
         unknown = sorted(set(metrics) - produced)

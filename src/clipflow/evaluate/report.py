@@ -11,6 +11,7 @@ from clipflow.artifacts import BASELINE_PREFIX, METRICS_FILE, SUMMARY_FILE
 from clipflow.evaluate import plots
 from clipflow.evaluate.probes import ProbeResult
 from clipflow.evaluate.retrieval import RetrievalResult
+from clipflow.evaluate.shift import ShiftReport
 from clipflow.evaluate.wiseft import WISEFT_PLOT, WiseftCurve
 from clipflow.evaluate.zeroshot import ZeroshotResult
 from clipflow.metric_names import ZEROSHOT_CHANCE, probe_metric
@@ -28,6 +29,7 @@ class Evaluation:
     zeroshot: dict[str, ZeroshotResult]
     retrieval: RetrievalResult
     probes: dict[str, ProbeResult]
+    shift: ShiftReport | None = None  # None: the data has no `shift` split
     seconds: float = 0.0
     files: list[str] = field(default_factory=list)
     # When fine-tuning started from a model: that model on the same sets with the same prompts, ...
@@ -55,7 +57,8 @@ class Evaluation:
         for result in self.zeroshot.values():
             metrics |= result.metrics()
         metrics |= self.retrieval.metrics()
-        return metrics | {probe_metric(kind): result.accuracy for kind, result in self.probes.items()}
+        metrics |= {probe_metric(kind): result.accuracy for kind, result in self.probes.items()}
+        return metrics | (self.shift.metrics() if self.shift else {})
 
     def to_dict(self) -> dict[str, Any]:
         """metrics.json; `baseline` (its model and per-set details) and `wiseft` only when they were measured."""
@@ -63,11 +66,12 @@ class Evaluation:
             "metrics": self.metrics,
             "zeroshot": {name: result.to_dict() for name, result in self.zeroshot.items()},
             "probes": {kind: result.to_dict() for kind, result in self.probes.items()},
+            "shift": self.shift.to_dict() if self.shift else None,
             "model": self.model,
             "seconds": self.seconds,
         }
         if self.baseline:
-            values["baseline"] = {key: self.baseline.to_dict()[key] for key in ("model", "zeroshot", "probes")}
+            values["baseline"] = {key: self.baseline.to_dict()[key] for key in ("model", "zeroshot", "probes", "shift")}
         if self.wiseft:
             values["wiseft"] = self.wiseft.to_dict() | {"model_uri": self.model_uri}
         return values
@@ -195,7 +199,28 @@ def markdown_summary(evaluation: Evaluation, figures_in: str | None = None) -> s
             for kind, r in evaluation.probes.items()
         ]
         lines += ["", figure("probe accuracies", PROBES_FILE)]
+    if evaluation.shift:
+        lines += _shift_lines(evaluation.shift)
     return "\n".join(lines) + "\n"
+
+
+def _shift_lines(shift: ShiftReport) -> list[str]:
+    lines = [
+        "",
+        "## Distribution shift",
+        "",
+        "Top-1 on the test split and on its shifted variant (split `shift`), zero-shot and by a linear probe "
+        f"(logistic regression on the frozen image features of {shift.probe_train_images} training images, "
+        f"L2 {shift.probe_l2:g}). Effective robustness: how much less zero-shot loses under the shift than the "
+        f"probe, **{shift.effective_robustness:+.3f}**.",
+        "",
+        "| images | n | zero-shot | linear probe |",
+        "| --- | --- | --- | --- |",
+    ]
+    zeroshot, probe = shift.top1["zeroshot"], shift.top1["linear_probe"]
+    for where, samples in shift.samples.items():
+        lines.append(f"| {where.replace('_', ' ')} | {samples} | {zeroshot[where]:.3f} | {probe[where]:.3f} |")
+    return lines
 
 
 def _retrieval_lines(retrieval: RetrievalResult) -> list[str]:

@@ -9,6 +9,7 @@ Output folder:
     retrieval_grid.png         captions with their top-5 images, images with their top-5 captions
     probes.png                 accuracy per probe with its 95% interval, against chance
     summary.md                 a Markdown summary with per-class tables and the figures (the Kubeflow UI shows it)
+                               and, on data with the built-in `shift` split, the distribution-shift report
     per_item.parquet           per image (or caption) and metric: the hit behind each mean, for the gate's bootstrap
 
 When `train.pretrained` names the model fine-tuning started from, that model is evaluated too, on the same
@@ -50,6 +51,7 @@ from clipflow.evaluate.plan import evaluation_sets
 from clipflow.evaluate.probes import PROBE_SPLIT, probes
 from clipflow.evaluate.report import Evaluation, write_figures, write_results
 from clipflow.evaluate.retrieval import retrieval
+from clipflow.evaluate.shift import SHIFT_SPLIT, shift_report
 from clipflow.evaluate.zeroshot import zeroshot
 from clipflow.model import ClipModel
 from clipflow.params import EvaluateParams, Params
@@ -143,8 +145,10 @@ def _measure(
     settings: EvaluateParams,
     images: SplitEmbeddings | None = None,
 ) -> Evaluation:
-    """One model on every zero-shot set, retrieval and (on data that has them) the probes."""
+    """One model on every zero-shot set, retrieval and (on data that has their splits) the probes and the
+    distribution-shift report."""
     images = images or SplitEmbeddings(clip, data_dir, settings.batch_size)
+    splits = set(metadata["split"])
     return Evaluation(
         model=name,
         zeroshot={
@@ -160,7 +164,8 @@ def _measure(
             settings.chunk_size,
             settings.retrieval_label_field,
         ),
-        probes=probes(clip, images) if PROBE_SPLIT in set(metadata["split"]) else {},
+        probes=probes(clip, images) if PROBE_SPLIT in splits else {},
+        shift=shift_report(clip, images, data_dir, metadata, settings) if SHIFT_SPLIT in splits else None,
     )
 
 
@@ -219,7 +224,8 @@ def _log(evaluation: Evaluation, output_dir: Path, data_dir: Path, settings: Eva
             mlflow.log_artifacts(str(path), artifact_path=f"{EVALUATION_ARTIFACTS}/{path.name}")
         else:
             mlflow.log_artifact(str(path), artifact_path=EVALUATION_ARTIFACTS)
-    splits = [spec.split for spec in settings.zeroshot.values()] + [settings.retrieval_split, PROBE_SPLIT]
+    # The linear probe's training images are the run's training input, logged as such already.
+    splits = [spec.split for spec in settings.zeroshot.values()] + [settings.retrieval_split, PROBE_SPLIT, SHIFT_SPLIT]
     tracking.log_data(data_dir, splits, "evaluation")
 
 
