@@ -148,6 +148,7 @@ class TrainParams:
     data_workers: int | str  # "auto": from the cores (`clipflow.train.data.data_workers`)
     decode: str
     batch_size: int
+    batch_group: int | str  # "auto": 2 on the built-in data, whose scenes come in twins, else 1
     loss: str
     steps: int
     lr: float
@@ -184,6 +185,10 @@ class TrainParams:
             raise ClipflowError(f"train.data_workers must be a number or auto, got {self.data_workers!r}")
         if self.data_workers != "auto":
             _require_not_negative("train", self, "data_workers")
+        if isinstance(self.batch_group, str) and self.batch_group != "auto":
+            raise ClipflowError(f"train.batch_group must be a number or auto, got {self.batch_group!r}")
+        if self.batch_group != "auto":
+            _require_positive("train", self, "batch_group")
         not_negative = ("steps", "warmup_steps", "weight_decay", "checkpoint_every", "max_restarts")
         _require_not_negative("train", self, *not_negative)
         reference = self.starting_reference()

@@ -19,11 +19,13 @@ from torchvision import transforms
 from clipflow import model as clip_model
 from clipflow.data.ingest import ingest
 from clipflow.data.pairs import ShardPairs
+from clipflow.errors import ClipflowError
 from clipflow.train.data import (
     DeviceDecoder,
     EncodedImages,
     RankBatches,
     TrainAugment,
+    batch_group,
     crop_box,
     data_workers,
     global_batch_indices,
@@ -40,6 +42,33 @@ def test_an_epoch_visits_each_sample_at_most_once_and_steps_are_reproducible():
     assert torch.equal(global_batch_indices(100, 16, 4, seed=3), global_batch_indices(100, 16, 4, seed=3))
     # the next epoch is a new order, not a repeat
     assert not torch.equal(global_batch_indices(100, 16, 0, seed=3), global_batch_indices(100, 16, steps_per_epoch, 3))
+
+
+def test_grouped_batches_keep_each_twin_pair_together_and_still_cover_the_epoch_once():
+    steps_per_epoch = 100 // 16
+    epoch = [global_batch_indices(100, 16, step, seed=3, group=2).tolist() for step in range(steps_per_epoch)]
+    flat = [i for batch in epoch for i in batch]
+    assert len(set(flat)) == len(flat) == steps_per_epoch * 16
+    for batch in epoch:  # 2k and 2k + 1 side by side, in a shuffled order of pairs
+        assert all(
+            first % 2 == 0 and second == first + 1 for first, second in zip(batch[::2], batch[1::2], strict=True)
+        )
+    assert sorted(flat) != flat
+    # one sample a group draws the same order as the ungrouped sampler always did
+    assert torch.equal(global_batch_indices(100, 16, 2, seed=3, group=1), global_batch_indices(100, 16, 2, seed=3))
+
+
+def test_auto_batch_groups_are_the_builtin_datas_twins_and_a_batch_must_hold_whole_groups(tmp_path, small_params):
+    ingest("builtin", tmp_path / "data", small_params.data)
+    assert batch_group("auto", tmp_path / "data", 64) == 2
+    assert batch_group(1, tmp_path / "data", 63) == 1
+    with pytest.raises(ClipflowError, match=r"train.batch_size 63 must be a multiple of train.batch_group 2 \(auto"):
+        batch_group("auto", tmp_path / "data", 63)
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    result = _clipflow_train(tmp_path, "train.batch_size=48", "train.batch_group=32")
+    assert result.returncode != 0  # refused before any worker starts
+    assert "train.batch_size 48 must be a multiple of train.batch_group 32" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "model").exists()
 
 
 @pytest.mark.parametrize("size", [(64, 64), (97, 41), (23, 80)])

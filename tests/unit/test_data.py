@@ -79,6 +79,7 @@ def test_heldout_compositions_never_reach_train_or_test(dataset, small_params):
     metadata = pd.read_parquet(out / "metadata.parquet")
     heldout = set(small_params.data.heldout)
     assert not set(metadata[metadata.split != "heldout"].label) & heldout
+    assert not set(metadata["second_label"].dropna()) & heldout  # nor as the second object of a two-object scene
     assert set(metadata[metadata.split == "heldout"].label) <= heldout
     # every colour and shape of a held-out composition is still seen in training, apart
     train = metadata[metadata.split == "train"]
@@ -248,19 +249,49 @@ def test_opt_in_scenes_textures_relations_and_counts(small_params):
         assert builtin.NUMBER_WORDS[int(row.count) - 1] in row.caption
     heldout = set(params.heldout)
     assert not (set(facts["label"]) | set(relations["second_label"])) & heldout
-    # the default keeps the single-object scenes exactly as they were
-    plain = dataclasses.replace(small_params.data, num_train=20)
-    assert all(
-        set(s.facts) == {"label", "color", "shape", "size", "position"} for s in builtin.generate(plain, "train")
-    )
-    assert all(s.image.getpixel((0, 0))[0] == s.image.getpixel((0, 0))[2] for s in builtin.generate(plain, "train"))
+    # single-object scenes are the same whatever the fractions: each renders as in the single-object data
+    plain = dataclasses.replace(small_params.data, num_train=60, relation_fraction=0.0, count_fraction=0.0)
+    mixed = dataclasses.replace(plain, relation_fraction=0.3, count_fraction=0.3)
+    singles = [(a, b) for a, b in zip(*(builtin.generate(p, "train") for p in (plain, mixed)), strict=True)]
+    singles = [(a, b) for a, b in singles if "relation" not in b.facts and "count" not in b.facts]
+    assert 10 < len(singles) < 60
+    assert all(a.caption == b.caption and a.image.tobytes() == b.image.tobytes() for a, b in singles)
+    assert all(set(a.facts) == {"label", "color", "shape", "size", "position"} for a, _ in singles)
+
+
+def test_two_object_and_counting_scenes_come_in_twins_that_differ_in_one_fact(small_params):
+    params = dataclasses.replace(small_params.data, num_train=400, relation_fraction=0.4, count_fraction=0.4)
+    samples = list(builtin.generate(params, "train"))
+    twists = set()
+    for first, second in zip(samples[::2], samples[1::2], strict=True):
+        a, b = first.facts, second.facts
+        if "relation" in a:
+            twists.add(a["twist"])
+            assert a["twist"] == b["twist"] and a["background"] == b["background"]
+            if a["twist"] == "relation":  # the same objects, turned round
+                assert (a["label"], a["second_label"]) == (b["label"], b["second_label"])
+                assert builtin.OPPOSITE_RELATIONS[a["relation"]] == b["relation"]
+            else:  # the same shapes and places, the colours swapped
+                assert a["relation"] == b["relation"] and a["shape"] == b["shape"] and a["color"] != b["color"]
+                assert b["second_label"] == f"{a['color']} {a['second_label'].split()[1]}"
+        elif "count" in a:
+            assert a["label"] == b["label"] and a["count"] != b["count"]
+        else:
+            assert "count" not in b and "relation" not in b  # single-object scenes pair with single ones
+            continue
+        assert first.caption != second.caption and first.image.tobytes() != second.image.tobytes()
+    assert twists == {"relation", "colours"}
 
 
 def test_no_training_caption_is_a_probe_candidate(small_params):
     """The probes ask in words training never used: every candidate of every probe kind, for every composition."""
     params = dataclasses.replace(small_params.data, num_train=3000, relation_fraction=0.3, count_fraction=0.3)
     pairs = [f"{color} {shape}" for color, shape in builtin.compositions(params, "test")]
-    candidates = {f"{word} {pair}{'s' if n else ''}" for pair in pairs for n, word in enumerate(builtin.NUMBER_WORDS)}
+    candidates = {
+        f"{word} {color} {builtin.plural(shape) if n else shape}"
+        for color, shape in builtin.compositions(params, "test")
+        for n, word in enumerate(builtin.NUMBER_WORDS)
+    }
     for first in pairs:
         for second in pairs:
             candidates |= {f"a {first} to the {side} of a {second}" for side in ("left", "right")}

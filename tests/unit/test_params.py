@@ -55,6 +55,8 @@ def test_set_overrides_parse_values_as_yaml_and_accept_ints_for_floats():
         ("train.steps", "--set expects KEY=VALUE"),
         ("train.nproc=0", "train.nproc must be positive, got 0"),
         ("train.threads_per_proc=0", "train.threads_per_proc must be positive, got 0"),
+        ("train.batch_group=0", "train.batch_group must be positive, got 0"),
+        ("train.batch_group=twins", "train.batch_group must be a number or auto, got 'twins'"),
         ("train.lr=-1", "train.lr must be positive, got -1.0"),
         ("train.lr=0", "train.lr must be positive, got 0.0"),
         ("train.lr=.nan", "train.lr must be a finite number, got nan"),

@@ -5,10 +5,16 @@ any sample can be rendered alone. Compositions listed in `data.heldout` ("red st
 never rendered into `train` or `test`; the `heldout` split holds only them, so zero-shot
 accuracy there measures whether the model composes a colour and a shape it saw apart.
 
-Train scenes can also be harder, each kind drawn from its own random stream so that the
-default output stays the same: background textures (`data.backgrounds`), two objects in a
-spatial relation (`data.relation_fraction`, relation words with synonyms) and two to four
-copies of one object (`data.count_fraction`).
+Train scenes can also be harder, each kind drawn from its own random stream so that single-object
+scenes stay the same: background textures (`data.backgrounds`), two objects in a spatial relation
+(`data.relation_fraction`, relation words with synonyms) and two to four copies of one object
+(`data.count_fraction`). The two-object and counting scenes come in twins, samples 2k and 2k + 1:
+the second is the first with the relation turned round, the colours of its two objects swapped, or
+another count, each caption true of its own image only. The trainer keeps twins in one batch
+(`train.batch_group`), so each is the other's hard negative: with random batches two scenes of the
+same two objects almost never meet, and a contrastive model then learns the words of a caption but
+not their order (Yuksekgonul et al., 2023, "When and why vision-language models behave like bags of
+words").
 
 The `shift` split is the test split's distribution shifted, as ImageNet-Sketch shifts ImageNet: seen
 compositions drawn as outlines only (`sketch`), on textured backgrounds (`texture`), or far smaller or
@@ -80,6 +86,7 @@ RELATION_WORDS = {
     "above": ("above", "over", "on top of"),
     "below": ("below", "under", "beneath"),
 }
+OPPOSITE_RELATIONS = {"left": "right", "right": "left", "above": "below", "below": "above"}
 # Where the first object sits, then the second, as fractions of the side.
 RELATION_PLACES = {
     "left": ((0.25, 0.5), (0.75, 0.5)),
@@ -95,8 +102,8 @@ RELATION_TEMPLATES = (
     "there is a {a} {rel} a {b}",
     "a picture of a {a} {rel} a {b}",
 )
-COUNT_TEMPLATES = ("a picture of {n} {color} {shape}s", "there are {n} {color} {shape}s")
-COUNT_TEMPLATES += ("{n} {shape}s, all {color}", "{color} {shape}s, {n} of them", "exactly {n} {color} {shape}s")
+COUNT_TEMPLATES = ("a picture of {n} {color} {shapes}", "there are {n} {color} {shapes}")
+COUNT_TEMPLATES += ("{n} {shapes}, all {color}", "{color} {shapes}, {n} of them", "exactly {n} {color} {shapes}")
 
 
 @dataclass(frozen=True)
@@ -164,15 +171,17 @@ def generate(params: DataParams, split: str) -> Iterator[Sample]:
 
 
 def render_sample(params: DataParams, split: str, index: int, pairs: list[tuple[str, str]]) -> Sample:
-    # The opt-in extras draw from streams of their own: the default dataset stays byte-identical.
+    # The textures and the two-object and counting scenes draw from streams of their own: single-object
+    # scenes stay byte-identical whatever their fractions.
     extra = random.Random(f"{params.seed}/{split}/{index}/extra")
     texture = extra.choice(params.backgrounds) if params.backgrounds != ["plain"] else "plain"
     if split == "train":
-        kind = extra.random()
-        if kind < params.relation_fraction:
-            return _relation_sample(params, split, index, pairs, texture, extra)
+        twins = random.Random(f"{params.seed}/{split}/{index // 2}/twins")
+        kind = twins.random()
         if kind < params.relation_fraction + params.count_fraction:
-            return _count_sample(params, split, index, pairs, texture, extra)
+            texture = twins.choice(params.backgrounds) if params.backgrounds != ["plain"] else "plain"
+            make = _relation_sample if kind < params.relation_fraction else _count_sample
+            return make(params, split, index, pairs, texture, twins)
     rng = random.Random(f"{params.seed}/{split}/{index}")
     color, shape = rng.choice(pairs)
     scene = Scene(
@@ -210,38 +219,59 @@ def render_shifted(params: DataParams, split: str, index: int, pairs: list[tuple
 
 
 def _relation_sample(
-    params: DataParams, split: str, index: int, pairs: list[tuple[str, str]], texture: str, rng: random.Random
+    params: DataParams, split: str, index: int, pairs: list[tuple[str, str]], texture: str, twins: random.Random
 ) -> Sample:
-    """Two different seen compositions, the first left of, right of, above or below the second."""
+    """Two seen compositions, the first left of, right of, above or below the second; samples 2k and 2k + 1 are
+    twins drawn from one stream, the second with the relation turned round or the two colours swapped."""
     side = params.image_size
-    first, second = rng.sample(pairs, 2)
-    relation = rng.choice(tuple(RELATION_WORDS))
-    image = background(side, rng.randrange(90, 170), texture, rng)
+    first, second = _distinct_pair(pairs, twins)  # the colour-swapped compositions are seen too
+    relation = twins.choice(tuple(RELATION_WORDS))
+    twist = twins.choice(("relation", "colours"))
+    template, word = twins.choice(RELATION_TEMPLATES), twins.randrange(len(RELATION_WORDS[relation]))
+    if index % 2 and twist == "relation":
+        relation = OPPOSITE_RELATIONS[relation]
+    elif index % 2:
+        first, second = (second[0], first[1]), (first[0], second[1])
+    image = background(side, twins.randrange(90, 170), texture, twins)
     draw = ImageDraw.Draw(image)
     for (color, shape), (x, y) in zip((first, second), RELATION_PLACES[relation], strict=True):
         jitter = side * 0.05
-        cx, cy = x * side + rng.uniform(-jitter, jitter), y * side + rng.uniform(-jitter, jitter)
+        cx, cy = x * side + twins.uniform(-jitter, jitter), y * side + twins.uniform(-jitter, jitter)
         _draw_shape(draw, shape, cx, cy, side * 0.15, RGB[color])
     a, b = f"{first[0]} {first[1]}", f"{second[0]} {second[1]}"
-    caption = rng.choice(RELATION_TEMPLATES).format(a=a, rel=rng.choice(RELATION_WORDS[relation]), b=b)
+    caption = template.format(a=a, rel=RELATION_WORDS[relation][word], b=b)
     facts = {"label": a, "color": first[0], "shape": first[1], "relation": relation, "second_label": b}
-    return Sample(f"{split}-{index:07d}", split, image, caption, facts | {"background": texture})
+    return Sample(f"{split}-{index:07d}", split, image, caption, facts | {"background": texture, "twist": twist})
 
 
 def _count_sample(
-    params: DataParams, split: str, index: int, pairs: list[tuple[str, str]], texture: str, rng: random.Random
+    params: DataParams, split: str, index: int, pairs: list[tuple[str, str]], texture: str, twins: random.Random
 ) -> Sample:
-    """Two to four copies of one seen composition in distinct cells of a 3x3 grid."""
+    """Two to four copies of one seen composition in distinct cells of a 3x3 grid; samples 2k and 2k + 1 are
+    twins drawn from one stream that show different counts of the same object on the same background."""
     side = params.image_size
-    color, shape = rng.choice(pairs)
-    count = rng.randint(2, len(NUMBER_WORDS))
-    image = background(side, rng.randrange(90, 170), texture, rng)
+    color, shape = twins.choice(pairs)
+    counts = twins.sample(range(2, len(NUMBER_WORDS) + 1), 2)
+    count = counts[index % 2]
+    template = twins.choice(COUNT_TEMPLATES)
+    cells = twins.sample([(row, col) for row in range(3) for col in range(3)], len(NUMBER_WORDS))
+    # Jitter keeps two scenes of the same count, cells and shade from being one image (a duplicate validate refuses).
+    places = [
+        ((col + 0.5 + twins.uniform(-0.1, 0.1)) * side / 3, (row + 0.5 + twins.uniform(-0.1, 0.1)) * side / 3)
+        for row, col in cells
+    ]
+    image = background(side, twins.randrange(90, 170), texture, twins)
     draw = ImageDraw.Draw(image)
-    for row, col in rng.sample([(row, col) for row in range(3) for col in range(3)], count):
-        _draw_shape(draw, shape, (col + 0.5) * side / 3, (row + 0.5) * side / 3, side * 0.1, RGB[color])
-    caption = rng.choice(COUNT_TEMPLATES).format(n=NUMBER_WORDS[count - 1], color=color, shape=shape)
+    for x, y in places[:count]:
+        _draw_shape(draw, shape, x, y, side * 0.1, RGB[color])
+    caption = template.format(n=NUMBER_WORDS[count - 1], color=color, shapes=plural(shape))
     facts = {"label": f"{color} {shape}", "color": color, "shape": shape, "count": count}
     return Sample(f"{split}-{index:07d}", split, image, caption, facts | {"background": texture})
+
+
+def plural(shape: str) -> str:
+    """The shape's name for two or more: "crosses", "stars"."""
+    return f"{shape}es" if shape.endswith(("s", "x")) else f"{shape}s"
 
 
 def background(side: int, shade: int, texture: str, rng: random.Random) -> Image.Image:
@@ -284,7 +314,7 @@ def render_probe(params: DataParams, split: str, index: int, pairs: list[tuple[s
         cells = rng.sample([(row, col) for row in range(3) for col in range(3)], count)
         for row, col in cells:
             _draw_shape(draw, shape, (col + 0.5) * side / 3, (row + 0.5) * side / 3, side * 0.1, RGB[color])
-        candidates = [f"{NUMBER_WORDS[n - 1]} {color} {shape}{'s' if n > 1 else ''}" for n in range(1, 5)]
+        candidates = [f"{NUMBER_WORDS[n - 1]} {color} {plural(shape) if n > 1 else shape}" for n in range(1, 5)]
         answer = count - 1
     else:
         first, second = _distinct_pair(pairs, rng)

@@ -19,6 +19,7 @@ import io
 import math
 import os
 import random
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -29,19 +30,35 @@ from PIL import Image
 from torchvision import io as tvio
 from torchvision import transforms
 
+from clipflow.artifacts import IngestReport
 from clipflow.data.pairs import ShardPairs
 from clipflow.errors import ClipflowError
 
 
-def global_batch_indices(num_samples: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
-    """The sample indices of global step `step` (0-based); the last partial batch of an epoch is dropped."""
-    steps_per_epoch = num_samples // batch_size
+def global_batch_indices(num_samples: int, batch_size: int, step: int, seed: int, group: int = 1) -> torch.Tensor:
+    """The sample indices of global step `step` (0-based): shuffled groups of `group` consecutive samples, each
+    group whole in one batch; the last partial batch of an epoch, and a last partial group, are dropped."""
+    groups, groups_per_batch = num_samples // group, batch_size // group
+    steps_per_epoch = groups // groups_per_batch
     if steps_per_epoch == 0:
-        raise ValueError(f"batch size {batch_size} exceeds the {num_samples} training samples")
+        raise ValueError(f"batch size {batch_size} exceeds the {groups * group} training samples")
     epoch, position = divmod(step, steps_per_epoch)
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(num_samples, generator=generator)
-    return order[position * batch_size : (position + 1) * batch_size]
+    order = torch.randperm(groups, generator=generator)[position * groups_per_batch : (position + 1) * groups_per_batch]
+    return (order[:, None] * group + torch.arange(group)).flatten()
+
+
+def batch_group(setting: int | str, data_dir: Path, batch_size: int) -> int:
+    """`train.batch_group`: `auto` keeps the built-in data's twin scenes together (2) and other data's samples apart.
+
+    Raises:
+        ClipflowError: the batch size is not a whole number of groups.
+    """
+    group = setting if setting != "auto" else (2 if IngestReport.read(data_dir).source == "builtin" else 1)
+    if batch_size % group:
+        why = " (auto: 2 on the built-in data, whose scenes come in twins)" if setting == "auto" else ""
+        raise ClipflowError(f"train.batch_size {batch_size} must be a multiple of train.batch_group {group}{why}")
+    return group
 
 
 # The scales libjpeg decodes a JPEG at (DCT scaling), largest reduction first.
@@ -197,8 +214,9 @@ class RankBatches(torch.utils.data.Dataset):
     """Item k: this rank's part of global step `start_step + k`, as (images, token ids).
 
     A dataset of whole batches, so a DataLoader with workers builds whole batches in parallel
-    and still hands them over in step order. Images are cropped uint8 (N, 3, H, W), or with
-    `encoded` the `EncodedImages` that a `DeviceDecoder` turns into the same.
+    and still hands them over in step order. Each global batch holds whole groups of `group`
+    consecutive samples. Images are cropped uint8 (N, 3, H, W), or with `encoded` the
+    `EncodedImages` that a `DeviceDecoder` turns into the same.
     """
 
     def __init__(
@@ -212,8 +230,9 @@ class RankBatches(torch.utils.data.Dataset):
         start_step: int,
         steps: int,
         encoded: bool = False,
+        group: int = 1,
     ):
-        self.pairs, self.augment, self.encoded = pairs, augment, encoded
+        self.pairs, self.augment, self.encoded, self.group = pairs, augment, encoded, group
         self.batch_size, self.seed, self.start_step, self.steps = batch_size, seed, start_step, steps
         self.per_rank = batch_size // world_size
         self.first = rank * self.per_rank
@@ -223,7 +242,7 @@ class RankBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, k: int) -> tuple[torch.Tensor | EncodedImages, torch.Tensor]:
         step = self.start_step + k
-        indices = global_batch_indices(len(self.pairs), self.batch_size, step, self.seed)
+        indices = global_batch_indices(len(self.pairs), self.batch_size, step, self.seed, self.group)
         indices = indices[self.first : self.first + self.per_rank].tolist()
         seeds = [sample_seed(self.seed, step, self.first + n) for n in range(len(indices))]
         tokens = self.pairs.tokenizer([self.pairs.caption(i) for i in indices])

@@ -25,6 +25,7 @@ from clipflow.registry.models import local_checkpoint, log_clip_model
 from clipflow.storage import Store, is_s3
 from clipflow.train import orphans
 from clipflow.train.checkpoint import CheckpointStore, load_state
+from clipflow.train.data import batch_group
 from clipflow.train.job import WorkerJob, checkpoint_extra
 from clipflow.train.metrics import FILE_NAME as METRICS_FILE
 from clipflow.train.metrics import MetricsRelay, last_logged
@@ -91,6 +92,7 @@ def train(
     _check_model(params.train, start)
     if launcher == "torchrun":
         _check_decode(params.train)
+    batch_group(params.train.batch_group, data_dir, params.train.batch_size)  # refused here, not in each worker
     if params.train.steps == 0:
         return _register_pretrained(params, data_dir, output_dir, start, data_version, started)
     checkpoint_dir = params.train.checkpoint_dir or str(output_dir.resolve() / "checkpoints")

@@ -17,7 +17,15 @@ from clipflow.params import TrainParams
 from clipflow.progress import progress
 from clipflow.registry.models import local_checkpoint
 from clipflow.train.checkpoint import CheckpointStore, load_state, rng_state, set_rng_state
-from clipflow.train.data import DeviceDecoder, RankBatches, ShardPairs, TrainAugment, data_workers, rank_loader
+from clipflow.train.data import (
+    DeviceDecoder,
+    RankBatches,
+    ShardPairs,
+    TrainAugment,
+    batch_group,
+    data_workers,
+    rank_loader,
+)
 from clipflow.train.group import Group, local_rank, local_world_size
 from clipflow.train.job import WorkerJob
 from clipflow.train.loss import build_loss
@@ -74,6 +82,7 @@ def run(job: WorkerJob, data_dir: Path, output_dir: Path, group: Group) -> None:
             start_step,
             params.steps,
             encoded=on_device,
+            group=batch_group(params.batch_group, data_dir, params.batch_size),
         ),
         workers,
         pin_memory=group.device.type == "cuda",
