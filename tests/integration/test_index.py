@@ -67,6 +67,13 @@ def model(checkpoint):
     return load_model(checkpoint)
 
 
+def builtin_rows(params) -> int:
+    """The built-in dataset's samples, all splits."""
+    from clipflow.data import builtin
+
+    return sum(builtin.split_size(params.data, split) for split in builtin.SPLITS)
+
+
 @pytest.fixture(scope="module")
 def ingested(tmp_path_factory, small_params):
     from clipflow.data.ingest import ingest
@@ -85,10 +92,11 @@ def indexed(tmp_path_factory, ingested, checkpoint):
     return output, report_of(result)
 
 
-def test_ingested_folder_counts_reconcile_and_read_as_clip_retrieval_reads(indexed, ingested):
+def test_ingested_folder_counts_reconcile_and_read_as_clip_retrieval_reads(indexed, ingested, small_params):
     output, report = indexed
     data, ingest_report = ingested
-    assert report["rows"] == report["input_rows"] == ingest_report.kept == 1660
+    rows = builtin_rows(small_params)
+    assert report["rows"] == report["input_rows"] == ingest_report.kept == rows
     assert report["quarantined"] == 0
     assert report["data_version"] == ingest_report.data_version
     assert report["model_version"].startswith("sha256-")
@@ -97,8 +105,8 @@ def test_ingested_folder_counts_reconcile_and_read_as_clip_retrieval_reads(index
 
     images, texts, metadata = clip_retrieval_read(output)
     assert images.dtype == texts.dtype == np.float16
-    assert images.shape == texts.shape == (1660, report["dim"])
-    assert len(metadata) == 1660
+    assert images.shape == texts.shape == (rows, report["dim"])
+    assert len(metadata) == rows
     np.testing.assert_allclose(np.linalg.norm(images.astype(np.float32), axis=1), 1.0, atol=FLOAT16_TOLERANCE)
     # Row i of the stacked files is row i of the table: part by part, the keys come in the same order.
     for number, path in enumerate(sorted((output / "metadata").glob("*.parquet"))):
@@ -209,7 +217,7 @@ def test_a_killed_run_resumes_to_the_embeddings_of_an_uninterrupted_one(tmp_path
     }
 
     report = report_of(subprocess.run(command, capture_output=True, text=True, timeout=120))
-    assert report["rows"] == report["input_rows"] == 1660
+    assert report["rows"] == report["input_rows"] == builtin_rows(small_params)
     assert {path: path.stat().st_mtime_ns for path in kept} == kept
     assert not [path for path in output.rglob(".*") if path.name != ".index-run.json"]
 
