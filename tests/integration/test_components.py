@@ -69,14 +69,20 @@ def test_evaluate_fills_the_kfp_metrics_confusion_matrix_and_summary(run, traine
     artifacts, returned = evaluated
     metrics = json.loads(returned.metrics_json)
     report = json.loads(returned.report)
-    assert set(report) == {"metrics", "probes", "model", "seconds"} and report["metrics"] == metrics
+    assert set(report) == {"metrics", "probes", "shift", "model", "seconds"} and report["metrics"] == metrics
+    # the distribution-shift report reaches the KFP outputs: in the report, and its numbers among the Metrics
+    assert report["shift"]["effective_robustness"] == pytest.approx(metrics["shift_effective_robustness"])
+    assert report["shift"]["top1"]["linear_probe"]["shifted"] == pytest.approx(
+        metrics["shift_linear_probe_top1_shifted"]
+    )
     for name in ("zeroshot_top1_heldout", "retrieval_i2t_r1", "retrieval_t2i_r1"):
         assert 0.0 <= metrics[name] <= 1.0
     assert artifacts["metrics"].metadata == pytest.approx(metrics)
     confusion = artifacts["confusion"].metadata["confusionMatrix"]
     classes = [c["displayName"] for c in confusion["annotationSpecs"]]
     assert len(confusion["rows"]) == len(classes) > 1
-    assert "| heldout |" in Path(artifacts["summary"].path).read_text()
+    summary = Path(artifacts["summary"].path).read_text()
+    assert "| heldout |" in summary and "## Distribution shift" in summary
     evaluation = Path(artifacts["evaluation"].path)
     for name in ("metrics.json", "confusion_heldout.png", "retrieval_grid.png", "probes.png", "summary.md"):
         assert (evaluation / name).stat().st_size > 0
