@@ -385,8 +385,9 @@ def _outline_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, 
     elif shape == "cross":
         w = r * 0.35
         # The plus sign's twelve corners, clockwise from the top arm's left edge.
-        corners = [(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w), (w, r), (-w, r), (-w, w), (-r, w), (-r, -w)]
-        points = [(cx + x, cy + y) for x, y in [*corners, (-w, -w)]]
+        corners = [(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w)]
+        corners += [(w, r), (-w, r), (-w, w), (-r, w), (-r, -w), (-w, -w)]
+        points = [(cx + x, cy + y) for x, y in corners]
     else:
         points = _polygon(shape, cx, cy, r)
     draw.polygon(points, outline=color, width=width)
