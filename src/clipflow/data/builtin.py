@@ -174,12 +174,12 @@ def render_sample(params: DataParams, split: str, index: int, pairs: list[tuple[
     # The textures and the two-object and counting scenes draw from streams of their own: single-object
     # scenes stay byte-identical whatever their fractions.
     extra = random.Random(f"{params.seed}/{split}/{index}/extra")
-    texture = extra.choice(params.backgrounds) if params.backgrounds != ["plain"] else "plain"
+    texture = _texture(params, extra)
     if split == "train":
         twins = random.Random(f"{params.seed}/{split}/{index // 2}/twins")
         kind = twins.random()
         if kind < params.relation_fraction + params.count_fraction:
-            texture = twins.choice(params.backgrounds) if params.backgrounds != ["plain"] else "plain"
+            texture = _texture(params, twins)
             make = _relation_sample if kind < params.relation_fraction else _count_sample
             return make(params, split, index, pairs, texture, twins)
     rng = random.Random(f"{params.seed}/{split}/{index}")
@@ -199,6 +199,11 @@ def render_sample(params: DataParams, split: str, index: int, pairs: list[tuple[
     image = render(scene, params.image_size, rng, extra)
     facts = _scene_facts(scene) | ({"background": texture} if params.backgrounds != ["plain"] else {})
     return Sample(f"{split}-{index:07d}", split, image, caption, facts)
+
+
+def _texture(params: DataParams, rng: random.Random) -> str:
+    """A background texture of `data.backgrounds`; plain-only data draws nothing from `rng`."""
+    return rng.choice(params.backgrounds) if params.backgrounds != ["plain"] else "plain"
 
 
 def render_shifted(params: DataParams, split: str, index: int, pairs: list[tuple[str, str]]) -> Sample:

@@ -32,9 +32,7 @@ class LinearProbe:
 
     def top1_hits(self, features: torch.Tensor, labels: Sequence[str]) -> torch.Tensor:
         """(N,) bool: whether the probe answers each row's label; a label it never saw is always missed."""
-        index = {label: i for i, label in enumerate(self.classes)}
-        targets = torch.tensor([index.get(label, -1) for label in labels])
-        return _predict(features, self.weight, self.bias) == targets
+        return _predict(features, self.weight, self.bias) == _targets(self.classes, labels)
 
 
 def fit_linear_probe(
@@ -52,7 +50,7 @@ def fit_linear_probe(
             f"got {len(labels)} of {len(classes)}"
         )
     features = features.float()
-    targets = torch.tensor([classes.index(label) for label in labels])
+    targets = _targets(classes, labels)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     held, fitted = order[: len(labels) // 5], order[len(labels) // 5 :]
     validation = {}
@@ -81,6 +79,12 @@ def _fit(
     with torch.enable_grad():  # the evaluation around it may run under no_grad
         optimizer.step(loss)
     return weight.detach(), bias.detach()
+
+
+def _targets(classes: list[str], labels: Sequence[str]) -> torch.Tensor:
+    """Each label's class index; -1 for a label outside `classes`, which no prediction equals."""
+    index = {label: i for i, label in enumerate(classes)}
+    return torch.tensor([index.get(label, -1) for label in labels])
 
 
 def _predict(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

@@ -61,17 +61,18 @@ def shift_report(
 ) -> ShiftReport:
     """Zero-shot and the linear probe on the test split and on the `shift` split of `data_dir`."""
     probe_settings = settings.linear_probe
+    # Labels and kinds come from the metadata table in memory, not from each sample's record in the shards.
+    facts = metadata.set_index("key")
     train = ShardPairs(data_dir, TRAIN_SPLIT, clip.preprocess, clip.tokenizer)
     count = min(probe_settings.max_train, len(train))
     positions = torch.linspace(0, len(train) - 1, count).round().long().unique().tolist()
     features = train.embed_images(clip.encode_images, settings.batch_size, "linear probe train", positions)
-    probe = fit_linear_probe(
-        features, [str(train.meta(i)[LABEL_FIELD]) for i in positions], probe_settings.l2, probe_settings.max_iter
-    )
-    in_distribution = _hits(clip, images, metadata, settings, probe, IN_DISTRIBUTION_SPLIT)
-    shifted = _hits(clip, images, metadata, settings, probe, SHIFT_SPLIT)
+    labels = _labels(facts, [train.index.keys[i] for i in positions])
+    probe = fit_linear_probe(features, labels, probe_settings.l2, probe_settings.max_iter)
+    in_distribution = _hits(clip, images, metadata, facts, settings, probe, IN_DISTRIBUTION_SPLIT)
+    shifted = _hits(clip, images, metadata, facts, settings, probe, SHIFT_SPLIT)
     pairs, _ = images(SHIFT_SPLIT)
-    kinds = [pairs.meta(i)["shift"] for i in range(len(pairs))]
+    kinds = facts.loc[list(pairs.index.keys), "shift"].tolist()
     masks = {"shifted": torch.ones(len(kinds), dtype=torch.bool)}
     masks |= {kind: torch.tensor([k == kind for k in kinds]) for kind in dict.fromkeys(kinds)}
     top1 = {
@@ -87,6 +88,7 @@ def _hits(
     clip: ClipModel,
     images: SplitEmbeddings,
     metadata: pd.DataFrame,
+    facts: pd.DataFrame,
     settings: EvaluateParams,
     probe: LinearProbe,
     split: str,
@@ -94,8 +96,12 @@ def _hits(
     """Per method, whether its top-1 is right on each image of `split`: (N,) bool."""
     spec = ZeroshotSet(split=split, label_field=LABEL_FIELD)
     pairs, embeddings = images(split)
-    labels = [str(pairs.meta(i)[LABEL_FIELD]) for i in range(len(pairs))]
     return {
         "zeroshot": zeroshot(clip, images, metadata, split, spec, settings.templates).top1_hits,
-        "linear_probe": probe.top1_hits(embeddings, labels),
+        "linear_probe": probe.top1_hits(embeddings, _labels(facts, list(pairs.index.keys))),
     }
+
+
+def _labels(facts: pd.DataFrame, keys: list[str]) -> list[str]:
+    """The label of each sample key, as text (as zero-shot reads labels)."""
+    return facts.loc[keys, LABEL_FIELD].astype(str).tolist()
