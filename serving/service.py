@@ -37,6 +37,7 @@ decoded to near the model's input size (`clipflow.images`, as ingest decodes the
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import io
@@ -301,6 +302,7 @@ class Clipflow:
         self.templates = metadata["templates"]
         self.gallery = gallery.load(Path(self.bento_model.path))
         self.searcher = _searcher(metadata.get("index"))
+        self.queries = store.QueryBatcher(self.searcher) if self.searcher is not None else None
         guard_decoder(self.limits)
         uri = metadata["model_uri"]
         self.info = ModelInfo(
@@ -379,8 +381,10 @@ class Clipflow:
         decoded = open_images("queries", queries, self.limits, decode_side())
         return self._rank(self.encoder.images(decoded), self.encoder.texts(candidates))
 
+    # The searches are async: the vector store's calls carry every query waiting meanwhile
+    # (`store.QueryBatcher`), which needs more waiting queries than BentoML has threads.
     @bentoml.api
-    def search(self, text: str, k: int = 5, filter: SearchFilter = None, offset: int = 0) -> list[GalleryItem]:
+    async def search(self, text: str, k: int = 5, filter: SearchFilter = None, offset: int = 0) -> list[GalleryItem]:
         """The `k` items whose images best match `text`, best first, after skipping the `offset` best.
 
         `score` is the cosine similarity between the query and the item's image embedding. A Bento
@@ -391,16 +395,19 @@ class Clipflow:
         """
         self._check_search(k, filter, offset)
         check_query_text("text", text, self.limits)
-        return self._search(self.encoder.texts([text])[0], k, filter, offset)
+        query = await asyncio.to_thread(self.encoder.texts, [text])
+        return await self._search(query[0], k, filter, offset)
 
     # Its own endpoint rather than an optional `image` of `search`: BentoML 1.4 cannot take an
     # optional file (Optional[Path] fails at import, `Path | None` refuses every upload).
     @bentoml.api
-    def search_image(self, image: Path, k: int = 5, filter: SearchFilter = None, offset: int = 0) -> list[GalleryItem]:
+    async def search_image(
+        self, image: Path, k: int = 5, filter: SearchFilter = None, offset: int = 0
+    ) -> list[GalleryItem]:
         """`search` with an uploaded image as the query."""
         self._check_search(k, filter, offset)
-        query = self.encoder.images([open_image(image, self.limits, decode_side())])[0]
-        return self._search(query, k, filter, offset)
+        query = await asyncio.to_thread(self._image_query, image)
+        return await self._search(query, k, filter, offset)
 
     @bentoml.api
     def gallery_image(self, id: str) -> PIL.Image.Image:
@@ -426,11 +433,15 @@ class Clipflow:
             except vectors.FilterError as exc:
                 raise InvalidArgument(str(exc)) from None
 
-    def _search(self, query: torch.Tensor, k: int, filter: SearchFilter, offset: int) -> list[GalleryItem]:
-        if self.searcher is None:
-            return [GalleryItem(**item) for item in self._gallery(k).search(query, k + offset)[offset:]]
+    def _image_query(self, image: Path) -> torch.Tensor:
+        return self.encoder.images([open_image(image, self.limits, decode_side())])[0]
+
+    async def _search(self, query: torch.Tensor, k: int, filter: SearchFilter, offset: int) -> list[GalleryItem]:
+        if self.queries is None:
+            found = await asyncio.to_thread(self._gallery(k).search, query, k + offset)
+            return [GalleryItem(**item) for item in found[offset:]]
         try:
-            found = self.searcher.search(query.float().numpy(), k, filter, offset)
+            found = await self.queries.search(query.float().numpy(), k, filter, offset)
         except vectors.NotPublished as exc:
             raise NotFound(str(exc)) from None
         except vectors.StoreUnavailable as exc:

@@ -237,6 +237,70 @@ def test_a_selective_filter_returns_every_matching_row_in_exact_order(milvus, in
         assert len(hits) <= 3 and all(hit.fields["group"] in (3, 4) for hit in hits)
 
 
+class CountingSearcher(store.Searcher):
+    """The real searcher, noting how many queries each of its store calls carried."""
+
+    def __init__(self, params) -> None:
+        super().__init__(params)
+        self.calls: list[int] = []
+
+    def search_many(self, vectors, k, filter=None, offset=0):
+        self.calls.append(len(vectors))
+        return super().search_many(vectors, k, filter, offset)
+
+
+def test_queries_waiting_together_share_store_calls_and_each_gets_its_own_answer(catalogue, index_params):
+    import asyncio
+
+    store.publish(catalogue["first"], index_params)
+    embeddings, _, _ = _saved(catalogue["first"])
+    rng = np.random.default_rng(3)
+    queries = embeddings[:40] + 0.05 * rng.standard_normal(embeddings[:40].shape, dtype=np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    # Three kinds of query, which no store call may mix: a call has one k, one offset and one filter.
+    shapes = [(K, 0, None), (3, 2, None), (K, 0, {"bucket": ["b", "c"]})]
+    requests = [(query, *shapes[number % len(shapes)]) for number, query in enumerate(queries)]
+    expected = [store.Searcher(index_params).search(query, k, f, offset) for query, k, offset, f in requests]
+
+    counting = CountingSearcher(dataclasses.replace(index_params, search_batch_max=8))
+    batcher = store.QueryBatcher(counting)
+
+    async def together():
+        searches = [batcher.search(query, k, f, offset) for query, k, offset, f in requests]
+        bad = batcher.search(queries[0], K, {"bucket) or (1": "a"})
+        return await asyncio.gather(*searches, bad, return_exceptions=True)
+
+    *answers, refused = asyncio.run(together())
+    assert [[row["id"] for row in rows] for rows in answers] == [[row["id"] for row in rows] for rows in expected]
+    for rows, want in zip(answers, expected, strict=True):
+        np.testing.assert_allclose([row["score"] for row in rows], [row["score"] for row in want], atol=1e-5)
+    assert isinstance(refused, vectors.FilterError)  # its own error; the others were answered
+    assert sum(counting.calls) == len(requests)
+    assert max(counting.calls) == 8 and len(counting.calls) < len(requests) / 4, counting.calls
+
+
+def test_concurrent_searches_through_the_endpoint_each_get_their_own_top_k(indexed_server, catalogue, index_params):
+    store.publish(catalogue["first"], index_params)
+    texts = [
+        f"{colour} {shape} number {number}"
+        for colour in ("red", "blue")
+        for shape in ("circle", "star")
+        for number in range(4)
+    ]
+    expected = {text: _exact(catalogue["first"], _text_vector(indexed_server, text), K)[0] for text in texts}
+    answers: dict[str, list[str]] = {}
+
+    def client(text: str) -> None:
+        answers[text] = [item["id"] for item in _search(indexed_server, text)]
+
+    threads = [threading.Thread(target=client, args=(text,)) for text in texts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert answers == expected
+
+
 def test_offset_pages_through_the_exact_ranking(indexed_server, catalogue, index_params):
     store.publish(catalogue["first"], index_params)
     query = _text_vector(indexed_server, QUERIES[1])

@@ -247,6 +247,7 @@ def _exact_index() -> IndexParams:
         search_params={},
         exact_filter_rows=0,
         insert_batch=BATCH_SIZE,
+        search_batch_max=1,
     )
 
 

@@ -19,6 +19,7 @@ The client, the collection and the filters are `clipflow.vectors`'.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import re
@@ -40,6 +41,7 @@ from clipflow.vectors import (
     Collection,
     Filter,
     StoreUnavailable,
+    filter_expression,
     open_client,
     store_error,
 )
@@ -214,8 +216,14 @@ class Searcher:
         self._lock = threading.Lock()
 
     def search(self, vector: np.ndarray, k: int, filter: Filter | None = None, offset: int = 0) -> list[dict[str, Any]]:
-        """The `k` rows nearest a normalised query (D,), after `offset`: dicts of id, caption, score, image_path
-        and the row's other metadata fields.
+        """The `k` rows nearest a normalised query (D,), after `offset`: `search_many` of one query."""
+        return self.search_many(vector[None, :], k, filter, offset)[0]
+
+    def search_many(
+        self, vectors: np.ndarray, k: int, filter: Filter | None = None, offset: int = 0
+    ) -> list[list[dict[str, Any]]]:
+        """For each normalised query (Q, D), in one store call, the `k` nearest rows after `offset`: dicts of id,
+        caption, score, image_path and the row's other metadata fields.
 
         Raises:
             FilterError: a bad filter.
@@ -223,11 +231,11 @@ class Searcher:
             ClipflowError: the alias names no collection.
         """
         try:
-            hits = self._alias().search(vector[None, :], k, filter, offset)[0]
+            found = self._alias().search(vectors, k, filter, offset)
         except StoreUnavailable:
             self._disconnect()
             raise
-        return [{**hit.fields, "id": hit.key, "score": hit.score} for hit in hits]
+        return [[{**hit.fields, "id": hit.key, "score": hit.score} for hit in hits] for hits in found]
 
     def describe(self) -> dict[str, str | None]:
         """The alias searched and the collection it names now (None before the first publish)."""
@@ -251,3 +259,63 @@ class Searcher:
             if self._collection is None:
                 self._collection = Collection(open_client(self.params.uri), self.params.alias, self.params)
             return self._collection
+
+
+class QueryBatcher:
+    """A `Searcher` for an event loop: one store call at a time, carrying every query that came meanwhile.
+
+    A store call costs a fixed part besides its queries (Milvus Lite 3 builds each segment's row
+    mask in a Python loop over all its rows, ~650 ms at a million rows, once per call however many
+    queries it carries), so one query per call caps a server at the rate of that fixed part. Queries
+    that arrive while a call is out wait for it and then go together, up to `params.search_batch_max`,
+    grouped by (k, offset, filter), since a call has one of each. A lone query goes at once.
+    """
+
+    def __init__(self, searcher: Searcher) -> None:
+        self.searcher = searcher
+        # (k, offset, filter expression) -> the queries waiting with those: vector, filter, answer
+        self._waiting: dict[tuple[int, int, str], list[tuple[np.ndarray, Filter | None, asyncio.Future]]] = {}
+        self._caller: asyncio.Task | None = None
+
+    @property
+    def params(self) -> IndexParams:
+        return self.searcher.params
+
+    async def search(
+        self, vector: np.ndarray, k: int, filter: Filter | None = None, offset: int = 0
+    ) -> list[dict[str, Any]]:
+        """`Searcher.search`, awaited: the same rows, the same errors."""
+        expression = filter_expression(filter)  # a bad filter fails its own query, not the call it would join
+        answer = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault((k, offset, expression), []).append((vector, filter, answer))
+        if self._caller is None:
+            self._caller = asyncio.create_task(self._call_until_empty())
+        return await answer
+
+    async def _call_until_empty(self) -> None:
+        try:
+            while self._waiting:
+                key, queued = next(iter(self._waiting.items()))
+                batch, rest = queued[: self.params.search_batch_max], queued[self.params.search_batch_max :]
+                del self._waiting[key]
+                if rest:  # behind the other groups: one busy group does not starve them
+                    self._waiting[key] = rest
+                k, offset, _ = key
+                await self._answer(batch, k, offset)
+        finally:
+            self._caller = None
+
+    async def _answer(self, batch: list[tuple[np.ndarray, Filter | None, asyncio.Future]], k: int, offset: int) -> None:
+        """One store call for `batch`, whose filters all have the same expression."""
+        vectors = np.stack([vector for vector, _, _ in batch])
+        filter = batch[0][1]
+        try:
+            found = await asyncio.to_thread(self.searcher.search_many, vectors, k, filter, offset)
+        except Exception as exc:  # every query of the call gets the store's error
+            for _, _, answer in batch:
+                if not answer.done():
+                    answer.set_exception(exc)
+            return
+        for (_, _, answer), rows in zip(batch, found, strict=True):
+            if not answer.done():  # its client may have gone
+                answer.set_result(rows)
