@@ -14,6 +14,9 @@ replaced in its `clipflow.previous` property. A JSON file beside the data would 
 server URL, while a property is as durable as the collection, is seen by every process that shares
 the server, and disappears with the collection it describes.
 
+`Searcher` reads the alias from threads; `QueryBatcher` from an event loop, one store call at a time
+with every query that arrived meanwhile (the served `search` endpoints use it).
+
 The client, the collection and the filters are `clipflow.vectors`'.
 """
 
@@ -265,8 +268,9 @@ class QueryBatcher:
     """A `Searcher` for an event loop: one store call at a time, carrying every query that came meanwhile.
 
     A store call costs a fixed part besides its queries (Milvus Lite 3 builds each segment's row
-    mask in a Python loop over all its rows, ~650 ms at a million rows, once per call however many
-    queries it carries), so one query per call caps a server at the rate of that fixed part. Queries
+    mask in a Python loop over all its rows, about a second at a million rows on two cores, once per
+    call however many queries it carries: benchmarks/README.md, bench_index), so one query per call
+    caps a server at the rate of that fixed part. Queries
     that arrive while a call is out wait for it and then go together, up to `params.search_batch_max`,
     grouped by (k, offset, filter), since a call has one of each. A lone query goes at once.
     """
