@@ -456,9 +456,8 @@ class IndexParams:
     search_batch_max: int
 
     def check(self) -> None:
-        _require_positive(
-            "index", self, "batch_size", "workers", "threads_per_worker", "part_size", "insert_batch", "search_batch_max"
-        )
+        positive = ("batch_size", "workers", "threads_per_worker", "part_size", "insert_batch", "search_batch_max")
+        _require_positive("index", self, *positive)
         _require_not_negative("index", self, "keep_collections", "exact_filter_rows")
         if self.index_type not in INDEX_TYPES:
             raise ClipflowError(f"index.index_type must be one of {', '.join(INDEX_TYPES)}, got {self.index_type!r}")
