@@ -31,7 +31,7 @@ lint: $(STAMP)
 browser:
 	test -x /usr/bin/chromium || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium)
 
-# Every benchmark in turn, each writing benchmarks/results/<name>.json (about 80 minutes on 2 cores).
+# Every benchmark in turn, each writing benchmarks/results/<name>.json (about three hours on 2 cores).
 bench: $(STAMP)
 	for script in benchmarks/bench_*.py; do $(BIN)/python $$script || exit 1; done
 
