@@ -48,8 +48,8 @@ CONFIGS: dict[str, tuple[str, ...]] = {
         "train.steps=2000",
     ),
     # Fixed 2-D sine-cosine patch positions (as MAE's), of unit scale, where CLIP-Tiny's learned ones start
-    # at width^-0.5: the trained default's image features tell an object's column apart little better
-    # than a random model's.
+    # at width^-0.5: the trained default keeps little of an object's column in its image features
+    # (bench_position_signal.py).
     "relations and counts 0.25 each, 2-D sin-cos patch positions": (
         "data.relation_fraction=0.25",
         "data.count_fraction=0.25",
