@@ -91,13 +91,14 @@ def test_init_writes_the_packaged_defaults_and_never_replaces_an_edited_file_una
     written = tmp_path / "params.yaml"
     assert written.read_text() == (REPO / "params.yaml").read_text()
 
-    written.write_text(written.read_text().replace("steps: 1000", "steps: 7"))
+    edited = written.read_text() + "# the user's own line\n"
+    written.write_text(edited)
     again = _clipflow("init", cwd=tmp_path)
     assert again.returncode != 0
     assert again.stderr.strip() == (
         "clipflow: error: params.yaml exists; pass --force to replace it with the packaged defaults"
     )
-    assert "steps: 7" in written.read_text()
+    assert written.read_text() == edited
     assert _clipflow("init", "--force", cwd=tmp_path).returncode == 0
     assert written.read_text() == (REPO / "params.yaml").read_text()
 
