@@ -44,15 +44,13 @@ def default_checkpoint() -> Path:
     return found[-1]
 
 
-def measure(clip, params, images: int) -> dict[str, float]:
+def scenes(params, images: int) -> dict[str, list]:
+    """The spatial probe scenes with their true and false captions, and `images` lone objects with their columns."""
     from clipflow.data import builtin
-    from clipflow.evaluate.linear_probe import fit_linear_probe
 
     pairs = builtin.compositions(params, "test")
     spatial = [builtin.render_probe(params, "probe", index, pairs) for index in range(PROBE_SCENES)]
     spatial = [sample for sample in spatial if sample.facts["probe"] == "spatial"]
-    true = [sample.facts["candidates"][sample.facts["answer"]] for sample in spatial]
-    false = [sample.facts["candidates"][1 - sample.facts["answer"]] for sample in spatial]
     rng = random.Random(0)
     lone, columns = [], []
     for index in range(images):
@@ -63,20 +61,32 @@ def measure(clip, params, images: int) -> dict[str, float]:
         )
         lone.append(builtin.render(scene, params.image_size, random.Random(index)))
         columns.append(column)
+    return {
+        "spatial": [sample.image for sample in spatial],
+        "true": [sample.facts["candidates"][sample.facts["answer"]] for sample in spatial],
+        "false": [sample.facts["candidates"][1 - sample.facts["answer"]] for sample in spatial],
+        "lone": lone,
+        "columns": columns,
+    }
+
+
+def measure(clip, seen: dict[str, list]) -> dict[str, float]:
+    from clipflow.evaluate.linear_probe import fit_linear_probe
 
     def encode(pictures: list[Image.Image]) -> torch.Tensor:
         return clip.encode_images(torch.stack([clip.preprocess(picture) for picture in pictures]))
 
     with torch.no_grad():
-        scenes = encode([sample.image for sample in spatial])
-        mirrored = encode([sample.image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for sample in spatial])
-        features = encode(lone)
-        text_cosine = (clip.encode_text(true) * clip.encode_text(false)).sum(1).mean().item()
-    fitted = images * 4 // 5
+        spatial = encode(seen["spatial"])
+        mirrored = encode([picture.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for picture in seen["spatial"]])
+        features = encode(seen["lone"])
+        text_cosine = (clip.encode_text(seen["true"]) * clip.encode_text(seen["false"])).sum(1).mean().item()
+    columns = seen["columns"]
+    fitted = len(columns) * 4 // 5
     probe = fit_linear_probe(features[:fitted], columns[:fitted], L2, max_iter=200)
     return {
         "text_true_false_cosine": text_cosine,
-        "image_mirror_cosine": (scenes * mirrored).sum(1).mean().item(),
+        "image_mirror_cosine": (spatial * mirrored).sum(1).mean().item(),
         "column_probe_top1": probe.top1_hits(features[fitted:], columns[fitted:]).float().mean().item(),
     }
 
@@ -95,7 +105,8 @@ def main() -> None:
     trained = clip_model.load(checkpoint)
     random_model = clip_model.create(trained.name)
     random_model.model.eval()
-    ours, floor = measure(trained, params, args.images), measure(random_model, params, args.images)
+    seen = scenes(params, args.images)
+    ours, floor = measure(trained, seen), measure(random_model, seen)
     units = {"text_true_false_cosine": "cosine", "image_mirror_cosine": "cosine", "column_probe_top1": "fraction"}
     cases = [
         case(

@@ -302,7 +302,6 @@ class Clipflow:
         self.templates = metadata["templates"]
         self.gallery = gallery.load(Path(self.bento_model.path))
         self.searcher = _searcher(metadata.get("index"))
-        self.queries = store.QueryBatcher(self.searcher) if self.searcher is not None else None
         guard_decoder(self.limits)
         uri = metadata["model_uri"]
         self.info = ModelInfo(
@@ -325,7 +324,7 @@ class Clipflow:
         if self.searcher is None:
             return self.info
         try:
-            index = self.searcher.describe()
+            index = self.searcher.searcher.describe()
         except vectors.StoreUnavailable as exc:
             logger.warning("model_info: %s", exc)
             index = {"alias": self.searcher.params.alias, "collection": None}
@@ -437,11 +436,11 @@ class Clipflow:
         return self.encoder.images([open_image(image, self.limits, decode_side())])[0]
 
     async def _search(self, query: torch.Tensor, k: int, filter: SearchFilter, offset: int) -> list[GalleryItem]:
-        if self.queries is None:
+        if self.searcher is None:
             found = await asyncio.to_thread(self._gallery(k).search, query, k + offset)
             return [GalleryItem(**item) for item in found[offset:]]
         try:
-            found = await self.queries.search(query.float().numpy(), k, filter, offset)
+            found = await self.searcher.search(query.float().numpy(), k, filter, offset)
         except vectors.NotPublished as exc:
             raise NotFound(str(exc)) from None
         except vectors.StoreUnavailable as exc:
@@ -488,7 +487,7 @@ def _refused(refusal: Overloaded) -> Overloaded:
     return refusal
 
 
-def _searcher(settings: str | None) -> store.Searcher | None:
+def _searcher(settings: str | None) -> store.QueryBatcher | None:
     """The vector store searcher of a Bento packaged with an index (`settings`: its `IndexParams` as JSON), at
     `$CLIPFLOW_INDEX_URI` when set."""
     if settings is None:
@@ -500,7 +499,7 @@ def _searcher(settings: str | None) -> store.Searcher | None:
     params = IndexParams(**json.loads(settings))
     params = dataclasses.replace(params, uri=os.environ.get(INDEX_URI_ENV) or params.uri)
     logger.info("search reads the vector store's alias %s", params.alias)  # the uri may hold credentials
-    return store.Searcher(params)
+    return store.QueryBatcher(store.Searcher(params))
 
 
 # The first added runs first: every refusal under /v1/ is reshaped for OpenAI's clients, the page
