@@ -26,26 +26,46 @@ from bench_default_run import REPORTED, TARGETS, run_seed
 from common import write_results
 
 # name -> the overrides of the default params.yaml; the first is the reference of every change.
-# Each names the steps it ran, so a rung keeps its meaning when the default changes.
+# Each names the steps it ran and the share of captions that name a lone object's place, so a rung keeps
+# its meaning when the default changes.
+OLD_CAPTIONS = "data.position_captions=0.4"  # 4 of the 10 single-object caption templates before it was a setting
 CONFIGS: dict[str, tuple[str, ...]] = {
-    "single objects (the earlier default)": ("data.relation_fraction=0", "data.count_fraction=0", "train.steps=1000"),
-    "relations 0.25, twins in one batch": ("data.relation_fraction=0.25", "data.count_fraction=0", "train.steps=1000"),
-    "counts 0.25, twins in one batch": ("data.relation_fraction=0", "data.count_fraction=0.25", "train.steps=1000"),
+    "single objects (the earlier default)": (
+        "data.relation_fraction=0",
+        "data.count_fraction=0",
+        "train.steps=1000",
+        OLD_CAPTIONS,
+    ),
+    "relations 0.25, twins in one batch": (
+        "data.relation_fraction=0.25",
+        "data.count_fraction=0",
+        "train.steps=1000",
+        OLD_CAPTIONS,
+    ),
+    "counts 0.25, twins in one batch": (
+        "data.relation_fraction=0",
+        "data.count_fraction=0.25",
+        "train.steps=1000",
+        OLD_CAPTIONS,
+    ),
     "relations and counts 0.25 each, twins in one batch": (
         "data.relation_fraction=0.25",
         "data.count_fraction=0.25",
         "train.steps=1000",
+        OLD_CAPTIONS,
     ),
     "relations and counts 0.25 each, twins apart": (
         "data.relation_fraction=0.25",
         "data.count_fraction=0.25",
         "train.batch_group=1",
         "train.steps=1000",
+        OLD_CAPTIONS,
     ),
     "relations and counts 0.25 each, 2000 steps": (
         "data.relation_fraction=0.25",
         "data.count_fraction=0.25",
         "train.steps=2000",
+        OLD_CAPTIONS,
     ),
     # Fixed 2-D sine-cosine patch positions (as MAE's), of unit scale, where CLIP-Tiny's learned ones start
     # at width^-0.5: the trained default keeps little of an object's column in its image features
@@ -55,6 +75,21 @@ CONFIGS: dict[str, tuple[str, ...]] = {
         "data.count_fraction=0.25",
         "train.steps=1000",
         "train.model=CLIP-Tiny-2D",
+        OLD_CAPTIONS,
+    ),
+    # Captions that name a lone object's place give each tower a use for position on its own, which the
+    # relation twins alone do not (bench_position_signal.py).
+    "relations and counts 0.25 each, 2000 steps, 6 in 10 captions name the place": (
+        "data.relation_fraction=0.25",
+        "data.count_fraction=0.25",
+        "train.steps=2000",
+        "data.position_captions=0.6",
+    ),
+    "relations and counts 0.25 each, 2000 steps, 9 in 10 captions name the place": (
+        "data.relation_fraction=0.25",
+        "data.count_fraction=0.25",
+        "train.steps=2000",
+        "data.position_captions=0.9",
     ),
 }
 RESULTS = Path(__file__).parent / "results" / "bench_training_mix.json"

@@ -78,6 +78,7 @@ class DataParams:
     backgrounds: list[str]
     relation_fraction: float
     count_fraction: float
+    position_captions: float
 
     def check(self) -> None:
         _require_positive("data", self, "num_train", "shard_size", "max_image_bytes", "max_manifest_bytes")
@@ -91,6 +92,8 @@ class DataParams:
             raise ClipflowError(
                 "data.relation_fraction and data.count_fraction must be non-negative and sum to at most 1"
             )
+        if not 0 <= self.position_captions <= 1:
+            raise ClipflowError(f"data.position_captions must be within [0, 1]; got {self.position_captions}")
         known = {f"{c} {s}" for c in self.colors for s in self.shapes}
         unknown = sorted(set(self.heldout) - known)
         if unknown:

@@ -259,6 +259,17 @@ def test_opt_in_scenes_textures_relations_and_counts(small_params):
     assert all(set(a.facts) == {"label", "color", "shape", "size", "position"} for a, _ in singles)
 
 
+@pytest.mark.parametrize("share", [0.0, 0.6, 1.0])
+def test_single_object_captions_name_the_position_at_the_share_asked(small_params, share):
+    params = dataclasses.replace(
+        small_params.data, num_train=400, relation_fraction=0.0, count_fraction=0.0, position_captions=share
+    )
+    samples = list(builtin.generate(params, "train")) + list(builtin.generate(params, builtin.SHIFT_SPLIT))
+    placed = [s.facts["position"] in s.caption for s in samples]
+    assert all(s.facts["color"] in s.caption and s.facts["shape"] in s.caption for s in samples)
+    assert abs(sum(placed) / len(placed) - share) < 0.06
+
+
 def test_two_object_and_counting_scenes_come_in_twins_that_differ_in_one_fact(small_params):
     params = dataclasses.replace(small_params.data, num_train=400, relation_fraction=0.4, count_fraction=0.4)
     samples = list(builtin.generate(params, "train"))

@@ -42,6 +42,7 @@ def test_set_overrides_parse_values_as_yaml_and_accept_ints_for_floats():
         ("data.split_fractions={train: 0.9}", "data.split_fractions must be non-negative and sum to 1"),
         ("data.split_fractions={train: 0.5, dev: 0.5}", "names splits outside validate.splits: ['dev']"),
         ("data.count_fraction=-0.1", "must be non-negative and sum to at most 1"),
+        ("data.position_captions=1.5", "data.position_captions must be within [0, 1]; got 1.5"),
         ("validate.min_side=0", "must be positive and at most validate.max_side"),
         ("serve.max_k=0", "serve.max_k must be positive, got 0"),
         ("serve.batch_max_size=1", "serve.batch_max_size must be at least 2"),
