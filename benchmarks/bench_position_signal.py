@@ -1,10 +1,10 @@
-"""Whether a trained model sees left from right at all: why the spatial probe sits at chance.
+"""Whether a trained model sees left from right at all, and what taught it to.
 
-    python benchmarks/bench_position_signal.py [--checkpoint PATH] [--images 600]
+    python benchmarks/bench_position_signal.py [--checkpoint NAME=PATH ...] [--images 600]
 
 The spatial probe (`clipflow.evaluate.probes`) asks an image to prefer "a red star to the left of a blue
 cross" over the same text with "right"; it can only answer if both towers separate the two. Three
-measurements on the probe split's spatial scenes and on lone objects, for the checkpoint and for a
+measurements on the probe split's spatial scenes and on lone objects, for each checkpoint and for a
 random model of the same config (the floor any trained tower should clear):
 
 - text: the mean cosine between each spatial probe's true and false candidate (1.0: the text tower
@@ -14,7 +14,8 @@ random model of the same config (the floor any trained tower should clear):
   from frozen image features whether a lone object sits in the left or the right column, on the
   other fifth (0.5 is chance).
 
-The checkpoint defaults to seed 0's of bench_default_run (the default `make run` model).
+The checkpoints default to seed 0's of bench_default_run (the default `make run` model) and seed 0's of
+bench_training_mix's rung that trained as long on captions of which 4 in 10 name a lone object's place.
 Writes benchmarks/results/bench_position_signal.json.
 """
 
@@ -33,14 +34,25 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 COMMAND = "python benchmarks/bench_position_signal.py"
 DEFAULT_RUN = Path("/tmp/clipflow-default-run/seed-0")
+FEW_PLACES_RUNG = "relations and counts 0.25 each, 2000 steps"
 PROBE_SCENES = 300  # every third probe scene is a spatial one
 L2 = (1e-4, 1e-3, 1e-2)
 
 
-def default_checkpoint() -> Path:
-    found = sorted(DEFAULT_RUN.glob("outputs/kfp/*/train-component/model/checkpoint.pt"))
+def default_checkpoints() -> dict[str, Path]:
+    from bench_training_mix import CONFIGS, DEFAULT_WORKDIR
+
+    runs = {
+        "9 in 10 captions name the place (the default run)": DEFAULT_RUN,
+        "4 in 10 captions name the place": DEFAULT_WORKDIR / f"config-{list(CONFIGS).index(FEW_PLACES_RUNG)}-seed-0",
+    }
+    return {name: checkpoint_of(folder) for name, folder in runs.items()}
+
+
+def checkpoint_of(run: Path) -> Path:
+    found = sorted(run.glob("outputs/kfp/*/train-component/model/checkpoint.pt"))
     if not found:
-        raise SystemExit(f"no checkpoint under {DEFAULT_RUN}: run benchmarks/bench_default_run.py or pass --checkpoint")
+        raise SystemExit(f"no checkpoint under {run}: run its benchmark or pass --checkpoint NAME=PATH")
     return found[-1]
 
 
@@ -93,33 +105,33 @@ def measure(clip, seen: dict[str, list]) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", type=Path, default=None)
+    parser.add_argument("--checkpoint", nargs="+", default=None, metavar="NAME=PATH")
     parser.add_argument("--images", type=int, default=600)
     args = parser.parse_args()
     from clipflow import model as clip_model
     from clipflow.params import load_params
 
     torch.manual_seed(0)
-    checkpoint = args.checkpoint or default_checkpoint()
+    if args.checkpoint:
+        checkpoints = {name: Path(path) for name, _, path in (text.partition("=") for text in args.checkpoint)}
+    else:
+        checkpoints = default_checkpoints()
     params = load_params(ROOT / "params.yaml").data
-    trained = clip_model.load(checkpoint)
-    random_model = clip_model.create(trained.name)
-    random_model.model.eval()
     seen = scenes(params, args.images)
-    ours, floor = measure(trained, seen), measure(random_model, seen)
     units = {"text_true_false_cosine": "cosine", "image_mirror_cosine": "cosine", "column_probe_top1": "fraction"}
-    cases = [
-        case(
-            f"{trained.name} trained: {metric}",
-            metric,
-            units[metric],
-            round(value, 5),
-            "random init",
-            round(floor[metric], 5),
-        )
-        for metric, value in ours.items()
-    ]
-    path = write_results("bench_position_signal", COMMAND, cases, checkpoint=str(checkpoint), images=args.images)
+    cases, floors = [], {}
+    for name, checkpoint in checkpoints.items():
+        trained = clip_model.load(checkpoint)
+        if trained.name not in floors:
+            random_model = clip_model.create(trained.name)
+            random_model.model.eval()
+            floors[trained.name] = measure(random_model, seen)
+        floor = floors[trained.name]
+        for metric, value in measure(trained, seen).items():
+            label = f"{trained.name}, {name}: {metric}"
+            cases.append(case(label, metric, units[metric], round(value, 5), "random init", round(floor[metric], 5)))
+    checkpoints = {name: str(path) for name, path in checkpoints.items()}
+    path = write_results("bench_position_signal", COMMAND, cases, checkpoints=checkpoints, images=args.images)
     print(f"wrote {path}")
 
 
