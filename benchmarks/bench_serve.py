@@ -6,7 +6,9 @@ For each model (random init: speed does not depend on the weights), one run pack
 into a temporary BentoML store, with adaptive batching on (params.yaml's `serve:`) and off,
 serves each with `bentoml serve` on 127.0.0.1, and sends one-item `encode_text` and
 `encode_image` requests (an image of the model's input size) from `--clients` concurrent
-clients for `--seconds` per case. The peer is the same work in this process without HTTP
+clients for `--seconds` per case, each a keep-alive connection replaying one prepared request
+(`KeepAlive`), so that the load generator takes little of the cores it shares with the server;
+the server's own CPU per request is recorded beside its rate. The peer is the same work in this process without HTTP
 (tokenise and forward for texts; eval preprocess and forward of decoded images), both with
 torch's own intra-op threads and in the service's per-core lanes. Both run at the precision
 `--precision` (default params.yaml's `serve.precision`) resolves to on this machine, which the
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -44,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 import torch
 from common import case, write_results
 from PIL import Image
@@ -164,13 +168,18 @@ class Ceiling:
 
 
 async def closed_loop(
-    send: Callable[[], Awaitable[str | None]], clients: int, seconds: float, ceiling: Ceiling | None = None
+    send: Callable[[], Awaitable[str | None]],
+    clients: int,
+    seconds: float,
+    ceiling: Ceiling | None = None,
+    server_cpu: Callable[[], float] | None = None,
 ) -> dict:
     """`clients` concurrent callers of `send` (one request; None when answered, else why not) for
     `seconds`: items/s (overall and in each round), p50 and p99 latency, failures by reason.
 
     With a `ceiling`, the load runs in ROUNDS rounds and the ceiling takes a slice before each,
-    while no request is in flight.
+    while no request is in flight. With `server_cpu` (the server's CPU seconds so far), the server's
+    CPU per answered request over the rounds (the ceiling's slices, when it idles, included).
     """
     latencies: list[float] = []
     failures: dict[str, int] = {}
@@ -186,6 +195,7 @@ async def closed_loop(
 
     await asyncio.gather(*(client(time.perf_counter() + 2) for _ in range(clients)))  # warm-up
     latencies.clear()
+    cpu_at_start = server_cpu() if server_cpu else 0.0
     rounds = ROUNDS if ceiling else 1
     by_round = []
     for _ in range(rounds):
@@ -195,7 +205,8 @@ async def closed_loop(
         await asyncio.gather(*(client(start + seconds / rounds) for _ in range(clients)))
         by_round.append((len(latencies) - answered, time.perf_counter() - start))
     cuts = statistics.quantiles(latencies, n=100)
-    return {
+    cpu = {"server_cpu_ms_per_request": 1000 * (server_cpu() - cpu_at_start) / len(latencies)} if server_cpu else {}
+    return cpu | {
         "items_per_s": len(latencies) / sum(elapsed for _, elapsed in by_round),
         "by_round": [answered / elapsed for answered, elapsed in by_round],
         "p50_ms": 1000 * cuts[49],
@@ -205,23 +216,86 @@ async def closed_loop(
     }
 
 
+class KeepAlive:
+    """One HTTP/1.1 keep-alive connection that sends one prepared request over and over.
+
+    A load generator on the server's own two cores takes CPU from it: httpx spends about 1 ms of
+    CPU per request here, this about 0.1 ms (the request's bytes are built once, by httpx; an answer
+    is read by its Content-Length and thrown away).
+    """
+
+    def __init__(self, url: str, request: httpx.Request):
+        self.host, self.port = request.url.host, request.url.port
+        head = [f"{request.method} {request.url.raw_path.decode()} HTTP/1.1"]
+        head += [f"{name}: {value}" for name, value in request.headers.items()]
+        self.request = ("\r\n".join(head) + "\r\n\r\n").encode() + request.read()
+        self.streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def send(self) -> str | None:
+        if self.streams is None:
+            self.streams = await asyncio.open_connection(self.host, self.port)
+        reader, writer = self.streams
+        writer.write(self.request)
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, ConnectionError):  # the server closed it: the next call reconnects
+            self.close()
+            return "connection closed"
+        status, *fields = head.decode("latin-1").split("\r\n")
+        lengths = [int(f.split(":", 1)[1]) for f in fields if f.lower().startswith("content-length:")]
+        if not lengths:  # every answer of the service has a length; one without would desynchronise the stream
+            raise SystemExit(f"an answer without Content-Length: {head!r}")
+        await reader.readexactly(lengths[0])
+        code = status.split(" ", 2)[1]
+        return None if code == "200" else code
+
+    def close(self) -> None:
+        if self.streams is not None:
+            self.streams[1].close()
+            self.streams = None
+
+
+def server_cpu_s(process: psutil.Process) -> float:
+    """CPU seconds the server's process tree has used so far."""
+    total = 0.0
+    for member in [process, *process.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            times = member.cpu_times()
+            total += times.user + times.system
+    return total
+
+
 async def load(
-    url: str, endpoint: str, png: bytes, clients: int, seconds: float, ceiling: Ceiling | None = None
+    url: str,
+    endpoint: str,
+    png: bytes,
+    clients: int,
+    seconds: float,
+    server: psutil.Process,
+    ceiling: Ceiling | None = None,
 ) -> dict:
-    """`closed_loop` of one-item requests to a native endpoint."""
+    """`closed_loop` of one-item requests to a native endpoint, with the CPU of the `server` process tree."""
     kwargs = (
         {"json": {"texts": [TEXT]}}
         if endpoint == "encode_text"
         else {"files": [("images", ("a.png", png, "image/png"))]}
     )
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+    request = httpx.Request("POST", f"{url}/{endpoint}", **kwargs)
+    connections = [KeepAlive(url, request) for _ in range(clients)]
+    free = list(connections)
 
-        async def send() -> str | None:
-            response = await http.post(f"/{endpoint}", **kwargs)
-            return None if response.status_code == 200 else str(response.status_code)
+    async def send() -> str | None:
+        connection = free.pop()
+        try:
+            return await connection.send()
+        finally:
+            free.append(connection)
 
-        return await closed_loop(send, clients, seconds, ceiling)
+    try:
+        return await closed_loop(send, clients, seconds, ceiling, server_cpu=lambda: server_cpu_s(server))
+    finally:
+        for connection in connections:
+            connection.close()
 
 
 def package_bento(tmp: Path, model: str, batching: bool, precision: str) -> str:
@@ -266,11 +340,13 @@ def served(
 
     port = free_port()
     process = serve(bento_tag, port, tmp / f"serve-{port}.log")
+    server = psutil.Process(process.pid)
     try:
         results = {}
         for endpoint in ENDPOINTS:
             ceiling = ceilings[endpoint] if ceilings else None
-            results[endpoint] = asyncio.run(load(f"http://127.0.0.1:{port}", endpoint, png, clients, seconds, ceiling))
+            url = f"http://127.0.0.1:{port}"
+            results[endpoint] = asyncio.run(load(url, endpoint, png, clients, seconds, server, ceiling))
             print(json.dumps({"bento": bento_tag, endpoint: results[endpoint]}), flush=True)
             if ceiling:
                 print(json.dumps({"ceiling": endpoint, **ceiling.best()}), flush=True)
@@ -333,6 +409,9 @@ def main(argv: list[str] | None = None) -> None:
             ]
             by_mode = swept[endpoint]["by_batch_size"]
             rows[0]["failed_requests"] = {**on["failures"]}
+            # What one request costs the server besides its share of the model: the CPU left for the model.
+            rows[0]["server_cpu_ms_per_request"] = round(on["server_cpu_ms_per_request"], 3)
+            rows[1]["server_cpu_ms_per_request"] = round(off["server_cpu_ms_per_request"], 3)
             rows[0]["ceiling_by_mode"] = {name: round(rate, 1) for name, rate in best[endpoint]["by_mode"].items()}
             rows[0]["sweep_items_per_s"] = {
                 m: {n: round(r, 1) for n, r in rates.items()} for m, rates in by_mode.items()

@@ -106,6 +106,7 @@ class BuildArgs(BaseModel):
     batch_max_size: int
     batch_max_latency_ms: int
     max_waiting: int
+    tracing: bool
 
 
 class LabelProbability(BaseModel):
@@ -279,9 +280,14 @@ ImageFiles = Annotated[list[Path], AfterValidator(_decoded_files)]
 Base64Images = Annotated[list[str], AfterValidator(_decoded_base64)]
 
 
+# BentoML's OpenTelemetry middleware makes a span for every request whether or not one is sampled;
+# a URL it excludes it passes straight through.
+UNTRACED = {} if ARGS.tracing else {"tracing": {"excluded_urls": ".*"}}
+
+
 # BentoML runs at most `threads` calls at once: one per lane (core) lets the dispatcher run a batch
 # in every lane, and keeps every core busy when calls are not batched.
-@bentoml.service(name="clipflow", http={"host": ARGS.host, "port": ARGS.port}, threads=usable_cores())
+@bentoml.service(name="clipflow", http={"host": ARGS.host, "port": ARGS.port}, threads=usable_cores(), **UNTRACED)
 class Clipflow:
     bento_model = BENTO_MODEL
 

@@ -388,6 +388,7 @@ class ServeParams:
     batch_max_size: int
     batch_max_latency_ms: int
     max_waiting: int
+    tracing: bool
     allow_image_urls: list[str]
     precision: str
     precision_min_cosine: float

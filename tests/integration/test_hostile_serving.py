@@ -58,7 +58,7 @@ BLUE = rgb_png((20, 20, 230), (64, 64))
 
 @pytest.fixture(scope="module")
 def hostile(packaged):
-    """The champion packaged with the default serving limits; the params it was packaged with."""
+    """The champion packaged with the default serving limits and traced requests; the params it was packaged with."""
     from clipflow.params import load_params
     from clipflow.serve.package import package
 
@@ -70,6 +70,7 @@ def hostile(packaged):
             "serve.bento_name=clipflow-hostile",
             f"serve.batch_max_latency_ms={BATCH_MAX_LATENCY_MS}",
             f"serve.max_waiting={MAX_WAITING}",
+            "serve.tracing=true",
         ],
         profile="test",
     )
@@ -403,6 +404,14 @@ def test_a_client_error_is_logged_in_one_line_without_a_traceback(server):
     _until(lambda: line in server.log.read_text()[len(before) :], "the 400 to be logged")
     added = server.log.read_text()[len(before) :]
     assert "Traceback" not in added and "ERROR" not in added
+
+
+def test_with_tracing_on_a_request_joins_its_callers_trace(server):
+    trace_id = "0af7651916cd43dd8448eb211c80319c"
+    headers = {"traceparent": f"00-{trace_id}-b7ad6b7169203331-01"}
+    answer = httpx.post(f"{server.url}/encode_text", json={"texts": ["a"]}, headers=headers, timeout=30)
+    assert answer.status_code == 200
+    _until(lambda: f"trace={trace_id}" in server.log.read_text(), "the request's access-log line with its trace id")
 
 
 def test_a_client_that_hangs_up_mid_upload_is_not_a_server_error(server):

@@ -19,6 +19,7 @@ import re
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import version
@@ -194,6 +195,19 @@ def test_encode_text_returns_unit_vectors(client, server):
     plain = httpx.post(f"{server}/encode_text", json={"texts": texts}, timeout=60)
     assert plain.status_code == 200
     assert _flat(plain.json()) == pytest.approx(_flat(embeddings), abs=1e-6)
+
+
+def test_requests_are_not_traced_by_default_so_their_log_lines_carry_no_trace_id(server, packaged):
+    # A caller's own trace would make a sampled span, were the request traced (serve.tracing).
+    traceparent = "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"
+    answer = httpx.post(f"{server}/encode_text", json={"texts": ["a red circle"]}, headers={"traceparent": traceparent})
+    assert answer.status_code == 200
+    log = packaged["tmp"] / f"serve-{server.rsplit(':', 1)[1]}.log"
+    deadline = time.monotonic() + 60
+    while "path=/encode_text" not in log.read_text():  # the worker writes its access log
+        assert time.monotonic() < deadline, "no access-log line for /encode_text"
+        time.sleep(0.05)
+    assert "trace=" not in log.read_text()
 
 
 def test_encode_image_takes_a_batch_as_uploads_or_as_base64(client, server, gallery_images):

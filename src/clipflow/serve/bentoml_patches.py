@@ -18,7 +18,10 @@ which store a process already uses, so clipflow reaches into `bentoml._internal`
   one-element list BentoML puts them in (`[{"error": ...}]`) into `{"error": ...}`, the shape
   every other refusal of the server has;
 - the new SDK's `generate_spec` and the `OpenAPISpecification` it returns, which `install()`
-  passes through clipflow's rewrite of the spec `/docs.json` serves.
+  passes through clipflow's rewrite of the spec `/docs.json` serves;
+- the new SDK's `IOMixin.mime_type`, which builds an endpoint's whole JSON schema to name the media
+  type of each answer (a tenth of the server's CPU per one-item request), and which `install()`
+  makes remember its answer per class.
 
 Private modules change without notice between releases, so `install()` and `store_home()` refuse
 any version but `PINNED_VERSION` (pyproject.toml pins the same), rather than patching something
@@ -27,6 +30,7 @@ that is no longer there or no longer means the same.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -62,6 +66,7 @@ def check_version() -> None:
 try:
     from _bentoml_impl import serde as _serde
     from _bentoml_impl.server import app as _service_app
+    from _bentoml_sdk import io_models as _io_models
     from _bentoml_sdk.service import openapi as _sdk_openapi
     from bentoml._internal.configuration.containers import BentoMLContainer as _Container
     from bentoml._internal.context import server_context as _server_context
@@ -98,6 +103,7 @@ _log_exception = _service_app.log_exception
 _instruments_middleware = _instruments.RunnerTrafficMetricsMiddleware
 _api_endpoint_wrapper = _service_app.ServiceAppFactory.api_endpoint_wrapper
 _generate_spec = _sdk_openapi.generate_spec
+_mime_type = _io_models.IOMixin.__dict__["mime_type"].__func__
 # What `install()` passes the OpenAPI spec through; None serves BentoML's own.
 OpenAPIRewrite = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -117,8 +123,8 @@ def install(
     distinct unknown path, unauthenticated ones too. A request refused with a 4xx, or shed with
     a 503, is logged in one line, not as an error with its traceback, and answered
     `{"error": message}`. The OpenAPI spec (`/docs.json`, and the Bento's `apis/openapi.yaml`)
-    is BentoML's passed through `openapi`. Calling it again replaces what an earlier call put in
-    place.
+    is BentoML's passed through `openapi`. An answer's media type is worked out once per IO
+    model, not on every answer. Calling it again replaces what an earlier call put in place.
 
     Raises:
         ClipflowError: the installed BentoML is not `PINNED_VERSION`.
@@ -139,6 +145,8 @@ def install(
     _service_app.ServiceAppFactory.api_endpoint_wrapper = _error_as_object
     # A service imports this module-level name each time it is asked for its spec.
     _sdk_openapi.generate_spec = _generate_spec if openapi is None else _rewritten_spec(openapi)
+    # An IO model's media type follows from its class alone, which never changes once defined.
+    _io_models.IOMixin.mime_type = classmethod(functools.cache(_mime_type))
 
 
 async def _error_as_object(self: Any, name: str, request: Any) -> Any:

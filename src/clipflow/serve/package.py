@@ -73,6 +73,8 @@ RUNTIME_DISTRIBUTIONS = (
     "tqdm",
     "pydantic",
     "starlette",
+    "httptools",
+    "uvloop",
     "pymilvus",
     "milvus-lite",
 )
@@ -332,5 +334,6 @@ def _build_bento(stage: Path, serving_dir: Path, model_tag: str, serve: ServePar
             "batch_max_size": serve.batch_max_size,
             "batch_max_latency_ms": serve.batch_max_latency_ms,
             "max_waiting": serve.max_waiting,
+            "tracing": serve.tracing,
         },
     )
