@@ -20,8 +20,8 @@ which store a process already uses, so clipflow reaches into `bentoml._internal`
 - the new SDK's `generate_spec` and the `OpenAPISpecification` it returns, which `install()`
   passes through clipflow's rewrite of the spec `/docs.json` serves;
 - the new SDK's `IOMixin.mime_type`, which builds an endpoint's whole JSON schema to name the media
-  type of each answer (a tenth of the server's CPU per one-item request), and which `install()`
-  makes remember its answer per class.
+  type of each answer, a cost every one-item request paid again, and which `install()` makes
+  remember its answer per class.
 
 Private modules change without notice between releases, so `install()` and `store_home()` refuse
 any version but `PINNED_VERSION` (pyproject.toml pins the same), rather than patching something
