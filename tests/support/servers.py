@@ -65,7 +65,9 @@ def seaweedfs(workdir: Path) -> Iterator[S3Server]:
     for name, port in ports.items():
         command += [f"-{name}.port={port}", f"-{name}.port.grpc={free_port()}"]
     command += ["-s3", f"-s3.config={config}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false"]
-    command += ["-master.volumeSizeLimitMB=64", "-volume.max=16"]
+    # Room for what one test session stores: 16 volumes of 64 MB filled up with the models it logs
+    # to MLflow, and the next upload failed ("No writable volumes") while MLflow's client retried.
+    command += ["-master.volumeSizeLimitMB=64", "-volume.max=100"]
     endpoint = f"http://127.0.0.1:{ports['s3']}"
     with _running(command, workdir / "weed.log", os.environ.copy(), stop_grace_s=5) as process:
         server = S3Server(endpoint)
