@@ -8,11 +8,11 @@ serves each with `bentoml serve` on 127.0.0.1, and sends one-item `encode_text` 
 `encode_image` requests (an image of the model's input size) from `--clients` concurrent
 clients for `--seconds` per case, each a keep-alive connection replaying one prepared request
 (`KeepAlive`), so that the load generator takes little of the cores it shares with the server;
-the server's own CPU per request is recorded beside its rate. The peer is the same work in this process without HTTP
-(tokenise and forward for texts; eval preprocess and forward of decoded images), both with
-torch's own intra-op threads and in the service's per-core lanes. Both run at the precision
-`--precision` (default params.yaml's `serve.precision`) resolves to on this machine, which the
-results record.
+the server's own CPU per request is recorded beside its rate. The peer is the same work in this
+process without HTTP (tokenise and forward for texts; eval preprocess and forward of decoded
+images), both with torch's own intra-op threads and in the service's per-core lanes. Both run at
+the precision `--precision` (default params.yaml's `serve.precision`) resolves to on this machine,
+which the results record.
 
 The ceiling is found in two steps. A sweep times every batch size of BATCH_SIZES in both modes
 and keeps each mode's best. Those two are then timed again in ROUNDS rounds that alternate with
@@ -224,7 +224,7 @@ class KeepAlive:
     is read by its Content-Length and thrown away).
     """
 
-    def __init__(self, url: str, request: httpx.Request):
+    def __init__(self, request: httpx.Request):
         self.host, self.port = request.url.host, request.url.port
         head = [f"{request.method} {request.url.raw_path.decode()} HTTP/1.1"]
         head += [f"{name}: {value}" for name, value in request.headers.items()]
@@ -281,7 +281,7 @@ async def load(
         else {"files": [("images", ("a.png", png, "image/png"))]}
     )
     request = httpx.Request("POST", f"{url}/{endpoint}", **kwargs)
-    connections = [KeepAlive(url, request) for _ in range(clients)]
+    connections = [KeepAlive(request) for _ in range(clients)]
     free = list(connections)
 
     async def send() -> str | None:
@@ -409,7 +409,8 @@ def main(argv: list[str] | None = None) -> None:
             ]
             by_mode = swept[endpoint]["by_batch_size"]
             rows[0]["failed_requests"] = {**on["failures"]}
-            # What one request costs the server besides its share of the model: the CPU left for the model.
+            # The server's CPU per request, its share of the model included: with the model's own cost
+            # (the ceiling's), what HTTP, parsing and batching leave of the cores.
             rows[0]["server_cpu_ms_per_request"] = round(on["server_cpu_ms_per_request"], 3)
             rows[1]["server_cpu_ms_per_request"] = round(off["server_cpu_ms_per_request"], 3)
             rows[0]["ceiling_by_mode"] = {name: round(rate, 1) for name, rate in best[endpoint]["by_mode"].items()}
