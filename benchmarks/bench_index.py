@@ -1,11 +1,13 @@
 """`clipflow index` against the in-process encode of the same images, and the index's search against exact search.
 
-    python benchmarks/bench_index.py [--sizes 10000 100000] [--vectors 1000000] [--clients 16] [--seconds 20]
+    python benchmarks/bench_index.py [--sizes 10000 100000] [--repeats 3] [--vectors 1000000] [--clients 16]
+        [--seconds 20]
 
 (1) Embedding: the built-in data is ingested with `data.num_train` = N, and its train split is indexed
 by `clipflow index --no-store` (a fresh process, `index.workers` processes of `index.threads_per_worker`
 threads, images and captions), timed from the command's start to its end, with the process tree's
-peak proportional set size sampled every 0.1 s. The peer is the same work written the plain way in one
+peak proportional set size sampled every 0.1 s; `--repeats` runs of it and of the peer, in turn, and
+the median of each side. The peer is the same work written the plain way in one
 fresh process on the same cores: read the shards in order (`ShardPairs`), preprocess, and encode
 images and captions in batches of `index.batch_size` with every core's thread, keeping the float16
 embeddings. Both load the same CLIP-Tiny checkpoint (random weights: speed does not depend on them).
@@ -169,7 +171,17 @@ def clip_retrieval_command(cli: Path, data: Path, checkpoint: Path, output: Path
     ]  # fmt: skip
 
 
-def embedding_cases(work: Path, sizes: list[int], clip_retrieval: Path) -> tuple[list[dict], dict]:
+def median_run(runs: list[dict]) -> dict:
+    """The run of median wall time, with the highest peak memory of all runs."""
+    middle = sorted(runs, key=lambda run: run["seconds"])[len(runs) // 2]
+    return {**middle, "peak_mb": max(run["peak_mb"] for run in runs)}
+
+
+def each_run(runs: list[dict]) -> str:
+    return " / ".join(f"{run['seconds']:.1f}" for run in runs) + " s"
+
+
+def embedding_cases(work: Path, sizes: list[int], repeats: int, clip_retrieval: Path) -> tuple[list[dict], dict]:
     from clipflow import model as clip_model
     from clipflow.params import load_params
 
@@ -180,19 +192,26 @@ def embedding_cases(work: Path, sizes: list[int], clip_retrieval: Path) -> tuple
     measured = {}
     for count in sorted(sizes):
         data = ingest_builtin(work, count)
-        output = work / f"embeddings-{count}-{time.time_ns()}"
-        ours = timed(
-            [str(BIN / "clipflow"), "index", "--no-store", "--source", str(data), "--model", str(checkpoint)]
-            + ["--output", str(output), "--set", "index.split=train"]
-        )
-        rows = json.loads(ours["stdout"])["rows"]
-        peer = timed([sys.executable, __file__, "--peer", str(data), str(checkpoint), str(index.batch_size)])
-        assert json.loads(peer["stdout"].strip().splitlines()[-1])["rows"] == rows == count
+        # The two sides take turns, so that a shared machine's drift falls on both alike.
+        runs: dict[str, list[dict]] = {"clipflow": [], "peer": []}
+        for _ in range(repeats):
+            output = work / f"embeddings-{count}-{time.time_ns()}"
+            ours = timed(
+                [str(BIN / "clipflow"), "index", "--no-store", "--source", str(data), "--model", str(checkpoint)]
+                + ["--output", str(output), "--set", "index.split=train"]
+            )
+            runs["clipflow"].append(ours)
+            peer = timed([sys.executable, __file__, "--peer", str(data), str(checkpoint), str(index.batch_size)])
+            runs["peer"].append(peer)
+            rows = json.loads(ours["stdout"])["rows"]
+            assert json.loads(peer["stdout"].strip().splitlines()[-1])["rows"] == rows == count
+        ours, peer = median_run(runs["clipflow"]), median_run(runs["peer"])
         theirs_output = work / f"clip-retrieval-{count}-{time.time_ns()}"
         checkpoint_file = clip_model.resolve_checkpoint(checkpoint)  # open_clip takes the file, not its folder
         theirs = timed(clip_retrieval_command(clip_retrieval, data, checkpoint_file, theirs_output, index.batch_size))
         agreement = embedding_agreement(output, theirs_output)
         measured[count] = {"clipflow": ours, "peer": peer, "clip-retrieval": theirs, "agreement": agreement}
+        measured[count]["runs"] = runs
         seconds = {name: measured[count][name]["seconds"] for name in ("clipflow", "peer", "clip-retrieval")}
         print(json.dumps({"embedding": count, "seconds": seconds, **agreement}), flush=True)
     cases = []
@@ -203,8 +222,9 @@ def embedding_cases(work: Path, sizes: list[int], clip_retrieval: Path) -> tuple
         ours, peer = count / result["clipflow"]["seconds"], count / result["peer"]["seconds"]
         row = case(label, "images_per_s", "images/s", round(ours, 1), "in-process batched encode", round(peer, 1))
         row["note"] = (
-            f"clipflow index ({workers}, images and captions) {result['clipflow']['seconds']:.1f} s; "
-            f"one process, {os.cpu_count()} threads, {result['peer']['seconds']:.1f} s; both from process start"
+            f"clipflow index ({workers}, images and captions) {each_run(result['runs']['clipflow'])}; one process,"
+            f" {os.cpu_count()} threads, {each_run(result['runs']['peer'])}; both from process start, taking"
+            f" turns, the median of {repeats} runs each"
         )
         cases.append(row)
         theirs = count / result["clip-retrieval"]["seconds"]
@@ -413,6 +433,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--vectors", type=int, default=1_000_000)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of clipflow index and of the peer, in turn")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--work", type=Path, default=None)
@@ -428,7 +449,7 @@ def main() -> None:
         work = args.work or Path(name)
         work.mkdir(parents=True, exist_ok=True)
         clip_retrieval = clip_retrieval_venv(args.clip_retrieval_venv.resolve())
-        embedding, embedding_details = embedding_cases(work, args.sizes, clip_retrieval)
+        embedding, embedding_details = embedding_cases(work, args.sizes, args.repeats, clip_retrieval)
         search, search_details = search_cases(work, args.vectors, args.clients, args.seconds)
     details = {**embedding_details, **search_details, "clip_retrieval": CLIP_RETRIEVAL}
     print(f"wrote {write_results('bench_index', COMMAND, embedding + search, **details)}")
