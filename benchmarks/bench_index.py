@@ -83,7 +83,11 @@ def tree_peak_mb(process: psutil.Process, running: threading.Event, peak: list[f
     """Sample the proportional set size of `process` and its children until `running` clears."""
     while running.is_set():
         total = 0.0
-        for member in [process, *process.children(recursive=True)]:
+        try:
+            members = [process, *process.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return  # it has ended
+        for member in members:
             try:
                 total += member.memory_full_info().pss / 2**20
             except (psutil.NoSuchProcess, psutil.AccessDenied):
