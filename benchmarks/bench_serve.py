@@ -232,15 +232,15 @@ class KeepAlive:
         self.streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
 
     async def send(self) -> str | None:
-        if self.streams is None:
-            self.streams = await asyncio.open_connection(self.host, self.port)
-        reader, writer = self.streams
-        writer.write(self.request)
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-        except (asyncio.IncompleteReadError, ConnectionError):  # the server closed it: the next call reconnects
-            self.close()
+        reused = self.streams is not None
+        head = await self._exchange()
+        if head is None and reused:
+            # The server closed it while it idled through the ceiling's slices (its keep-alive timeout is
+            # shorter): a fresh connection takes the request, as HTTP clients do.
+            head = await self._exchange()
+        if head is None:
             return "connection closed"
+        reader = self.streams[0]
         status, *fields = head.decode("latin-1").split("\r\n")
         lengths = [int(f.split(":", 1)[1]) for f in fields if f.lower().startswith("content-length:")]
         if not lengths:  # every answer of the service has a length; one without would desynchronise the stream
@@ -248,6 +248,18 @@ class KeepAlive:
         await reader.readexactly(lengths[0])
         code = status.split(" ", 2)[1]
         return None if code == "200" else code
+
+    async def _exchange(self) -> bytes | None:
+        """Send the request; the answer's head, or None when the server closed the connection instead."""
+        if self.streams is None:
+            self.streams = await asyncio.open_connection(self.host, self.port)
+        reader, writer = self.streams
+        try:
+            writer.write(self.request)
+            return await reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            self.close()
+            return None
 
     def close(self) -> None:
         if self.streams is not None:
