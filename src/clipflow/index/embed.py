@@ -389,14 +389,18 @@ def _parquet_rows(path: Path) -> int:
 
 
 def _devices(index: IndexParams) -> list[str]:
+    gpus = _gpu_count()
+    return [f"cuda:{i}" for i in range(gpus)] if gpus else ["cpu"] * index.workers
+
+
+def _gpu_count() -> int:
     # Without the device node a GPU's driver needs (NVIDIA's, AMD's ROCm, WSL's) torch finds no GPU, so a
-    # CPU machine's parent process need not import torch (1.5 s) only to count none.
+    # CPU machine's parent process need not import torch (1.6 s) only to count none.
     if not any(Path(node).exists() for node in GPU_DEVICE_NODES):
-        return ["cpu"] * index.workers
+        return 0
     import torch
 
-    gpus = torch.cuda.device_count()
-    return [f"cuda:{i}" for i in range(gpus)] if gpus else ["cpu"] * index.workers
+    return torch.cuda.device_count()
 
 
 def _images(batches: Iterator[int]) -> Iterator[None]:
